@@ -1,4 +1,35 @@
 //! ffpush: FlutterFlow push notifications, sent from Firestore through FCM HTTP v1.
+//!
+//! # Layout
+//! Data flows one way: intake → claim → audience → fan-out → report.
+//!
+//! - [`config`]: settings from environment and flags, validated once at start.
+//! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`, batch slices).
+//! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
+//! - [`intake`]: the Firestore listen streams and the periodic sweep.
+//! - [`worker`]: one document's life: schedule, lease/claim, fan-out, report.
+//! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
+//! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress cursor.
+//! - [`fcm`]: OAuth2 tokens, the message template, one send, and what FCM's answer means.
+//! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port.
+//! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
+//! - [`cli`]: subcommands `run`, `dev`, `send`, `fcm-emulator`; [`seed`]: demo data for `dev`.
+//! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
+//!   Google's Firestore emulator as a child process.
 #![forbid(unsafe_code)]
 
+pub mod audience;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fanout;
+pub mod fcm;
 pub mod fcm_emulator;
+pub mod firestore_emulator;
+pub mod intake;
+pub mod metrics;
+pub mod model;
+pub mod seed;
+pub mod server;
+pub mod store;
+pub mod worker;

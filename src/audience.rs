@@ -1,0 +1,143 @@
+//! Resolves an [`Audience`] to a stream of token pages in document-path order, read ahead of
+//! the sends but bounded (a channel of a few pages), so memory does not grow with the audience.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::model::Audience;
+use crate::store::{self, DeviceToken, Store, TokenQuery};
+
+/// Token documents read per query page.
+pub const PAGE_SIZE: usize = 500;
+/// Users whose `fcm_tokens` are read at once.
+const USER_READ_AHEAD: usize = 16;
+/// Users without tokens listed on the document (all are counted).
+pub const MAX_LISTED_USERS_WITHOUT_TOKENS: usize = 20;
+
+/// Users of a `user_refs` notification who have no token at all.
+#[derive(Clone, Debug, Default)]
+pub struct UsersWithoutTokens {
+    pub count: u64,
+    pub listed: Vec<String>,
+}
+
+pub struct TokenPages {
+    pub pages: mpsc::Receiver<Result<Vec<DeviceToken>, store::Error>>,
+    pub without_tokens: Arc<Mutex<UsersWithoutTokens>>,
+}
+
+/// Starts reading `audience`; the reader stops when the receiver is dropped.
+pub fn read(store: Store, audience: Audience) -> TokenPages {
+    let (tx, pages) = mpsc::channel(4);
+    let without_tokens = Arc::new(Mutex::new(UsersWithoutTokens::default()));
+    let missing = without_tokens.clone();
+    tokio::spawn(async move {
+        let result = match audience {
+            Audience::Users(ids) => read_users(&store, ids, &tx, &missing).await,
+            Audience::Broadcast { device_type, slice } => {
+                let (start, end) = slice.map(|s| s.user_id_range()).unwrap_or_default();
+                let query = TokenQuery {
+                    user_id: None,
+                    device_type,
+                    user_id_start: start,
+                    user_id_end: end,
+                    page_size: PAGE_SIZE,
+                };
+                read_query(&store, &query, &tx).await
+            }
+        };
+        if let Err(e) = result {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    TokenPages {
+        pages,
+        without_tokens,
+    }
+}
+
+type Pages = mpsc::Sender<Result<Vec<DeviceToken>, store::Error>>;
+
+async fn read_users(
+    store: &Store,
+    ids: Vec<String>,
+    tx: &Pages,
+    missing: &Mutex<UsersWithoutTokens>,
+) -> Result<(), store::Error> {
+    let mut users = futures::stream::iter(ids)
+        .map(|uid| async move {
+            let query = TokenQuery {
+                user_id: Some(uid.clone()),
+                page_size: PAGE_SIZE,
+                ..Default::default()
+            };
+            let first = page_with_retry(store, &query, None).await;
+            (uid, query, first)
+        })
+        .buffered(USER_READ_AHEAD);
+    while let Some((uid, query, first)) = users.next().await {
+        let first = first?;
+        if first.is_empty()
+            && let Ok(mut m) = missing.lock()
+        {
+            m.count += 1;
+            if m.listed.len() < MAX_LISTED_USERS_WITHOUT_TOKENS {
+                m.listed.push(format!("users/{uid}"));
+            }
+        }
+        let mut last = first.last().map(|t| t.doc_name.clone());
+        let full = first.len() == PAGE_SIZE;
+        if tx.send(Ok(first)).await.is_err() {
+            return Ok(());
+        }
+        if full {
+            // A user with more than a page of tokens: read the rest in order.
+            while let Some(after) = last {
+                let page = page_with_retry(store, &query, Some(&after)).await?;
+                last = (page.len() == PAGE_SIZE)
+                    .then(|| page.last().map(|t| t.doc_name.clone()))
+                    .flatten();
+                if tx.send(Ok(page)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(), store::Error> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = page_with_retry(store, query, after.as_deref()).await?;
+        let done = page.len() < query.page_size;
+        after = page.last().map(|t| t.doc_name.clone());
+        if tx.send(Ok(page)).await.is_err() || done {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one page, riding out short Firestore outages.
+async fn page_with_retry(
+    store: &Store,
+    query: &TokenQuery,
+    after: Option<&str>,
+) -> Result<Vec<DeviceToken>, store::Error> {
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        match store.token_page(query, after).await {
+            Err(e) if e.is_transient() && attempt < 8 => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reading tokens failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

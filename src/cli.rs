@@ -1,0 +1,475 @@
+//! The command line: `run`, `dev`, `send`, `fcm-emulator`. Exit codes: 0 ok, 1 failure,
+//! 64 invalid settings or arguments.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EXIT_INVALID_SETTINGS, LogFormat, Settings, SettingsArgs, parse_duration};
+use crate::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use crate::firestore_emulator::FirestoreEmulator;
+use crate::model::user_id_of;
+use crate::store::{self, Store};
+use crate::{daemon, seed};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ffpush",
+    version,
+    about = "Sends FlutterFlow push notifications from Firestore through FCM HTTP v1"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the worker: listen to the notification collections and send (the Cloud Run entry point).
+    Run(SettingsArgs),
+    /// Run everything locally: Firestore emulator, FCM emulator, a key for it, and the worker.
+    Dev(DevArgs),
+    /// Write a notification document the way FlutterFlow does.
+    Send(SendArgs),
+    /// Serve the FCM emulator (HTTP v1 send API and OAuth2 token endpoint) for tests and local runs.
+    FcmEmulator(EmulatorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DevArgs {
+    /// Create demo users with device tokens (users/alice, users/bob, users/carol without tokens).
+    #[arg(long)]
+    seed: bool,
+    /// Port of the Firestore emulator started here (ignored when FIRESTORE_EMULATOR_HOST is set).
+    #[arg(long, default_value_t = 8681)]
+    firestore_port: u16,
+    /// Port of the FCM emulator.
+    #[arg(long, default_value_t = 8682)]
+    fcm_port: u16,
+    /// Project id used on the emulators.
+    #[arg(long, default_value = "demo-ffpush")]
+    project: String,
+    /// Port for health and metrics.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+}
+
+#[derive(clap::Args, Debug)]
+struct SendArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// notification_title
+    #[arg(long)]
+    title: String,
+    /// notification_text
+    #[arg(long)]
+    text: String,
+    /// A recipient, `users/ID` or `ID`; repeat for more. None: a broadcast.
+    #[arg(long = "user")]
+    users: Vec<String>,
+    /// Broadcast only: "All", "iOS", "Android".
+    #[arg(long)]
+    audience: Option<String>,
+    /// Broadcast only: `INDEX/COUNT` of FlutterFlow batch notifications, e.g. 3/10.
+    #[arg(long)]
+    batch: Option<String>,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    sound: Option<String>,
+    /// initial_page_name
+    #[arg(long)]
+    page: Option<String>,
+    /// parameter_data (JSON text)
+    #[arg(long)]
+    params: Option<String>,
+    /// Send at this time (RFC 3339, e.g. 2026-11-25T17:00:00Z) instead of now.
+    #[arg(long)]
+    at: Option<String>,
+    /// Write into the app users' collection (ff_user_push_notifications) instead.
+    #[arg(long)]
+    app: bool,
+    /// Wait for the worker and print the outcome.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s")]
+    wait_timeout: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct EmulatorArgs {
+    #[arg(long, default_value_t = 8682)]
+    port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Lifetime of issued access tokens.
+    #[arg(long, default_value = "3600s")]
+    token_lifetime: String,
+    /// Also write a service-account key for this emulator here (use with --project).
+    #[arg(long)]
+    write_key: Option<PathBuf>,
+    #[arg(long, default_value = "demo-ffpush")]
+    project: String,
+}
+
+/// Runs the command line; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ffpush: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Run(args) => match Settings::from_args(&args) {
+            Ok(settings) => {
+                init_logging(&settings.log_format);
+                run(settings).await
+            }
+            Err(e) => return invalid(e),
+        },
+        Command::Dev(args) => {
+            init_logging(&LogFormat::Text);
+            dev(args).await
+        }
+        Command::Send(args) => match Settings::from_args(&args.settings) {
+            Ok(settings) => send(settings, args).await,
+            Err(e) => return invalid(e),
+        },
+        Command::FcmEmulator(args) => {
+            init_logging(&LogFormat::Text);
+            fcm_emulator(args).await
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ffpush: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                EXIT_INVALID_SETTINGS
+            } else {
+                1
+            }
+        }
+    }
+}
+
+fn invalid(e: crate::config::ConfigError) -> i32 {
+    eprintln!("ffpush: {e}");
+    EXIT_INVALID_SETTINGS
+}
+
+/// A mistake in the command's arguments (exit code 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+pub fn init_logging(format: &LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("shutdown requested; draining");
+        trigger.cancel();
+    });
+    let daemon = daemon::start(settings, shutdown).await?;
+    daemon.run_until_stopped().await;
+    Ok(())
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ffpush-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let external = std::env::var("FIRESTORE_EMULATOR_HOST")
+        .ok()
+        .filter(|h| !h.is_empty());
+    let (firestore_host, _firestore) = match external {
+        Some(host) => (host, None),
+        None => {
+            eprintln!(
+                "starting the Firestore emulator on 127.0.0.1:{} …",
+                args.firestore_port
+            );
+            let port = args.firestore_port;
+            let emulator =
+                tokio::task::spawn_blocking(move || FirestoreEmulator::start(Some(port))).await??;
+            (emulator.host_port().to_string(), Some(emulator))
+        }
+    };
+    let fcm = FcmEmulator::start(
+        SocketAddr::from(([127, 0, 0, 1], args.fcm_port)),
+        EmulatorOptions::default(),
+    )
+    .await
+    .with_context(|| format!("starting the FCM emulator on port {}", args.fcm_port))?;
+    let key = dir.join("service-account.json");
+    fcm.write_service_account(&key, &args.project)?;
+    let mut settings =
+        Settings::for_emulators(&args.project, &firestore_host, &fcm.url(), key.clone());
+    settings.port = args.port;
+    if args.seed {
+        let store = Store::connect(&settings).await?;
+        seed::demo(&store).await?;
+    }
+    let shutdown = CancellationToken::new();
+    let daemon = daemon::start(settings, shutdown.clone()).await?;
+    eprintln!(
+        "\nffpush dev is running (Ctrl-C stops everything):\n  Firestore emulator   {firestore_host} (project {project})\n  FCM emulator         {fcm_url}  — sent messages: {fcm_url}/emulator/messages\n  health / metrics     http://{http}/readyz  http://{http}/metrics\n  service-account key  {key}\n\nSend a notification from another terminal:\n  FIRESTORE_EMULATOR_HOST={firestore_host} GOOGLE_CLOUD_PROJECT={project} ffpush send --title Hello --text 'From ffpush' --user users/alice --wait\n",
+        project = args.project,
+        fcm_url = fcm.url(),
+        http = daemon.http_addr,
+        key = key.display(),
+    );
+    terminated().await;
+    eprintln!("stopping …");
+    shutdown.cancel();
+    daemon.run_until_stopped().await;
+    fcm.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
+    let lifetime = parse_duration(&args.token_lifetime).ok_or_else(|| {
+        Usage(format!(
+            "--token-lifetime {:?}: use a duration such as 3600s",
+            args.token_lifetime
+        ))
+    })?;
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .map_err(|_| Usage(format!("--host {:?} is not an IP address", args.host)))?;
+    let emulator = FcmEmulator::start(
+        addr,
+        EmulatorOptions {
+            token_lifetime: lifetime,
+        },
+    )
+    .await
+    .with_context(|| format!("binding {addr}"))?;
+    if let Some(path) = &args.write_key {
+        emulator.write_service_account(path, &args.project)?;
+        eprintln!(
+            "wrote a service-account key for this emulator to {}",
+            path.display()
+        );
+    }
+    eprintln!(
+        "FCM emulator listening on {} (send: POST /v1/projects/{{p}}/messages:send, tokens: POST /token)",
+        emulator.url()
+    );
+    terminated().await;
+    emulator.shutdown();
+    Ok(())
+}
+
+async fn send(settings: Settings, args: SendArgs) -> anyhow::Result<()> {
+    let fields = notification_fields(&args)?;
+    let wait_limit = parse_duration(&args.wait_timeout).ok_or_else(|| {
+        Usage(format!(
+            "--wait-timeout {:?}: use a duration such as 60s",
+            args.wait_timeout
+        ))
+    })?;
+    let store = Store::connect(&settings)
+        .await
+        .context("connecting to Firestore")?;
+    let collection = if args.app {
+        &settings.user_collection
+    } else {
+        &settings.collection
+    };
+    let name = store
+        .create(collection, fields)
+        .await
+        .context("writing the notification")?;
+    let relative = store.relative(&name).to_string();
+    println!("{relative}");
+    if !args.wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + wait_limit;
+    loop {
+        if let Some(doc) = store.get(&relative).await?
+            && let crate::model::Status::Finished(status) = crate::model::Status::of(&doc)
+        {
+            println!("{}", outcome_json(&doc, &status));
+            if status == "succeeded" {
+                return Ok(());
+            }
+            bail!("the notification {status}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "no outcome after {wait_limit:?}: is `ffpush run` (or `ffpush dev`) running against this project?"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn outcome_json(doc: &crate::model::pb::Document, status: &str) -> String {
+    let mut out = serde_json::Map::new();
+    out.insert("status".into(), status.into());
+    for field in [
+        "num_sent",
+        "num_tokens",
+        "num_failed",
+        "num_tokens_removed",
+        "num_users_without_tokens",
+    ] {
+        if let Some(n) = store::integer_field(doc, field) {
+            out.insert(field.into(), n.into());
+        }
+    }
+    for field in ["error", "warning"] {
+        if let Some(s) = doc.fields.get(field).and_then(crate::model::string_value) {
+            out.insert(field.into(), s.into());
+        }
+    }
+    for field in ["started_at", "completed_at"] {
+        if let Some(t) = store::timestamp_field(doc, field) {
+            out.insert(field.into(), t.to_rfc3339().into());
+        }
+    }
+    serde_json::Value::Object(out).to_string()
+}
+
+/// The document FlutterFlow would write for these arguments.
+fn notification_fields(args: &SendArgs) -> Result<HashMap<String, crate::model::pb::Value>, Usage> {
+    let mut f = HashMap::new();
+    if args.title.trim().is_empty() || args.text.trim().is_empty() {
+        return Err(Usage("--title and --text must not be empty".into()));
+    }
+    f.insert("notification_title".into(), store::string(&args.title));
+    f.insert("notification_text".into(), store::string(&args.text));
+    let optional = [
+        ("notification_image_url", &args.image),
+        ("notification_sound", &args.sound),
+        ("initial_page_name", &args.page),
+        ("parameter_data", &args.params),
+    ];
+    for (name, value) in optional {
+        if let Some(v) = value {
+            f.insert(name.to_string(), store::string(v));
+        }
+    }
+    if let Some(params) = &args.params
+        && serde_json::from_str::<serde_json::Value>(params).is_err()
+    {
+        return Err(Usage(format!(
+            "--params {params:?} is not JSON text (the app parses it as JSON)"
+        )));
+    }
+    if !args.users.is_empty() {
+        let mut paths = Vec::new();
+        for user in &args.users {
+            let path = if user.contains('/') {
+                user.clone()
+            } else {
+                format!("users/{user}")
+            };
+            user_id_of(&path).map_err(|e| Usage(format!("--user: {e}")))?;
+            paths.push(path);
+        }
+        f.insert("user_refs".into(), store::string(&paths.join(",")));
+        if args.audience.is_some() || args.batch.is_some() {
+            return Err(Usage(
+                "--audience and --batch are for broadcasts; leave out --user".into(),
+            ));
+        }
+    } else {
+        if args.app {
+            return Err(Usage(
+                "--app notifications need at least one --user (they are never broadcast)".into(),
+            ));
+        }
+        f.insert(
+            "target_audience".into(),
+            store::string(args.audience.as_deref().unwrap_or("All")),
+        );
+        if let Some(batch) = &args.batch {
+            let parsed = batch
+                .split_once('/')
+                .and_then(|(i, n)| {
+                    Some((i.trim().parse::<i64>().ok()?, n.trim().parse::<i64>().ok()?))
+                })
+                .filter(|(i, n)| *n > 0 && (0..*n).contains(i));
+            let (index, count) = parsed.ok_or_else(|| {
+                Usage(format!(
+                    "--batch {batch:?}: use INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/10"
+                ))
+            })?;
+            f.insert("batch_index".into(), store::integer(index));
+            f.insert("num_batches".into(), store::integer(count));
+        }
+    }
+    if let Some(at) = &args.at {
+        let at: DateTime<Utc> = DateTime::parse_from_rfc3339(at)
+            .map_err(|_| {
+                Usage(format!(
+                    "--at {at:?}: use RFC 3339, e.g. 2026-11-25T17:00:00Z"
+                ))
+            })?
+            .with_timezone(&Utc);
+        f.insert("scheduled_time".into(), store::timestamp(at));
+    }
+    f.insert("timestamp".into(), store::timestamp(Utc::now()));
+    Ok(f)
+}

@@ -1,0 +1,529 @@
+//! Settings: environment first (Cloud Run is configured by env vars), each also a flag.
+//!
+//! Clap only collects raw strings; [`Settings::from_args`] validates them, so a bad value
+//! becomes one [`ConfigError`] line naming the setting and the fix (exit code 64), never a
+//! clap usage dump or a panic.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit code for invalid settings (EX_CONFIG in sysexits.h terms is 78; linkerd and we use
+/// EX_USAGE, 64, as the "you configured me wrong" code).
+pub const EXIT_INVALID_SETTINGS: i32 = 64;
+
+pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
+pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
+pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
+
+/// Raw settings as given by flags or environment. Every value is a string here on purpose.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SettingsArgs {
+    /// Firebase/GCP project id. Falls back to `project_id` in the credentials file.
+    #[arg(long = "project", env = "GOOGLE_CLOUD_PROJECT")]
+    pub project: Option<String>,
+    /// Firestore database id.
+    #[arg(long = "database", env = "FIRESTORE_DATABASE")]
+    pub database: Option<String>,
+    /// host:port of a Firestore emulator; when set, Firestore needs no Google credentials.
+    #[arg(long = "firestore-emulator-host", env = "FIRESTORE_EMULATOR_HOST")]
+    pub firestore_emulator_host: Option<String>,
+    /// Service-account JSON key; its `token_uri` is honoured. Unset: the metadata server.
+    #[arg(long = "credentials", env = "GOOGLE_APPLICATION_CREDENTIALS")]
+    pub credentials: Option<String>,
+    /// Base URL of the FCM API.
+    #[arg(long = "fcm-endpoint", env = "FCM_ENDPOINT")]
+    pub fcm_endpoint: Option<String>,
+    /// HTTP port for health and metrics.
+    #[arg(long = "port", env = "PORT")]
+    pub port: Option<String>,
+    /// Collection the console and trusted back ends write.
+    #[arg(long = "collection", env = "FFPUSH_COLLECTION")]
+    pub collection: Option<String>,
+    /// Collection app users write (never broadcast).
+    #[arg(long = "user-collection", env = "FFPUSH_USER_COLLECTION")]
+    pub user_collection: Option<String>,
+    /// Concurrent FCM requests per notification.
+    #[arg(long = "concurrency", env = "FFPUSH_CONCURRENCY")]
+    pub concurrency: Option<String>,
+    /// Attempts per token for retryable FCM answers (429/500/503/timeouts).
+    #[arg(long = "max-attempts", env = "FFPUSH_MAX_ATTEMPTS")]
+    pub max_attempts: Option<String>,
+    /// Longest backoff between two attempts, e.g. `60s`.
+    #[arg(long = "max-backoff", env = "FFPUSH_MAX_BACKOFF")]
+    pub max_backoff: Option<String>,
+    /// Timeout of one FCM request, e.g. `10s`.
+    #[arg(long = "fcm-timeout", env = "FFPUSH_FCM_TIMEOUT")]
+    pub fcm_timeout: Option<String>,
+    /// How long a claim holds a document before another worker may take it over.
+    #[arg(long = "lease", env = "FFPUSH_LEASE")]
+    pub lease: Option<String>,
+    /// Documents due longer ago than this are failed as expired instead of sent, e.g. `24h`.
+    #[arg(long = "max-lateness", env = "FFPUSH_MAX_LATENESS")]
+    pub max_lateness: Option<String>,
+    /// Least wait after FCM's 429 QUOTA_EXCEEDED, e.g. `60s`.
+    #[arg(long = "quota-backoff", env = "FFPUSH_QUOTA_BACKOFF")]
+    pub quota_backoff: Option<String>,
+    /// On SIGTERM, how long in-flight sends may take before the process exits anyway.
+    #[arg(long = "shutdown-grace", env = "FFPUSH_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+    /// How often to query for due or abandoned documents that no timer or listener holds.
+    #[arg(long = "sweep-interval", env = "FFPUSH_SWEEP_INTERVAL")]
+    pub sweep_interval: Option<String>,
+    /// `text` or `json` (Cloud Logging). Default: json on Cloud Run (K_SERVICE set), else text.
+    #[arg(long = "log-format", env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Set by Cloud Run; only read to pick the log format.
+    #[arg(skip = std::env::var("K_SERVICE").ok())]
+    pub k_service: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings. Construct with [`Settings::from_args`] or, in tests,
+/// [`Settings::for_emulators`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub project: String,
+    pub database: String,
+    pub firestore_emulator_host: Option<String>,
+    pub credentials: Option<PathBuf>,
+    /// Without trailing slash.
+    pub fcm_endpoint: String,
+    pub port: u16,
+    pub collection: String,
+    pub user_collection: String,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub max_backoff: Duration,
+    pub fcm_timeout: Duration,
+    pub lease: Duration,
+    pub max_lateness: Duration,
+    pub quota_floor: Duration,
+    pub shutdown_grace: Duration,
+    pub sweep_interval: Duration,
+    pub log_format: LogFormat,
+    /// Identifies this process on the documents it claims.
+    pub worker_id: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid setting {setting} = {value:?}: {fix}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub value: String,
+    pub fix: String,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, value: &str, fix: impl Into<String>) -> Self {
+        Self {
+            setting,
+            value: value.to_string(),
+            fix: fix.into(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
+        let credentials = match non_empty(&args.credentials) {
+            Some(path) => Some(PathBuf::from(path)),
+            None => None,
+        };
+        let project = match non_empty(&args.project) {
+            Some(p) => p.to_string(),
+            None => project_from_credentials(credentials.as_deref())?,
+        };
+        if !project
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || c == ':')
+        {
+            return Err(ConfigError::new(
+                "GOOGLE_CLOUD_PROJECT",
+                &project,
+                "a project id has only letters, digits, '-', '.', ':' (see Firebase console → Project settings)",
+            ));
+        }
+        let fcm_endpoint = non_empty(&args.fcm_endpoint).unwrap_or(DEFAULT_FCM_ENDPOINT);
+        if !(fcm_endpoint.starts_with("https://") || fcm_endpoint.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "FCM_ENDPOINT",
+                fcm_endpoint,
+                "use a URL such as https://fcm.googleapis.com",
+            ));
+        }
+        let emulator = non_empty(&args.firestore_emulator_host).map(str::to_string);
+        if let Some(host) = &emulator
+            && (host.contains('/') || !host.contains(':'))
+        {
+            return Err(ConfigError::new(
+                "FIRESTORE_EMULATOR_HOST",
+                host,
+                "use host:port, e.g. 127.0.0.1:8681",
+            ));
+        }
+        let log_format = match non_empty(&args.log_format) {
+            None if args.k_service.is_some() => LogFormat::Json,
+            None => LogFormat::Text,
+            Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    other,
+                    "use `text` or `json`",
+                ));
+            }
+        };
+        Ok(Settings {
+            project,
+            database: non_empty(&args.database).unwrap_or("(default)").to_string(),
+            firestore_emulator_host: emulator,
+            credentials,
+            fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
+            port: parse_number(&args.port, "PORT", 8080, 0, u16::MAX as u64)? as u16,
+            collection: collection_name(&args.collection, "FFPUSH_COLLECTION", DEFAULT_COLLECTION)?,
+            user_collection: collection_name(
+                &args.user_collection,
+                "FFPUSH_USER_COLLECTION",
+                DEFAULT_USER_COLLECTION,
+            )?,
+            concurrency: parse_number(&args.concurrency, "FFPUSH_CONCURRENCY", 256, 1, 10_000)?
+                as usize,
+            max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 6, 1, 100)?
+                as u32,
+            max_backoff: parse_setting_duration(
+                &args.max_backoff,
+                "FFPUSH_MAX_BACKOFF",
+                Duration::from_secs(60),
+            )?,
+            fcm_timeout: parse_setting_duration(
+                &args.fcm_timeout,
+                "FFPUSH_FCM_TIMEOUT",
+                Duration::from_secs(10),
+            )?,
+            lease: parse_setting_duration(&args.lease, "FFPUSH_LEASE", Duration::from_secs(60))?,
+            max_lateness: parse_setting_duration(
+                &args.max_lateness,
+                "FFPUSH_MAX_LATENESS",
+                Duration::from_secs(24 * 3600),
+            )?,
+            quota_floor: parse_setting_duration(
+                &args.quota_backoff,
+                "FFPUSH_QUOTA_BACKOFF",
+                Duration::from_secs(60),
+            )?,
+            shutdown_grace: parse_setting_duration(
+                &args.shutdown_grace,
+                "FFPUSH_SHUTDOWN_GRACE",
+                Duration::from_secs(8),
+            )?,
+            sweep_interval: parse_setting_duration(
+                &args.sweep_interval,
+                "FFPUSH_SWEEP_INTERVAL",
+                Duration::from_secs(30),
+            )?,
+            log_format,
+            worker_id: default_worker_id(),
+        })
+    }
+
+    /// Settings for a local stack or a test: no process environment is read.
+    pub fn for_emulators(
+        project: &str,
+        firestore_emulator_host: &str,
+        fcm_endpoint: &str,
+        credentials: PathBuf,
+    ) -> Self {
+        Settings {
+            project: project.to_string(),
+            database: "(default)".to_string(),
+            firestore_emulator_host: Some(firestore_emulator_host.to_string()),
+            credentials: Some(credentials),
+            fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
+            port: 0,
+            collection: DEFAULT_COLLECTION.to_string(),
+            user_collection: DEFAULT_USER_COLLECTION.to_string(),
+            concurrency: 64,
+            max_attempts: 6,
+            max_backoff: Duration::from_secs(60),
+            fcm_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
+            max_lateness: Duration::from_secs(24 * 3600),
+            quota_floor: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(8),
+            sweep_interval: Duration::from_secs(30),
+            log_format: LogFormat::Text,
+            worker_id: default_worker_id(),
+        }
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("K_REVISION")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "ffpush".to_string());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+fn project_from_credentials(path: Option<&std::path::Path>) -> Result<String, ConfigError> {
+    let missing = || {
+        ConfigError::new(
+            "GOOGLE_CLOUD_PROJECT",
+            "",
+            "set GOOGLE_CLOUD_PROJECT (or --project) to your Firebase project id",
+        )
+    };
+    let Some(path) = path else {
+        return Err(missing());
+    };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            &shown,
+            format!("cannot read the key file ({e}); point it at a service-account JSON key"),
+        )
+    })?;
+    let key: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        ConfigError::new(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            &shown,
+            format!("not JSON ({e}); download the key again from IAM → Service accounts"),
+        )
+    })?;
+    key.get("project_id")
+        .and_then(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .ok_or_else(missing)
+}
+
+fn collection_name(
+    value: &Option<String>,
+    setting: &'static str,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let name = non_empty(value).unwrap_or(default);
+    if name.contains('/') || name.starts_with("__") {
+        return Err(ConfigError::new(
+            setting,
+            name,
+            "use a top-level collection id without '/' (e.g. ff_push_notifications)",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn parse_number(
+    value: &Option<String>,
+    setting: &'static str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(raw) = non_empty(value) else {
+        return Ok(default);
+    };
+    match raw.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::new(
+            setting,
+            raw,
+            format!("use a whole number from {min} to {max} (default {default})"),
+        )),
+    }
+}
+
+fn parse_setting_duration(
+    value: &Option<String>,
+    setting: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(raw) = non_empty(value) else {
+        return Ok(default);
+    };
+    parse_duration(raw).ok_or_else(|| {
+        ConfigError::new(
+            setting,
+            raw,
+            format!(
+                "use a duration such as 500ms, 30s, 5m or 24h (default {}s)",
+                default.as_secs()
+            ),
+        )
+    })
+}
+
+/// `500ms`, `30s`, `5m`, `24h`; a bare number means seconds.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let millis = match unit {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> SettingsArgs {
+        SettingsArgs {
+            project: Some("demo-project".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let s = Settings::from_args(&args()).unwrap();
+        assert_eq!(s.database, "(default)");
+        assert_eq!(s.fcm_endpoint, "https://fcm.googleapis.com");
+        assert_eq!(s.port, 8080);
+        assert_eq!(s.collection, "ff_push_notifications");
+        assert_eq!(s.user_collection, "ff_user_push_notifications");
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert!(s.firestore_emulator_host.is_none());
+    }
+
+    #[test]
+    fn a_bad_port_names_the_setting_and_the_fix() {
+        let err = Settings::from_args(&SettingsArgs {
+            port: Some("eighty".into()),
+            ..args()
+        })
+        .unwrap_err();
+        assert_eq!(err.setting, "PORT");
+        let line = err.to_string();
+        assert!(
+            line.contains("PORT") && line.contains("whole number"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn missing_project_says_how_to_set_it() {
+        let err = Settings::from_args(&SettingsArgs::default()).unwrap_err();
+        assert_eq!(err.setting, "GOOGLE_CLOUD_PROJECT");
+        assert!(err.to_string().contains("--project"));
+    }
+
+    #[test]
+    fn project_falls_back_to_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.json");
+        std::fs::write(
+            &key,
+            r#"{"type":"service_account","project_id":"from-key"}"#,
+        )
+        .unwrap();
+        let s = Settings::from_args(&SettingsArgs {
+            credentials: Some(key.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.project, "from-key");
+    }
+
+    #[test]
+    fn unreadable_key_file_is_named() {
+        let err = Settings::from_args(&SettingsArgs {
+            credentials: Some("/nonexistent/key.json".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.setting, "GOOGLE_APPLICATION_CREDENTIALS");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let cases: Vec<(SettingsArgs, &str)> = vec![
+            (
+                SettingsArgs {
+                    fcm_endpoint: Some("fcm.googleapis.com".into()),
+                    ..args()
+                },
+                "FCM_ENDPOINT",
+            ),
+            (
+                SettingsArgs {
+                    concurrency: Some("0".into()),
+                    ..args()
+                },
+                "FFPUSH_CONCURRENCY",
+            ),
+            (
+                SettingsArgs {
+                    lease: Some("soon".into()),
+                    ..args()
+                },
+                "FFPUSH_LEASE",
+            ),
+            (
+                SettingsArgs {
+                    log_format: Some("xml".into()),
+                    ..args()
+                },
+                "LOG_FORMAT",
+            ),
+            (
+                SettingsArgs {
+                    firestore_emulator_host: Some("localhost".into()),
+                    ..args()
+                },
+                "FIRESTORE_EMULATOR_HOST",
+            ),
+            (
+                SettingsArgs {
+                    collection: Some("a/b".into()),
+                    ..args()
+                },
+                "FFPUSH_COLLECTION",
+            ),
+        ];
+        for (a, setting) in cases {
+            assert_eq!(Settings::from_args(&a).unwrap_err().setting, setting);
+        }
+    }
+
+    #[test]
+    fn json_logs_on_cloud_run() {
+        let s = Settings::from_args(&SettingsArgs {
+            k_service: Some("ffpush".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1d"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,382 @@
+//! Drives the sends of one notification: unique tokens, bounded concurrency, retries with
+//! backoff, dead-token pruning, and a progress cursor that says exactly which tokens are done.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio_util::sync::CancellationToken;
+
+use crate::audience::TokenPages;
+use crate::fcm::{self, MessageTemplate, Outcome, Sender, redact};
+use crate::metrics::Metrics;
+use crate::store::{DeviceToken, Store};
+
+/// Counts of one notification's fan-out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Unique tokens targeted.
+    pub tokens: u64,
+    pub sent: u64,
+    /// Tokens FCM said are dead.
+    pub dead: u64,
+    /// Token documents deleted for dead tokens.
+    pub removed: u64,
+    pub sender_id_mismatch: u64,
+    pub third_party_auth: u64,
+    /// Tokens still failing transiently after every attempt.
+    pub undelivered: u64,
+}
+
+impl Tally {
+    pub fn failed(&self) -> u64 {
+        self.tokens - self.sent
+    }
+
+    fn add(&mut self, result: &TokenResult) {
+        self.tokens += 1;
+        match result.outcome {
+            Some(Outcome::Sent) => self.sent += 1,
+            Some(Outcome::Dead) => self.dead += 1,
+            Some(Outcome::SenderIdMismatch) => self.sender_id_mismatch += 1,
+            Some(Outcome::ThirdPartyAuth) => self.third_party_auth += 1,
+            None => self.undelivered += 1,
+        }
+        self.removed += result.removed;
+    }
+}
+
+/// How far a fan-out has got: every token document at or before `cursor` (in document-name
+/// order) has a final answer and is counted in `tally`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub cursor: Option<String>,
+    pub tally: Tally,
+}
+
+/// Why a fan-out stopped before the end.
+#[derive(Debug, thiserror::Error)]
+pub enum Abort {
+    /// The notification is at fault (FCM's 400 on the payload).
+    #[error("{0}")]
+    Payload(String),
+    /// Permissions, project or credentials: no token can be sent.
+    #[error("{0}")]
+    Fatal(String),
+    /// Reading the audience failed for longer than the retry budget.
+    #[error("reading device tokens failed: {0}")]
+    Store(String),
+    /// Shutdown or a lost lease: stop without a verdict; in-flight sends were let finish.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// What the fan-out needs besides the tokens.
+pub struct Context<'a> {
+    pub sender: &'a Sender,
+    pub store: &'a Store,
+    pub metrics: &'a Metrics,
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub max_backoff: Duration,
+    /// Least wait after a 429 (FCM asks for 60 s on project quota).
+    pub quota_floor: Duration,
+}
+
+impl RetryPolicy {
+    /// Wait before attempt `attempt + 1` (attempt counts from 1): exponential with jitter in
+    /// [½, 1] of the step, never less than FCM's Retry-After, capped by `max_backoff` unless
+    /// FCM asked for longer.
+    pub fn backoff(
+        &self,
+        attempt: u32,
+        retry_after: Option<Duration>,
+        quota: bool,
+        jitter: f64,
+    ) -> Duration {
+        let step = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max_backoff);
+        let jittered = step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        let floor = retry_after.unwrap_or_default().max(if quota {
+            self.quota_floor
+        } else {
+            Duration::ZERO
+        });
+        jittered.max(floor)
+    }
+}
+
+struct TokenResult {
+    seq: u64,
+    /// `None`: undelivered after every attempt.
+    outcome: Option<Outcome>,
+    removed: u64,
+}
+
+/// Sends the template to every unique token of `pages`. Tokens at or before `resume.cursor`
+/// were handled by an earlier run: they are only remembered (for de-duplication), not sent.
+/// `progress` is kept current for whoever persists it.
+pub async fn fan_out(
+    ctx: &Context<'_>,
+    template: &MessageTemplate,
+    mut pages: TokenPages,
+    resume: Progress,
+    progress: Arc<Mutex<Progress>>,
+    stop: CancellationToken,
+) -> Result<Tally, Abort> {
+    let hasher = RandomState::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut buffer: VecDeque<DeviceToken> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    // seq → (doc name, result once known); popped in order to advance the cursor.
+    let mut window: BTreeMap<u64, (String, Option<TokenResult>)> = BTreeMap::new();
+    let mut committed = resume.clone();
+    let mut next_seq = 0u64;
+    let mut reading = true;
+    let mut stopping = false;
+
+    loop {
+        while !stopping && in_flight.len() < ctx.concurrency {
+            let Some(token) = buffer.pop_front() else {
+                break;
+            };
+            if token.token.is_empty() {
+                continue;
+            }
+            if !seen.insert(hasher.hash_one(&token.token)) {
+                continue;
+            }
+            if resume
+                .cursor
+                .as_deref()
+                .is_some_and(|c| token.doc_name.as_str() <= c)
+            {
+                continue;
+            }
+            let seq = next_seq;
+            next_seq += 1;
+            window.insert(seq, (token.doc_name.clone(), None));
+            in_flight.push(send_one(ctx, template, token, seq, stop.clone()));
+        }
+        let want_page =
+            reading && !stopping && buffer.is_empty() && in_flight.len() < ctx.concurrency;
+        if !want_page && in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+            }
+            done = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(done) = done else { continue };
+                let result = match done {
+                    Ok(result) => result,
+                    // Its seq stays open, so the cursor never passes it.
+                    Err(Abort::Interrupted) => { stopping = true; continue; }
+                    Err(e) => return Err(e),
+                };
+                if let Some(slot) = window.get_mut(&result.seq) {
+                    slot.1 = Some(result);
+                }
+                advance(&mut window, &mut committed, &progress);
+            }
+            page = pages.pages.recv(), if want_page => match page {
+                Some(Ok(page)) => buffer.extend(page),
+                Some(Err(e)) => return Err(Abort::Store(e.to_string())),
+                None => reading = false,
+            },
+        }
+    }
+    if stopping {
+        return Err(Abort::Interrupted);
+    }
+    ctx.metrics
+        .tokens_removed
+        .inc_by(committed.tally.removed - resume.tally.removed);
+    Ok(committed.tally)
+}
+
+fn advance(
+    window: &mut BTreeMap<u64, (String, Option<TokenResult>)>,
+    committed: &mut Progress,
+    progress: &Mutex<Progress>,
+) {
+    let mut moved = false;
+    while let Some(entry) = window.first_entry() {
+        if entry.get().1.is_none() {
+            break;
+        }
+        let (name, result) = entry.remove();
+        if let Some(result) = result {
+            committed.tally.add(&result);
+        }
+        committed.cursor = Some(name);
+        moved = true;
+    }
+    if moved && let Ok(mut p) = progress.lock() {
+        *p = committed.clone();
+    }
+}
+
+async fn send_one(
+    ctx: &Context<'_>,
+    template: &MessageTemplate,
+    token: DeviceToken,
+    seq: u64,
+    stop: CancellationToken,
+) -> Result<TokenResult, Abort> {
+    let body = template.body_for(&token.token);
+    let mut attempt = 1;
+    loop {
+        let started = std::time::Instant::now();
+        let answer = ctx.sender.send(body.clone()).await;
+        ctx.metrics.observe_fcm(&answer, started.elapsed());
+        let (retry_after, quota, reason) = match answer {
+            Ok(Outcome::Dead) => {
+                let removed = remove_dead(ctx.store, &token.token).await;
+                return Ok(TokenResult {
+                    seq,
+                    outcome: Some(Outcome::Dead),
+                    removed,
+                });
+            }
+            Ok(outcome) => {
+                return Ok(TokenResult {
+                    seq,
+                    outcome: Some(outcome),
+                    removed: 0,
+                });
+            }
+            Err(fcm::Error::Payload(m)) => return Err(Abort::Payload(m)),
+            Err(e @ (fcm::Error::Fatal(_) | fcm::Error::Unauthenticated(_))) => {
+                return Err(Abort::Fatal(e.to_string()));
+            }
+            Err(fcm::Error::Retryable {
+                reason,
+                retry_after,
+                quota,
+            }) => (retry_after, quota, reason),
+            Err(e @ fcm::Error::Auth(_)) => (None, false, e.to_string()),
+        };
+        if attempt >= ctx.retry.max_attempts {
+            tracing::warn!(token = %redact(&token.token), attempts = attempt, %reason, "giving up on token");
+            if reason.starts_with("cannot get an FCM access token") {
+                return Err(Abort::Fatal(reason));
+            }
+            return Ok(TokenResult {
+                seq,
+                outcome: None,
+                removed: 0,
+            });
+        }
+        let wait = ctx
+            .retry
+            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        tracing::debug!(token = %redact(&token.token), attempt, wait_ms = wait.as_millis() as u64, %reason, "retrying");
+        ctx.metrics.retries.inc();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // On shutdown a token waiting for a retry is not in flight: leave it for the next run.
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+        }
+        attempt += 1;
+    }
+}
+
+/// Deletes every token document holding `token`; returns how many went.
+async fn remove_dead(store: &Store, token: &str) -> u64 {
+    let names = match store.token_docs_with(token).await {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::warn!(token = %redact(token), error = %e, "could not look up a dead token's documents");
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    for name in names {
+        match store.delete(&name).await {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(doc = %store.relative(&name), error = %e, "could not delete a dead token")
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 6,
+            base: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            quota_floor: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = policy();
+        assert_eq!(p.backoff(1, None, false, 1.0), Duration::from_millis(500));
+        assert_eq!(p.backoff(2, None, false, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(4, None, false, 1.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(30, None, false, 1.0), Duration::from_secs(60));
+        assert_eq!(p.backoff(2, None, false, 0.0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn backoff_honours_retry_after_and_the_quota_floor() {
+        let p = policy();
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_secs(5)), false, 1.0),
+            Duration::from_secs(5)
+        );
+        assert_eq!(p.backoff(1, None, true, 0.3), Duration::from_secs(60));
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_secs(120)), true, 0.3),
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn the_cursor_only_passes_finished_tokens() {
+        let progress = Mutex::new(Progress::default());
+        let mut committed = Progress::default();
+        let mut window = BTreeMap::new();
+        for (seq, name) in ["a", "b", "c"].iter().enumerate() {
+            window.insert(seq as u64, (name.to_string(), None));
+        }
+        let sent = |seq| TokenResult {
+            seq,
+            outcome: Some(Outcome::Sent),
+            removed: 0,
+        };
+        window.get_mut(&1).unwrap().1 = Some(sent(1));
+        advance(&mut window, &mut committed, &progress);
+        assert_eq!(
+            committed.cursor, None,
+            "b finished before a: the cursor must wait"
+        );
+        window.get_mut(&0).unwrap().1 = Some(sent(0));
+        advance(&mut window, &mut committed, &progress);
+        assert_eq!(committed.cursor.as_deref(), Some("b"));
+        assert_eq!(committed.tally.sent, 2);
+        assert_eq!(progress.lock().unwrap().cursor.as_deref(), Some("b"));
+    }
+}

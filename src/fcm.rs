@@ -1,0 +1,521 @@
+//! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
+//! answer means (DESIGN.md §1, seed 003).
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use yup_oauth2::authenticator::DefaultAuthenticator;
+
+use crate::config::Settings;
+use crate::model::{Invalid, Notification};
+
+pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+/// FCM's limit on a message's payload.
+pub const MAX_PAYLOAD: usize = 4096;
+
+/// What one token's send came to, when FCM gave a final answer about the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Sent,
+    /// UNREGISTERED or an invalid registration token: delete its documents.
+    Dead,
+    /// SENDER_ID_MISMATCH: the token belongs to another Firebase project. Keep it.
+    SenderIdMismatch,
+    /// THIRD_PARTY_AUTH_ERROR: APNs or web-push credentials in Firebase are wrong.
+    ThirdPartyAuth,
+}
+
+/// An answer that is not about the token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// 429/500/503, timeouts, resets: back off and try again.
+    #[error("FCM is unavailable ({reason})")]
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+        /// 429: the project quota; wait at least the quota floor.
+        quota: bool,
+    },
+    /// 401 for our own OAuth token: refresh once.
+    #[error("FCM rejected our access token: {0}")]
+    Unauthenticated(String),
+    /// 400 about the message itself: the notification is at fault. Never retried.
+    #[error("FCM rejected the message: {0}")]
+    Payload(String),
+    /// Anything else that no retry will fix (permissions, wrong project).
+    #[error("FCM refused the request: {0}")]
+    Fatal(String),
+    /// No access token could be obtained.
+    #[error("cannot get an FCM access token: {0}")]
+    Auth(String),
+}
+
+/// The request body for one notification, built once; the token is spliced in per send.
+#[derive(Clone, Debug)]
+pub struct MessageTemplate {
+    /// The message object without its token, serialized: `{"notification":…}`.
+    rest: String,
+}
+
+impl MessageTemplate {
+    pub fn new(n: &Notification) -> Result<MessageTemplate, Invalid> {
+        let mut notification = Map::new();
+        notification.insert("title".into(), json!(n.title));
+        notification.insert("body".into(), json!(n.body));
+        if let Some(image) = &n.image {
+            notification.insert("image".into(), json!(image));
+        }
+        let mut message = Map::new();
+        message.insert("notification".into(), Value::Object(notification));
+        let mut data = Map::new();
+        if let Some(page) = &n.initial_page {
+            data.insert("initialPageName".into(), json!(page));
+        }
+        if let Some(params) = &n.parameter_data {
+            data.insert("parameterData".into(), json!(params));
+        }
+        if !data.is_empty() {
+            message.insert("data".into(), Value::Object(data));
+        }
+        if let Some(sound) = &n.sound {
+            message.insert("android".into(), json!({"notification": {"sound": sound}}));
+            message.insert("apns".into(), json!({"payload": {"aps": {"sound": sound}}}));
+        }
+        let rest = Value::Object(message).to_string();
+        if rest.len() > MAX_PAYLOAD {
+            return Err(Invalid(format!(
+                "the message is {} bytes, over FCM's {MAX_PAYLOAD}-byte limit: shorten parameter_data, the text or the image URL",
+                rest.len()
+            )));
+        }
+        Ok(MessageTemplate { rest })
+    }
+
+    /// `{"message":{"token":"…",<rest>}}`
+    pub fn body_for(&self, token: &str) -> Bytes {
+        let inner = &self.rest[1..];
+        let mut body = String::with_capacity(self.rest.len() + token.len() + 32);
+        body.push_str(r#"{"message":{"token":"#);
+        body.push_str(&Value::String(token.to_string()).to_string());
+        body.push(',');
+        body.push_str(inner);
+        body.push('}');
+        Bytes::from(body)
+    }
+
+    /// The message as a JSON value, for dry runs and tests.
+    pub fn message_for(&self, token: &str) -> Value {
+        serde_json::from_slice(&self.body_for(token)).unwrap_or(Value::Null)
+    }
+}
+
+/// Shows enough of a registration token to tell two apart in a log, never the secret.
+pub fn redact(token: &str) -> String {
+    let head: String = token.chars().take(8).collect();
+    format!("{head}…({} chars)", token.chars().count())
+}
+
+struct CachedToken {
+    header: HeaderValue,
+    fetched: Instant,
+}
+
+/// An FCM sender: one HTTP/2 connection pool, one access token shared by all sends.
+pub struct Sender {
+    http: reqwest::Client,
+    send_url: String,
+    auth: DefaultAuthenticator,
+    token: RwLock<Option<CachedToken>>,
+    /// Our cached token is reused this long before asking yup-oauth2 (which refreshes a
+    /// minute before expiry) again.
+    token_reuse: Duration,
+}
+
+impl Sender {
+    pub async fn new(settings: &Settings) -> Result<Sender, Error> {
+        let auth = match &settings.credentials {
+            Some(path) => {
+                let key = yup_oauth2::read_service_account_key(path)
+                    .await
+                    .map_err(|e| Error::Auth(format!("reading {}: {e}", path.display())))?;
+                yup_oauth2::ServiceAccountAuthenticator::builder(key)
+                    .build()
+                    .await
+                    .map_err(|e| Error::Auth(e.to_string()))?
+            }
+            None => {
+                let opts = yup_oauth2::ApplicationDefaultCredentialsFlowOpts::default();
+                match yup_oauth2::ApplicationDefaultCredentialsAuthenticator::builder(opts).await {
+                    yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes::InstanceMetadata(b) => b.build().await,
+                    yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes::ServiceAccount(b) => b.build().await,
+                }
+                .map_err(|e| Error::Auth(e.to_string()))?
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(settings.fcm_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .tcp_nodelay(true);
+        // Plain-HTTP endpoints are the emulator: speak h2c as production speaks h2 over TLS.
+        let http = if settings.fcm_endpoint.starts_with("http://") {
+            http.http2_prior_knowledge()
+        } else {
+            http
+        };
+        let http = http
+            .build()
+            .map_err(|e| Error::Fatal(format!("building the HTTP client: {e}")))?;
+        Ok(Sender {
+            http,
+            send_url: format!(
+                "{}/v1/projects/{}/messages:send",
+                settings.fcm_endpoint, settings.project
+            ),
+            auth,
+            token: RwLock::new(None),
+            token_reuse: Duration::from_secs(30),
+        })
+    }
+
+    /// A `Bearer …` header, cached.
+    pub async fn access_token(&self) -> Result<HeaderValue, Error> {
+        if let Ok(guard) = self.token.read()
+            && let Some(cached) = guard.as_ref()
+            && cached.fetched.elapsed() < self.token_reuse
+        {
+            return Ok(cached.header.clone());
+        }
+        let token = self
+            .auth
+            .token(&[SCOPE])
+            .await
+            .map_err(|e| Error::Auth(e.to_string()))?;
+        self.store_token(token.token())
+    }
+
+    fn store_token(&self, token: Option<&str>) -> Result<HeaderValue, Error> {
+        let token = token
+            .ok_or_else(|| Error::Auth("the token endpoint returned no access_token".into()))?;
+        let header = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::Auth("the access token is not a valid header value".into()))?;
+        if let Ok(mut guard) = self.token.write() {
+            *guard = Some(CachedToken {
+                header: header.clone(),
+                fetched: Instant::now(),
+            });
+        }
+        Ok(header)
+    }
+
+    /// After FCM said 401 to `stale`: fetch a new token unless another send already did.
+    pub async fn refresh_token(&self, stale: &HeaderValue) -> Result<HeaderValue, Error> {
+        if let Ok(guard) = self.token.read()
+            && let Some(cached) = guard.as_ref()
+            && &cached.header != stale
+        {
+            return Ok(cached.header.clone());
+        }
+        let token = self
+            .auth
+            .force_refreshed_token(&[SCOPE])
+            .await
+            .map_err(|e| Error::Auth(e.to_string()))?;
+        self.store_token(token.token())
+    }
+
+    /// One request; the answer classified. A 401 on our token is retried once with a fresh one.
+    pub async fn send(&self, body: Bytes) -> Result<Outcome, Error> {
+        let header = self.access_token().await?;
+        match self.send_once(&header, body.clone()).await {
+            Err(Error::Unauthenticated(_)) => {
+                let fresh = self.refresh_token(&header).await?;
+                self.send_once(&fresh, body).await
+            }
+            other => other,
+        }
+    }
+
+    /// A `validate_only` send: checks permissions and the message without delivering.
+    pub async fn dry_run(&self, message: Value) -> Result<Outcome, Error> {
+        let body = json!({"message": message, "validate_only": true}).to_string();
+        self.send(Bytes::from(body)).await
+    }
+
+    /// Opens the connection before a burst so the first sends don't queue behind the handshake.
+    pub async fn warm_up(&self) {
+        let _ = self.access_token().await;
+        let base = self
+            .send_url
+            .split("/v1/")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let _ = self.http.get(base).send().await;
+    }
+
+    async fn send_once(&self, auth: &HeaderValue, body: Bytes) -> Result<Outcome, Error> {
+        let response = self
+            .http
+            .post(&self.send_url)
+            .header(reqwest::header::AUTHORIZATION, auth.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Error::Retryable {
+                reason: transport_reason(&e),
+                retry_after: None,
+                quota: false,
+            })?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = response.bytes().await.map_err(|e| Error::Retryable {
+            reason: transport_reason(&e),
+            retry_after,
+            quota: false,
+        })?;
+        classify(status, &body, retry_after)
+    }
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "request timed out".into()
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        format!("connection error: {e}")
+    }
+}
+
+/// What an FCM answer means (DESIGN.md §1).
+pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Result<Outcome, Error> {
+    if status == 200 {
+        return Ok(Outcome::Sent);
+    }
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let error = &parsed["error"];
+    let message = error["message"].as_str().unwrap_or("").to_string();
+    let status_name = error["status"].as_str().unwrap_or("");
+    let details = error["details"].as_array().cloned().unwrap_or_default();
+    let fcm_code = details
+        .iter()
+        .find(|d| d["@type"].as_str().is_some_and(|t| t.ends_with("FcmError")))
+        .and_then(|d| d["errorCode"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let violations: Vec<(String, String)> = details
+        .iter()
+        .filter(|d| {
+            d["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("BadRequest"))
+        })
+        .flat_map(|d| d["fieldViolations"].as_array().cloned().unwrap_or_default())
+        .map(|v| {
+            (
+                v["field"].as_str().unwrap_or("").to_string(),
+                v["description"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let described = || {
+        if message.is_empty() {
+            format!("HTTP {status} {status_name}")
+        } else {
+            format!("{status} {status_name}: {message}")
+        }
+    };
+    match status {
+        400 => {
+            let token_violation = violations.iter().any(|(f, _)| f == "message.token");
+            let payload_violation = violations.iter().find(|(f, _)| f != "message.token");
+            if let Some((field, description)) = payload_violation {
+                Err(Error::Payload(format!("{field}: {description}")))
+            } else if token_violation || message.to_ascii_lowercase().contains("registration token")
+            {
+                Ok(Outcome::Dead)
+            } else {
+                Err(Error::Payload(described()))
+            }
+        }
+        404 if fcm_code == "UNREGISTERED" => Ok(Outcome::Dead),
+        403 if fcm_code == "SENDER_ID_MISMATCH" => Ok(Outcome::SenderIdMismatch),
+        401 if fcm_code == "THIRD_PARTY_AUTH_ERROR" => Ok(Outcome::ThirdPartyAuth),
+        401 => Err(Error::Unauthenticated(described())),
+        429 => Err(Error::Retryable {
+            reason: described(),
+            retry_after,
+            quota: true,
+        }),
+        500 | 502 | 503 | 504 => Err(Error::Retryable {
+            reason: described(),
+            retry_after,
+            quota: false,
+        }),
+        403 => Err(Error::Fatal(format!(
+            "{}; grant the service account the Firebase Cloud Messaging API Admin role and enable the FCM API",
+            described()
+        ))),
+        404 => Err(Error::Fatal(format!(
+            "{}; check the project id",
+            described()
+        ))),
+        _ => Err(Error::Fatal(described())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Audience;
+
+    fn fixture(name: &str) -> (u16, Vec<u8>, Option<Duration>) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/fcm_errors.json"
+        );
+        let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let f = &all[name];
+        let retry = f["headers"]["Retry-After"]
+            .as_str()
+            .map(|s| Duration::from_secs(s.parse().unwrap()));
+        (
+            f["http_status"].as_u64().unwrap() as u16,
+            serde_json::to_vec(&f["body"]).unwrap(),
+            retry,
+        )
+    }
+
+    fn classify_fixture(name: &str) -> Result<Outcome, Error> {
+        let (status, body, retry) = fixture(name);
+        classify(status, &body, retry)
+    }
+
+    #[test]
+    fn every_fixture_is_classified_as_the_design_says() {
+        assert_eq!(classify_fixture("success"), Ok(Outcome::Sent));
+        assert_eq!(classify_fixture("UNREGISTERED"), Ok(Outcome::Dead));
+        assert_eq!(
+            classify_fixture("INVALID_ARGUMENT_bad_token"),
+            Ok(Outcome::Dead)
+        );
+        assert_eq!(
+            classify_fixture("SENDER_ID_MISMATCH"),
+            Ok(Outcome::SenderIdMismatch)
+        );
+        assert_eq!(
+            classify_fixture("THIRD_PARTY_AUTH_ERROR"),
+            Ok(Outcome::ThirdPartyAuth)
+        );
+        assert_eq!(
+            classify_fixture("INVALID_ARGUMENT_bad_value"),
+            Err(Error::Payload(
+                "message.data[0].value: Invalid value at 'message.data[0].value' (TYPE_STRING), 12"
+                    .into()
+            ))
+        );
+        match classify_fixture("QUOTA_EXCEEDED") {
+            Err(Error::Retryable {
+                retry_after, quota, ..
+            }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(60)));
+                assert!(quota);
+            }
+            other => panic!("{other:?}"),
+        }
+        match classify_fixture("UNAVAILABLE") {
+            Err(Error::Retryable {
+                retry_after, quota, ..
+            }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(5)));
+                assert!(!quota);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify_fixture("INTERNAL"),
+            Err(Error::Retryable { .. })
+        ));
+        assert!(matches!(
+            classify_fixture("UNAUTHENTICATED_bad_oauth_token"),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(matches!(classify(403, b"{}", None), Err(Error::Fatal(_))));
+        assert!(matches!(
+            classify(502, b"<html>", None),
+            Err(Error::Retryable { .. })
+        ));
+    }
+
+    fn notification() -> Notification {
+        Notification {
+            title: "Hello".into(),
+            body: "Just for you two".into(),
+            image: Some("https://example.com/banner.png".into()),
+            sound: Some("default".into()),
+            initial_page: Some("ChatPage".into()),
+            parameter_data: Some("{\"chatRef\":\"chats/c42\"}".into()),
+            audience: Audience::Users(vec!["u1".into()]),
+            scheduled_time: None,
+        }
+    }
+
+    #[test]
+    fn message_matches_flutterflow_exactly() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/flutterflow_documents.json"
+        );
+        let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let expected = all
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.starts_with("fcm_v1_message_built_for_each_token"))
+            .unwrap()
+            .1
+            .clone();
+        let template = MessageTemplate::new(&notification()).unwrap();
+        assert_eq!(template.message_for("tok-u1-android"), expected);
+    }
+
+    #[test]
+    fn optional_parts_are_left_out() {
+        let mut n = notification();
+        n.image = None;
+        n.sound = None;
+        n.initial_page = None;
+        n.parameter_data = None;
+        let m = MessageTemplate::new(&n).unwrap().message_for("t\"x");
+        assert_eq!(
+            m,
+            json!({"message": {"token": "t\"x", "notification": {"title": "Hello", "body": "Just for you two"}}})
+        );
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_sending() {
+        let mut n = notification();
+        n.parameter_data = Some("x".repeat(4000));
+        let err = MessageTemplate::new(&n).unwrap_err();
+        assert!(err.0.contains("4096-byte limit"), "{err}");
+    }
+
+    #[test]
+    fn tokens_are_redacted() {
+        let r = redact("abcdefghijklmnopqrstuvwxyz");
+        assert!(!r.contains("ijkl"));
+        assert!(r.starts_with("abcdefgh"));
+    }
+}

@@ -1,0 +1,568 @@
+//! Every Firestore read and write ffpush makes, on the raw Firestore v1 gRPC API (through the
+//! `firestore` crate's authenticated channel) so that preconditions, field masks, cursors and
+//! the listen stream are exactly what we ask for.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use firestore::gcloud_sdk::google::firestore::v1::firestore_client::FirestoreClient;
+use firestore::gcloud_sdk::google::firestore::v1::{
+    self as pb, Document, DocumentMask, Precondition, RunQueryRequest, StructuredQuery, Value,
+    precondition, run_query_request, structured_query as sq, value,
+};
+use firestore::gcloud_sdk::google_cloud_auth::credentials::{
+    CacheableResource, Credentials, CredentialsProvider, EntityTag,
+};
+use firestore::gcloud_sdk::google_cloud_auth::errors::CredentialsError;
+use firestore::gcloud_sdk::tonic::{self, Code};
+use firestore::gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware};
+use firestore::{FirestoreDb, FirestoreDbOptions};
+use futures::StreamExt;
+
+use crate::config::Settings;
+
+pub type Client = FirestoreClient<GoogleAuthMiddleware>;
+
+/// What went wrong talking to Firestore, sorted by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Firestore is unreachable or overloaded: wait and try again.
+    #[error("Firestore is unavailable ({code:?}): {message}")]
+    Unavailable { code: Code, message: String },
+    /// A precondition failed: someone else changed (or claimed) the document first.
+    #[error("the document changed underneath us")]
+    Conflict,
+    #[error("document not found")]
+    NotFound,
+    /// Misconfiguration or a bug: retrying will not help.
+    #[error("Firestore refused the request ({code:?}): {message}")]
+    Rejected { code: Code, message: String },
+    #[error("cannot connect to Firestore: {0}")]
+    Connect(String),
+}
+
+impl Error {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Connect(_))
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::FailedPrecondition | Code::AlreadyExists => Error::Conflict,
+            Code::NotFound => Error::NotFound,
+            code @ (Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Cancelled) => Error::Unavailable { code, message },
+            code => Error::Rejected { code, message },
+        }
+    }
+}
+
+/// One device token document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceToken {
+    /// Full resource name of the token document; the stream is ordered by it.
+    pub doc_name: String,
+    pub token: String,
+}
+
+/// The Firestore side of ffpush for one project and database.
+#[derive(Clone)]
+pub struct Store {
+    db: FirestoreDb,
+}
+
+/// The Firestore emulator accepts any bearer token; this is the one its docs use.
+#[derive(Debug)]
+struct EmulatorCredentials(EntityTag);
+
+impl CredentialsProvider for EmulatorCredentials {
+    async fn headers(
+        &self,
+        extensions: axum::http::Extensions,
+    ) -> Result<CacheableResource<firestore::gcloud_sdk::HeaderMap>, CredentialsError> {
+        if extensions.get::<EntityTag>() == Some(&self.0) {
+            return Ok(CacheableResource::NotModified);
+        }
+        let mut headers = firestore::gcloud_sdk::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_static("Bearer owner"),
+        );
+        Ok(CacheableResource::New {
+            entity_tag: self.0.clone(),
+            data: headers,
+        })
+    }
+
+    async fn universe_domain(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Store {
+    /// Connects once. See [`Store::connect_with_retry`] for start-up.
+    pub async fn connect(settings: &Settings) -> Result<Store, Error> {
+        let mut options = FirestoreDbOptions::new(settings.project.clone())
+            .with_database_id(settings.database.clone())
+            .with_request_timeout(Duration::from_secs(30));
+        let db = if let Some(host) = &settings.firestore_emulator_host {
+            options.firebase_api_url = Some(format!("http://{host}"));
+            let auth: GoogleAuthHeaders =
+                Credentials::from(EmulatorCredentials(EntityTag::new())).into();
+            FirestoreDb::with_options_auth(options, auth).await
+        } else if let Some(key) = &settings.credentials {
+            FirestoreDb::with_options_service_account_key_file(options, key.clone()).await
+        } else {
+            FirestoreDb::with_options(options).await
+        }
+        .map_err(|e| Error::Connect(e.to_string()))?;
+        let store = Store { db };
+        // Construction may succeed lazily; one cheap read proves the channel works.
+        store
+            .get("ffpush/connectivity-check")
+            .await
+            .or_else(|e| match e {
+                Error::NotFound => Ok(None),
+                e => Err(e),
+            })?;
+        Ok(store)
+    }
+
+    /// Connects, waiting with backoff (and saying what it waits for) while Firestore is down.
+    /// Gives up only when the error is not transient or `cancel` fires.
+    pub async fn connect_with_retry(
+        settings: &Settings,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Store, Error> {
+        let target = settings
+            .firestore_emulator_host
+            .clone()
+            .unwrap_or_else(|| "firestore.googleapis.com".to_string());
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match Store::connect(settings).await {
+                Ok(store) => return Ok(store),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(target_host = %target, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "waiting for Firestore");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Connect("cancelled while waiting for Firestore".into())),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        self.db.client().get()
+    }
+
+    pub fn database_path(&self) -> &str {
+        self.db.get_database_path()
+    }
+
+    /// `projects/{p}/databases/{d}/documents`
+    pub fn documents_path(&self) -> &str {
+        self.db.get_documents_path()
+    }
+
+    pub fn doc_name(&self, relative: &str) -> String {
+        format!("{}/{}", self.documents_path(), relative)
+    }
+
+    /// `users/u1/fcm_tokens/t1` from a full resource name.
+    pub fn relative<'a>(&self, name: &'a str) -> &'a str {
+        name.strip_prefix(self.documents_path())
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(name)
+    }
+
+    pub async fn get(&self, relative: &str) -> Result<Option<Document>, Error> {
+        let request = pb::GetDocumentRequest {
+            name: self.doc_name(relative),
+            ..Default::default()
+        };
+        match self.client().get_document(request).await {
+            Ok(doc) => Ok(Some(doc.into_inner())),
+            Err(status) => match Error::from(status) {
+                Error::NotFound => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Writes `fields` (only those: a field mask) onto an existing document. Fields named in
+    /// `remove` are deleted. With `if_update_time`, the write happens only if nobody wrote the
+    /// document since; returns the new update time.
+    pub async fn update_fields(
+        &self,
+        name: &str,
+        fields: HashMap<String, Value>,
+        remove: &[&str],
+        if_update_time: Option<prost_types_timestamp::Timestamp>,
+    ) -> Result<prost_types_timestamp::Timestamp, Error> {
+        let mut mask: Vec<String> = fields.keys().cloned().collect();
+        mask.extend(remove.iter().map(|f| f.to_string()));
+        let condition = match if_update_time {
+            Some(t) => precondition::ConditionType::UpdateTime(t),
+            None => precondition::ConditionType::Exists(true),
+        };
+        let request = pb::UpdateDocumentRequest {
+            document: Some(Document {
+                name: name.to_string(),
+                fields,
+                ..Default::default()
+            }),
+            update_mask: Some(DocumentMask { field_paths: mask }),
+            mask: Some(DocumentMask {
+                field_paths: vec!["status".into()],
+            }),
+            current_document: Some(Precondition {
+                condition_type: Some(condition),
+            }),
+            ..Default::default()
+        };
+        let doc = self.client().update_document(request).await?.into_inner();
+        doc.update_time.ok_or(Error::Rejected {
+            code: Code::Internal,
+            message: "update returned no update_time".into(),
+        })
+    }
+
+    /// Creates a document with an automatic id; returns its full name.
+    pub async fn create(
+        &self,
+        collection: &str,
+        fields: HashMap<String, Value>,
+    ) -> Result<String, Error> {
+        let request = pb::CreateDocumentRequest {
+            parent: self.documents_path().to_string(),
+            collection_id: collection.to_string(),
+            document_id: String::new(),
+            document: Some(Document {
+                fields,
+                ..Default::default()
+            }),
+            mask: Some(DocumentMask {
+                field_paths: vec!["status".into()],
+            }),
+            ..Default::default()
+        };
+        Ok(self
+            .client()
+            .create_document(request)
+            .await?
+            .into_inner()
+            .name)
+    }
+
+    /// Writes a whole document at `relative` (creating or replacing it).
+    pub async fn set(&self, relative: &str, fields: HashMap<String, Value>) -> Result<(), Error> {
+        let request = pb::UpdateDocumentRequest {
+            document: Some(Document {
+                name: self.doc_name(relative),
+                fields,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.client().update_document(request).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let request = pb::DeleteDocumentRequest {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        self.client().delete_document(request).await?;
+        Ok(())
+    }
+
+    /// Runs `query` under `parent` (a full name) and collects the documents.
+    pub async fn run_query(
+        &self,
+        parent: String,
+        query: StructuredQuery,
+    ) -> Result<Vec<Document>, Error> {
+        let request = RunQueryRequest {
+            parent,
+            query_type: Some(run_query_request::QueryType::StructuredQuery(query)),
+            ..Default::default()
+        };
+        let mut stream = self.client().run_query(request).await?.into_inner();
+        let mut docs = Vec::new();
+        while let Some(item) = stream.next().await {
+            if let Some(doc) = item?.document {
+                docs.push(doc);
+            }
+        }
+        Ok(docs)
+    }
+
+    /// One page of token documents under `parent` (`users/{id}` or the database root for a
+    /// collection-group query), after `after` in document-name order.
+    pub async fn token_page(
+        &self,
+        page: &TokenQuery,
+        after: Option<&str>,
+    ) -> Result<Vec<DeviceToken>, Error> {
+        let mut filters = Vec::new();
+        if let Some(device_type) = &page.device_type {
+            filters.push(field_filter(
+                "device_type",
+                sq::field_filter::Operator::Equal,
+                string(device_type),
+            ));
+        }
+        if let Some(start) = &page.user_id_start {
+            filters.push(field_filter(
+                "__name__",
+                sq::field_filter::Operator::GreaterThanOrEqual,
+                reference(self.doc_name(&format!("users/{start}"))),
+            ));
+        }
+        if let Some(end) = &page.user_id_end {
+            filters.push(field_filter(
+                "__name__",
+                sq::field_filter::Operator::LessThan,
+                reference(self.doc_name(&format!("users/{end}"))),
+            ));
+        }
+        let query = StructuredQuery {
+            select: Some(sq::Projection {
+                fields: vec![field_ref("fcm_token")],
+            }),
+            from: vec![sq::CollectionSelector {
+                collection_id: "fcm_tokens".into(),
+                all_descendants: page.user_id.is_none(),
+            }],
+            r#where: and(filters),
+            order_by: vec![sq::Order {
+                field: Some(field_ref("__name__")),
+                direction: sq::Direction::Ascending as i32,
+            }],
+            start_at: after.map(|name| pb::Cursor {
+                values: vec![reference(name.to_string())],
+                before: false,
+            }),
+            limit: Some(page.page_size as i32),
+            ..Default::default()
+        };
+        let parent = match &page.user_id {
+            Some(uid) => self.doc_name(&format!("users/{uid}")),
+            None => self.documents_path().to_string(),
+        };
+        let docs = self.run_query(parent, query).await?;
+        Ok(docs
+            .into_iter()
+            .map(|doc| {
+                let token = doc
+                    .fields
+                    .get("fcm_token")
+                    .and_then(crate::model::string_value)
+                    .unwrap_or_default()
+                    .to_string();
+                DeviceToken {
+                    doc_name: doc.name,
+                    token,
+                }
+            })
+            .collect())
+    }
+
+    /// Every token document (under any user) holding `token`: a dead token is dead everywhere.
+    pub async fn token_docs_with(&self, token: &str) -> Result<Vec<String>, Error> {
+        let query = StructuredQuery {
+            select: Some(sq::Projection { fields: vec![] }),
+            from: vec![sq::CollectionSelector {
+                collection_id: "fcm_tokens".into(),
+                all_descendants: true,
+            }],
+            r#where: and(vec![field_filter(
+                "fcm_token",
+                sq::field_filter::Operator::Equal,
+                string(token),
+            )]),
+            limit: Some(500),
+            ..Default::default()
+        };
+        let docs = self
+            .run_query(self.documents_path().to_string(), query)
+            .await?;
+        Ok(docs.into_iter().map(|d| d.name).collect())
+    }
+
+    /// Documents of `collection` whose `status` is one of `statuses` (for the sweep).
+    pub async fn with_status(
+        &self,
+        collection: &str,
+        statuses: &[&str],
+    ) -> Result<Vec<Document>, Error> {
+        let query = StructuredQuery {
+            from: vec![sq::CollectionSelector {
+                collection_id: collection.to_string(),
+                all_descendants: false,
+            }],
+            r#where: and(vec![field_filter(
+                "status",
+                sq::field_filter::Operator::In,
+                Value {
+                    value_type: Some(value::ValueType::ArrayValue(pb::ArrayValue {
+                        values: statuses.iter().map(|s| string(s)).collect(),
+                    })),
+                },
+            )]),
+            ..Default::default()
+        };
+        self.run_query(self.documents_path().to_string(), query)
+            .await
+    }
+}
+
+impl Store {
+    /// Documents of `collection` whose `scheduled_time` is in `[since, at]`.
+    pub async fn due_between(
+        &self,
+        collection: &str,
+        since: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Document>, Error> {
+        let query = StructuredQuery {
+            from: vec![sq::CollectionSelector {
+                collection_id: collection.to_string(),
+                all_descendants: false,
+            }],
+            r#where: and(vec![
+                field_filter(
+                    "scheduled_time",
+                    sq::field_filter::Operator::GreaterThanOrEqual,
+                    timestamp(since),
+                ),
+                field_filter(
+                    "scheduled_time",
+                    sq::field_filter::Operator::LessThanOrEqual,
+                    timestamp(at),
+                ),
+            ]),
+            limit: Some(1000),
+            ..Default::default()
+        };
+        self.run_query(self.documents_path().to_string(), query)
+            .await
+    }
+}
+
+/// The prost timestamp type Firestore uses.
+pub mod prost_types_timestamp {
+    pub use firestore::gcloud_sdk::prost_types::Timestamp;
+}
+
+/// What [`Store::token_page`] reads.
+#[derive(Clone, Debug, Default)]
+pub struct TokenQuery {
+    /// One user's `fcm_tokens`; `None` = collection group over every user.
+    pub user_id: Option<String>,
+    pub device_type: Option<String>,
+    pub user_id_start: Option<String>,
+    pub user_id_end: Option<String>,
+    pub page_size: usize,
+}
+
+fn field_ref(path: &str) -> sq::FieldReference {
+    sq::FieldReference {
+        field_path: path.to_string(),
+    }
+}
+
+fn field_filter(path: &str, op: sq::field_filter::Operator, value: Value) -> sq::Filter {
+    sq::Filter {
+        filter_type: Some(sq::filter::FilterType::FieldFilter(sq::FieldFilter {
+            field: Some(field_ref(path)),
+            op: op as i32,
+            value: Some(value),
+        })),
+    }
+}
+
+fn and(mut filters: Vec<sq::Filter>) -> Option<sq::Filter> {
+    match filters.len() {
+        0 => None,
+        1 => filters.pop(),
+        _ => Some(sq::Filter {
+            filter_type: Some(sq::filter::FilterType::CompositeFilter(
+                sq::CompositeFilter {
+                    op: sq::composite_filter::Operator::And as i32,
+                    filters,
+                },
+            )),
+        }),
+    }
+}
+
+pub fn string(s: &str) -> Value {
+    Value {
+        value_type: Some(value::ValueType::StringValue(s.to_string())),
+    }
+}
+
+pub fn integer(n: i64) -> Value {
+    Value {
+        value_type: Some(value::ValueType::IntegerValue(n)),
+    }
+}
+
+pub fn reference(name: String) -> Value {
+    Value {
+        value_type: Some(value::ValueType::ReferenceValue(name)),
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> Value {
+    Value {
+        value_type: Some(value::ValueType::TimestampValue(to_timestamp(t))),
+    }
+}
+
+pub fn array(values: Vec<Value>) -> Value {
+    Value {
+        value_type: Some(value::ValueType::ArrayValue(pb::ArrayValue { values })),
+    }
+}
+
+pub fn to_timestamp(t: DateTime<Utc>) -> prost_types_timestamp::Timestamp {
+    prost_types_timestamp::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn from_timestamp(t: &prost_types_timestamp::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+}
+
+pub fn timestamp_field(doc: &Document, name: &str) -> Option<DateTime<Utc>> {
+    match doc.fields.get(name)?.value_type.as_ref()? {
+        value::ValueType::TimestampValue(t) => from_timestamp(t),
+        _ => None,
+    }
+}
+
+pub fn integer_field(doc: &Document, name: &str) -> Option<i64> {
+    match doc.fields.get(name)?.value_type.as_ref()? {
+        value::ValueType::IntegerValue(n) => Some(*n),
+        _ => None,
+    }
+}

@@ -1,0 +1,638 @@
+//! One notification document from intake to report: decide whether it is ours to do (status,
+//! schedule, lease), claim it with an update-time precondition, fan out while holding and
+//! extending the lease (with progress), then write the outcome with a field mask.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audience;
+use crate::config::Settings;
+use crate::fanout::{self, Abort, Context, Progress, RetryPolicy, Tally};
+use crate::fcm::{MessageTemplate, Sender};
+use crate::metrics::Metrics;
+use crate::model::{Audience, Notification, Source, Status, pb};
+use crate::store::{self, Store, prost_types_timestamp::Timestamp};
+
+/// Fields ffpush adds to a notification document besides FlutterFlow's.
+pub mod fields {
+    pub const WORKER: &str = "ffpush_worker";
+    pub const LEASE: &str = "ffpush_lease_expires_at";
+    pub const PROGRESS: &str = "ffpush_progress";
+}
+
+/// What this process is doing about a document it has seen.
+enum Tracked {
+    Running,
+    /// Waiting for `scheduled_time`, or for another worker's lease to run out.
+    Waiting {
+        due: DateTime<Utc>,
+        timer: AbortHandle,
+        scheduled: bool,
+    },
+}
+
+/// Shared state of a running worker.
+pub struct Worker {
+    pub settings: Settings,
+    pub store: Store,
+    pub sender: Arc<Sender>,
+    pub metrics: Arc<Metrics>,
+    tracked: Mutex<HashMap<String, Tracked>>,
+    /// Fan-outs and timers; awaited on shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
+    pub stop: CancellationToken,
+}
+
+impl Worker {
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        sender: Arc<Sender>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Arc<Worker> {
+        Arc::new(Worker {
+            settings,
+            store,
+            sender,
+            metrics,
+            tracked: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            stop,
+        })
+    }
+
+    pub fn source_of(&self, name: &str) -> Option<Source> {
+        let relative = self.store.relative(name);
+        let collection = relative.split('/').next()?;
+        if collection == self.settings.collection {
+            Some(Source::Console)
+        } else if collection == self.settings.user_collection {
+            Some(Source::App)
+        } else {
+            None
+        }
+    }
+
+    /// A document was seen (listen, sweep or timer). Cheap for documents already finished or
+    /// already handled here: the emulator resends whole collections on every write.
+    pub fn offer(self: &Arc<Self>, doc: pb::Document) {
+        let status = Status::of(&doc);
+        if let Status::Finished(_) = status {
+            self.forget(&doc.name);
+            return;
+        }
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let Some(source) = self.source_of(&doc.name) else {
+            return;
+        };
+        let now = Utc::now();
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let parsed = Notification::parse(source, &doc.fields)
+            .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
+        match tracked.get(&doc.name) {
+            Some(Tracked::Running) => return,
+            Some(Tracked::Waiting { due, scheduled, .. }) => {
+                let new_due = match &parsed {
+                    Ok((n, _)) if *scheduled => n.scheduled_time,
+                    _ => None,
+                };
+                if new_due == Some(*due) || (!*scheduled && status == Status::Started) {
+                    return;
+                }
+                // Rescheduled (or no longer scheduled): drop the old timer and decide afresh.
+                if let Some(Tracked::Waiting {
+                    timer, scheduled, ..
+                }) = tracked.remove(&doc.name)
+                {
+                    timer.abort();
+                    if scheduled {
+                        self.metrics.documents_scheduled.add(-1);
+                    }
+                }
+            }
+            None => {}
+        }
+        if status == Status::Started
+            && let Some(until) = store::timestamp_field(&doc, fields::LEASE)
+            && until > now
+        {
+            // Someone holds it. Look again when the lease runs out.
+            let timer = self.wake_at(
+                doc.name.clone(),
+                until + chrono::Duration::milliseconds(200),
+            );
+            tracked.insert(
+                doc.name.clone(),
+                Tracked::Waiting {
+                    due: until,
+                    timer,
+                    scheduled: false,
+                },
+            );
+            return;
+        }
+        match parsed {
+            Err(invalid) => {
+                tracked.insert(doc.name.clone(), Tracked::Running);
+                let this = self.clone();
+                self.tasks.spawn(async move {
+                    this.fail_unclaimed(&doc, &invalid.0).await;
+                    this.untrack(&doc.name);
+                });
+            }
+            Ok((n, template)) => {
+                let due = n
+                    .scheduled_time
+                    .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
+                if let Some(at) = n.scheduled_time
+                    && at > now
+                {
+                    let timer = self.wake_at(doc.name.clone(), at);
+                    self.metrics.documents_scheduled.add(1);
+                    tracked.insert(
+                        doc.name.clone(),
+                        Tracked::Waiting {
+                            due: at,
+                            timer,
+                            scheduled: true,
+                        },
+                    );
+                    return;
+                }
+                let late = due.map(|d| now - d).unwrap_or_default();
+                let limit = chrono::Duration::from_std(self.settings.max_lateness)
+                    .unwrap_or(chrono::Duration::MAX);
+                tracked.insert(doc.name.clone(), Tracked::Running);
+                let this = self.clone();
+                if late > limit && status == Status::New {
+                    let reason = format!(
+                        "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
+                        due.map(|d| d.to_rfc3339()).unwrap_or_default(),
+                        self.settings.max_lateness.as_secs()
+                    );
+                    self.tasks.spawn(async move {
+                        this.fail_unclaimed(&doc, &reason).await;
+                        this.untrack(&doc.name);
+                    });
+                    return;
+                }
+                self.metrics.documents_in_progress.add(1);
+                self.tasks.spawn(async move {
+                    let name = doc.name.clone();
+                    if let Err(e) = this.process(doc, n, template).await {
+                        tracing::warn!(doc = %this.store.relative(&name), error = %e, "processing stopped; the document will be retried");
+                    }
+                    this.metrics.documents_in_progress.add(-1);
+                    this.untrack(&name);
+                });
+            }
+        }
+    }
+
+    /// The document was deleted: cancel what we planned for it.
+    pub fn forget(&self, name: &str) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Tracked::Waiting { .. }) = tracked.get(name)
+            && let Some(Tracked::Waiting {
+                timer, scheduled, ..
+            }) = tracked.remove(name)
+        {
+            timer.abort();
+            if scheduled {
+                self.metrics.documents_scheduled.add(-1);
+            }
+        }
+    }
+
+    fn untrack(&self, name: &str) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Tracked::Running) = tracked.get(name) {
+            tracked.remove(name);
+        }
+    }
+
+    /// Fetches the document again at `at` and offers it.
+    fn wake_at(self: &Arc<Self>, name: String, at: DateTime<Utc>) -> AbortHandle {
+        let this = self.clone();
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        let handle = self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = this.stop.cancelled() => return,
+            }
+            let relative = this.store.relative(&name).to_string();
+            {
+                let mut tracked = this.tracked.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(Tracked::Waiting { scheduled, .. }) = tracked.remove(&name)
+                    && scheduled
+                {
+                    this.metrics.documents_scheduled.add(-1);
+                }
+            }
+            match this.store.get(&relative).await {
+                Ok(Some(doc)) => this.offer(doc),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(doc = %relative, error = %e, "could not re-read a due document; the sweep will retry"),
+            }
+        });
+        handle.abort_handle()
+    }
+
+    /// Marks a document we never claimed as failed, unless someone changed it meanwhile.
+    async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) {
+        let mut f = HashMap::new();
+        f.insert("status".to_string(), store::string("failed"));
+        f.insert("error".to_string(), store::string(reason));
+        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        f.insert("num_sent".to_string(), store::integer(0));
+        match self
+            .store
+            .update_fields(&doc.name, f, &[], doc.update_time)
+            .await
+        {
+            Ok(_) => {
+                self.metrics.notifications_failed.inc();
+                tracing::info!(doc = %self.store.relative(&doc.name), error = reason, "notification failed");
+            }
+            Err(store::Error::Conflict | store::Error::NotFound) => {}
+            Err(e) => {
+                tracing::warn!(doc = %self.store.relative(&doc.name), error = %e, "could not write the failure")
+            }
+        }
+    }
+
+    async fn process(
+        self: &Arc<Self>,
+        doc: pb::Document,
+        n: Notification,
+        template: MessageTemplate,
+    ) -> Result<(), store::Error> {
+        let relative = self.store.relative(&doc.name).to_string();
+        let span = tracing::info_span!("notification", doc = %relative);
+        let _enter = span.enter();
+        drop(_enter);
+        let now = Utc::now();
+        let resume = if Status::of(&doc) == Status::Started {
+            read_progress(&doc)
+        } else {
+            Progress::default()
+        };
+        let mut claim = HashMap::new();
+        claim.insert("status".to_string(), store::string("started"));
+        if store::timestamp_field(&doc, "started_at").is_none() {
+            claim.insert("started_at".to_string(), store::timestamp(now));
+        }
+        claim.insert(
+            fields::WORKER.to_string(),
+            store::string(&self.settings.worker_id),
+        );
+        claim.insert(
+            fields::LEASE.to_string(),
+            store::timestamp(now + lease(&self.settings)),
+        );
+        let version = match self
+            .store
+            .update_fields(&doc.name, claim, &[], doc.update_time)
+            .await
+        {
+            Ok(t) => t,
+            Err(store::Error::Conflict | store::Error::NotFound) => {
+                tracing::debug!(doc = %relative, "claimed by someone else first");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(doc = %relative, resumed_at = ?resume.cursor, "claimed");
+
+        let version = Arc::new(Mutex::new(version));
+        let progress = Arc::new(Mutex::new(resume.clone()));
+        let fan_stop = self.stop.child_token();
+        let lost = CancellationToken::new();
+        let renew_stop = CancellationToken::new();
+        let renewal = tokio::spawn(renew_lease(
+            self.clone(),
+            doc.name.clone(),
+            version.clone(),
+            progress.clone(),
+            fan_stop.clone(),
+            lost.clone(),
+            renew_stop.clone(),
+        ));
+        let pages = audience::read(self.store.clone(), n.audience.clone());
+        let without_tokens = pages.without_tokens.clone();
+        let ctx = Context {
+            sender: &self.sender,
+            store: &self.store,
+            metrics: &self.metrics,
+            concurrency: self.settings.concurrency,
+            retry: RetryPolicy {
+                max_attempts: self.settings.max_attempts,
+                base: Duration::from_millis(500),
+                max_backoff: self.settings.max_backoff,
+                quota_floor: self.settings.quota_floor,
+            },
+        };
+        let result = fanout::fan_out(
+            &ctx,
+            &template,
+            pages,
+            resume,
+            progress.clone(),
+            fan_stop.clone(),
+        )
+        .await;
+        renew_stop.cancel();
+        let _ = renewal.await;
+        if lost.is_cancelled() {
+            tracing::warn!(doc = %relative, "lost the lease to another worker; stopped");
+            return Ok(());
+        }
+        let last_version = *version.lock().unwrap_or_else(|e| e.into_inner());
+        let done = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
+        let report = match result {
+            Ok(tally) => Report::finished(&n, &tally, &without),
+            Err(Abort::Interrupted) => {
+                // Shutdown: save where we are and let the lease go so another worker resumes.
+                let mut f = progress_fields(&done);
+                f.insert(fields::LEASE.to_string(), store::timestamp(Utc::now()));
+                self.store
+                    .update_fields(&doc.name, f, &[], Some(last_version))
+                    .await?;
+                tracing::info!(doc = %relative, cursor = ?done.cursor, "interrupted; progress saved, lease released");
+                return Ok(());
+            }
+            Err(e) => Report::aborted(&e, &done.tally),
+        };
+        let (status, f, remove) = report.into_fields();
+        match self
+            .store
+            .update_fields(&doc.name, f, &remove, Some(last_version))
+            .await
+        {
+            Ok(_) => {}
+            Err(store::Error::Conflict) => {
+                tracing::warn!(doc = %relative, "the document changed before the report; leaving it");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        if status == "succeeded" {
+            self.metrics.notifications_succeeded.inc();
+        } else {
+            self.metrics.notifications_failed.inc();
+        }
+        tracing::info!(doc = %relative, status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
+        Ok(())
+    }
+}
+
+fn lease(settings: &Settings) -> chrono::Duration {
+    chrono::Duration::from_std(settings.lease).unwrap_or(chrono::Duration::seconds(60))
+}
+
+/// Extends the lease every third of its length, writing progress with it. A precondition on
+/// our last write detects a takeover: then the fan-out is stopped.
+async fn renew_lease(
+    worker: Arc<Worker>,
+    name: String,
+    version: Arc<Mutex<Timestamp>>,
+    progress: Arc<Mutex<Progress>>,
+    fan_stop: CancellationToken,
+    lost: CancellationToken,
+    done: CancellationToken,
+) {
+    let every = worker.settings.lease / 3;
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let snapshot = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut f = progress_fields(&snapshot);
+        f.insert(
+            fields::LEASE.to_string(),
+            store::timestamp(Utc::now() + lease(&worker.settings)),
+        );
+        let current = *version.lock().unwrap_or_else(|e| e.into_inner());
+        match worker
+            .store
+            .update_fields(&name, f, &[], Some(current))
+            .await
+        {
+            Ok(t) => *version.lock().unwrap_or_else(|e| e.into_inner()) = t,
+            Err(store::Error::Conflict | store::Error::NotFound) => {
+                lost.cancel();
+                fan_stop.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not extend the lease; will try again"),
+        }
+    }
+}
+
+fn progress_fields(p: &Progress) -> HashMap<String, pb::Value> {
+    let t = &p.tally;
+    let mut m = HashMap::new();
+    if let Some(c) = &p.cursor {
+        m.insert("cursor".to_string(), store::string(c));
+    }
+    for (k, v) in [
+        ("tokens", t.tokens),
+        ("sent", t.sent),
+        ("dead", t.dead),
+        ("removed", t.removed),
+        ("sender_id_mismatch", t.sender_id_mismatch),
+        ("third_party_auth", t.third_party_auth),
+        ("undelivered", t.undelivered),
+    ] {
+        m.insert(k.to_string(), store::integer(v as i64));
+    }
+    let mut f = HashMap::new();
+    f.insert(
+        fields::PROGRESS.to_string(),
+        pb::Value {
+            value_type: Some(pb::value::ValueType::MapValue(pb::MapValue { fields: m })),
+        },
+    );
+    f
+}
+
+fn read_progress(doc: &pb::Document) -> Progress {
+    let Some(pb::value::ValueType::MapValue(map)) = doc
+        .fields
+        .get(fields::PROGRESS)
+        .and_then(|v| v.value_type.as_ref())
+    else {
+        return Progress::default();
+    };
+    let wrapper = pb::Document {
+        fields: map.fields.clone(),
+        ..Default::default()
+    };
+    let n = |k: &str| store::integer_field(&wrapper, k).unwrap_or(0).max(0) as u64;
+    Progress {
+        cursor: wrapper
+            .fields
+            .get("cursor")
+            .and_then(crate::model::string_value)
+            .map(str::to_string),
+        tally: Tally {
+            tokens: n("tokens"),
+            sent: n("sent"),
+            dead: n("dead"),
+            removed: n("removed"),
+            sender_id_mismatch: n("sender_id_mismatch"),
+            third_party_auth: n("third_party_auth"),
+            undelivered: n("undelivered"),
+        },
+    }
+}
+
+/// The outcome fields written back.
+pub struct Report {
+    status: &'static str,
+    error: Option<String>,
+    warning: Option<String>,
+    tally: Tally,
+    without: audience::UsersWithoutTokens,
+}
+
+impl Report {
+    pub fn finished(n: &Notification, t: &Tally, without: &audience::UsersWithoutTokens) -> Report {
+        let mut problems = Vec::new();
+        if t.dead > 0 {
+            problems.push(format!("{} dead (removed)", t.dead));
+        }
+        if t.sender_id_mismatch > 0 {
+            problems.push(format!(
+                "{} from another Firebase project (SENDER_ID_MISMATCH)",
+                t.sender_id_mismatch
+            ));
+        }
+        if t.third_party_auth > 0 {
+            problems.push(format!(
+                "{} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)",
+                t.third_party_auth
+            ));
+        }
+        if t.undelivered > 0 {
+            problems.push(format!(
+                "{} undelivered: FCM stayed unavailable through every retry",
+                t.undelivered
+            ));
+        }
+        let (status, error, warning) = if t.tokens == 0 {
+            let error = match &n.audience {
+                Audience::Users(ids) => format!(
+                    "no device tokens: none of the {} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
+                    ids.len(),
+                    without.listed.join(", ")
+                ),
+                Audience::Broadcast { device_type, slice } => format!(
+                    "no device tokens match (target_audience {}{})",
+                    device_type.as_deref().unwrap_or("All"),
+                    slice
+                        .map(|s| format!(", batch {} of {}", s.index, s.count))
+                        .unwrap_or_default()
+                ),
+            };
+            ("failed", Some(error), None)
+        } else if t.sent == 0 || t.undelivered > 0 {
+            (
+                "failed",
+                Some(format!(
+                    "sent to {} of {} tokens; {}",
+                    t.sent,
+                    t.tokens,
+                    problems.join("; ")
+                )),
+                None,
+            )
+        } else {
+            let mut warnings: Vec<String> = problems
+                .into_iter()
+                .filter(|p| !p.contains("dead"))
+                .collect();
+            if without.count > 0 {
+                warnings.push(format!("{} user(s) have no device token", without.count));
+            }
+            (
+                "succeeded",
+                None,
+                (!warnings.is_empty()).then(|| warnings.join("; ")),
+            )
+        };
+        Report {
+            status,
+            error,
+            warning,
+            tally: *t,
+            without: without.clone(),
+        }
+    }
+
+    pub fn aborted(e: &Abort, t: &Tally) -> Report {
+        Report {
+            status: "failed",
+            error: Some(e.to_string()),
+            warning: None,
+            tally: *t,
+            without: Default::default(),
+        }
+    }
+
+    fn into_fields(self) -> (&'static str, HashMap<String, pb::Value>, Vec<&'static str>) {
+        let t = self.tally;
+        let mut f = HashMap::new();
+        let mut remove = vec![fields::LEASE, fields::PROGRESS];
+        f.insert("status".to_string(), store::string(self.status));
+        f.insert("num_sent".to_string(), store::integer(t.sent as i64));
+        f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
+        f.insert("num_failed".to_string(), store::integer(t.failed() as i64));
+        f.insert(
+            "num_tokens_removed".to_string(),
+            store::integer(t.removed as i64),
+        );
+        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        match self.error {
+            Some(e) => {
+                f.insert("error".to_string(), store::string(&e));
+            }
+            None => remove.push("error"),
+        }
+        match self.warning {
+            Some(w) => {
+                f.insert("warning".to_string(), store::string(&w));
+            }
+            None => remove.push("warning"),
+        }
+        if self.without.count > 0 {
+            f.insert(
+                "num_users_without_tokens".to_string(),
+                store::integer(self.without.count as i64),
+            );
+            f.insert(
+                "users_without_tokens".to_string(),
+                store::array(
+                    self.without
+                        .listed
+                        .iter()
+                        .map(|u| store::string(u))
+                        .collect(),
+                ),
+            );
+        }
+        (self.status, f, remove)
+    }
+}
