@@ -32,11 +32,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the worker: listen to the notification collections and send (the Cloud Run entry point).
-    Run(SettingsArgs),
+    Run(Box<SettingsArgs>),
     /// Run everything locally: Firestore emulator, FCM emulator, a key for it, and the worker.
     Dev(DevArgs),
     /// Write a notification document the way FlutterFlow does.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Serve the FCM emulator (HTTP v1 send API and OAuth2 token endpoint) for tests and local runs.
     FcmEmulator(EmulatorArgs),
 }
@@ -150,7 +150,7 @@ async fn dispatch(cli: Cli) -> i32 {
             dev(args).await
         }
         Command::Send(args) => match Settings::from_args(&args.settings) {
-            Ok(settings) => send(settings, args).await,
+            Ok(settings) => send(settings, *args).await,
             Err(e) => return invalid(e),
         },
         Command::FcmEmulator(args) => {
@@ -273,7 +273,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "\nffpush dev is running (Ctrl-C stops everything):\n  Firestore emulator   {firestore_host} (project {project})\n  FCM emulator         {fcm_url}  — sent messages: {fcm_url}/emulator/messages\n  health / metrics     http://{http}/readyz  http://{http}/metrics\n  service-account key  {key}\n\nSend a notification from another terminal:\n  FIRESTORE_EMULATOR_HOST={firestore_host} GOOGLE_CLOUD_PROJECT={project} ffpush send --title Hello --text 'From ffpush' --user users/alice --wait\n",
         project = args.project,
         fcm_url = fcm.url(),
-        http = daemon.http_addr,
+        http = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.http_addr.port())),
         key = key.display(),
     );
     terminated().await;

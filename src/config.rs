@@ -130,10 +130,7 @@ impl ConfigError {
 
 impl Settings {
     pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
-        let credentials = match non_empty(&args.credentials) {
-            Some(path) => Some(PathBuf::from(path)),
-            None => None,
-        };
+        let credentials = non_empty(&args.credentials).map(PathBuf::from);
         let project = match non_empty(&args.project) {
             Some(p) => p.to_string(),
             None => project_from_credentials(credentials.as_deref())?,

@@ -216,7 +216,7 @@ impl Sender {
     pub async fn refresh_token(&self, stale: &HeaderValue) -> Result<HeaderValue, Error> {
         if let Ok(guard) = self.token.read()
             && let Some(cached) = guard.as_ref()
-            && &cached.header != stale
+            && cached.header != stale
         {
             return Ok(cached.header.clone());
         }

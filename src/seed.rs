@@ -6,8 +6,10 @@ use chrono::Utc;
 
 use crate::store::{self, Store};
 
-/// (user id, [(token document id, fcm_token, device_type)])
-const USERS: &[(&str, &[(&str, &str, &str)])] = &[
+/// (token document id, fcm_token, device_type)
+type DemoToken = (&'static str, &'static str, &'static str);
+
+const USERS: &[(&str, &[DemoToken])] = &[
     (
         "alice",
         &[

@@ -1,27 +1,357 @@
-//! Placeholder until the emulator lands.
-use std::net::SocketAddr;
+//! FCM emulator: speaks the FCM HTTP v1 send API and the OAuth2 token endpoint.
+//!
+//! Google ships no FCM emulator, so tests and `ffpush dev` run this one. It answers with the
+//! real response bodies (`fixtures/fcm_errors.json`), validates messages the way FCM does, and
+//! lets a caller choose per registration token what FCM answers ([`Script`]).
+//!
+//! # Layout
+//! - `mod.rs`: the [`FcmEmulator`] handle, shared state and the router.
+//! - `send`: `POST /v1/projects/{project}/messages:send`.
+//! - `validate`: FCM's checks on a send request.
+//! - `oauth`: `POST /token`, the JWT check, access tokens and the service-account key writer.
+//! - `script`: per-token scripted answers and the `/emulator/tokens/{token}` control routes.
+//!
+//! # Lifetime
+//! The server runs until [`FcmEmulator::shutdown`] is called or the last clone of the handle is
+//! dropped, whichever comes first; in-flight requests are finished first.
+
+mod oauth;
+mod script;
+mod send;
+mod validate;
+
+pub use script::Script;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// How the emulator behaves where real FCM has no knob we can copy.
+#[derive(Clone, Debug)]
 pub struct EmulatorOptions {
+    /// Lifetime of the access tokens `/token` issues. Google's is one hour; tests shorten it
+    /// to exercise expiry.
     pub token_lifetime: Duration,
 }
+
 impl Default for EmulatorOptions {
     fn default() -> Self {
-        Self {
+        EmulatorOptions {
             token_lifetime: Duration::from_secs(3600),
         }
     }
 }
-pub struct FcmEmulator;
+
+/// A send FCM accepted (answered 200).
+#[derive(Clone, Debug, Serialize)]
+pub struct AcceptedMessage {
+    pub project: String,
+    pub token: Option<String>,
+    pub topic: Option<String>,
+    /// The full `message` object as received.
+    pub message: serde_json::Value,
+    /// The `name` answered, `projects/{project}/messages/{id}`.
+    pub name: String,
+    pub received_at: DateTime<Utc>,
+    /// `validate_only` requests are checked and answered like real sends but deliver nothing.
+    pub validate_only: bool,
+}
+
+/// One send request that passed authentication, whatever it was answered.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attempt {
+    pub token: Option<String>,
+    pub status: u16,
+    pub at: DateTime<Utc>,
+}
+
+/// Handle on a running emulator. Clones share the same server and state.
+#[derive(Clone)]
+pub struct FcmEmulator {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    /// Stops the server when the last handle goes away, so a test's emulator dies with it.
+    _stop_on_drop: Arc<DropGuard>,
+}
+
+/// What the handlers and the handle share.
+struct Shared {
+    addr: SocketAddr,
+    url: String,
+    options: EmulatorOptions,
+    state: Mutex<EmulatorState>,
+}
+
+#[derive(Default)]
+struct EmulatorState {
+    credentials: oauth::Credentials,
+    scripts: HashMap<String, Script>,
+    messages: Vec<AcceptedMessage>,
+    /// (project, attempt); the project is kept apart because `Attempt` is per project already.
+    attempts: Vec<(String, Attempt)>,
+    sends: u64,
+}
+
+impl Shared {
+    /// The state lock is never held across an await, and a panic while holding it leaves the
+    /// state consistent enough for a test emulator, so poisoning is ignored.
+    fn state(&self) -> MutexGuard<'_, EmulatorState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn token_uri(&self) -> String {
+        format!("{}/token", self.url)
+    }
+}
+
 impl FcmEmulator {
-    pub async fn start(_addr: SocketAddr, _o: EmulatorOptions) -> std::io::Result<FcmEmulator> {
-        Ok(FcmEmulator)
+    /// Binds `addr` (port 0 picks a free port) and serves on the current tokio runtime, so the
+    /// server dies with that runtime. Use [`FcmEmulator::start_on_thread`] for an emulator
+    /// shared by many tests.
+    pub async fn start(addr: SocketAddr, options: EmulatorOptions) -> std::io::Result<FcmEmulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let (emulator, serve) = prepare(listener, options)?;
+        tokio::spawn(serve);
+        Ok(emulator)
     }
+
+    /// Binds `addr` and serves on a dedicated OS thread with its own single-threaded runtime,
+    /// so the emulator outlives any one test's runtime. Blocks until the socket is bound;
+    /// callable from sync and async code (e.g. a `OnceLock` initializer).
+    pub fn start_on_thread(
+        addr: SocketAddr,
+        options: EmulatorOptions,
+    ) -> std::io::Result<FcmEmulator> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("fcm-emulator".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let prepared = TcpListener::from_std(listener)
+                        .and_then(|listener| prepare(listener, options));
+                    match prepared {
+                        Ok((emulator, serve)) => {
+                            if ready_tx.send(Ok(emulator)).is_ok() {
+                                serve.await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        ready_rx.recv().map_err(|_| {
+            std::io::Error::other("the FCM emulator thread stopped before it was ready")
+        })?
+    }
+
+    /// The address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:PORT`: what `FCM_ENDPOINT` is set to.
     pub fn url(&self) -> String {
-        String::new()
+        self.shared.url.clone()
     }
-    pub fn write_service_account(&self, _p: &Path, _project: &str) -> std::io::Result<()> {
-        Ok(())
+
+    /// `{url}/token`, the OAuth2 token endpoint written into service-account files.
+    pub fn token_uri(&self) -> String {
+        self.shared.token_uri()
     }
-    pub fn shutdown(&self) {}
+
+    /// Sets what sends to `token` are answered; replaces an earlier script for that token.
+    pub fn script(&self, token: &str, answer: Script) {
+        tracing::debug!(token = %redact(token), ?answer, "FCM emulator: script set");
+        self.shared.state().scripts.insert(token.to_owned(), answer);
+    }
+
+    /// Sends to `project` answered 200, in the order they were received.
+    pub fn messages(&self, project: &str) -> Vec<AcceptedMessage> {
+        self.shared
+            .state()
+            .messages
+            .iter()
+            .filter(|m| m.project == project)
+            .cloned()
+            .collect()
+    }
+
+    /// Every send request to `project` that passed authentication, with the status answered.
+    pub fn attempts(&self, project: &str) -> Vec<Attempt> {
+        self.shared
+            .state()
+            .attempts
+            .iter()
+            .filter(|(p, _)| p == project)
+            .map(|(_, attempt)| attempt.clone())
+            .collect()
+    }
+
+    /// Invalidates every access token issued so far, as if Google had revoked them.
+    pub fn revoke_access_tokens(&self) {
+        self.shared.state().credentials.revoke_all();
+    }
+
+    /// How many access tokens `/token` has issued.
+    pub fn tokens_issued(&self) -> usize {
+        self.shared.state().credentials.issued()
+    }
+
+    /// Generates an RSA-2048 key, registers its public half with this emulator and writes a
+    /// Google service-account JSON key file at `path` whose `token_uri` is this emulator.
+    /// Key generation is CPU-bound (tens of milliseconds) and runs on the calling thread.
+    pub fn write_service_account(&self, path: &Path, project: &str) -> std::io::Result<()> {
+        oauth::write_service_account(&self.shared, path, project)
+    }
+
+    /// Stops accepting connections; in-flight requests are still answered.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl std::fmt::Debug for FcmEmulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FcmEmulator")
+            .field("addr", &self.shared.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the handle and the server future for an already bound listener.
+fn prepare(
+    listener: TcpListener,
+    options: EmulatorOptions,
+) -> std::io::Result<(FcmEmulator, impl Future<Output = ()> + Send + 'static)> {
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        addr,
+        url: format!("http://{}", reachable(addr)),
+        options,
+        state: Mutex::new(EmulatorState::default()),
+    });
+    let cancel = CancellationToken::new();
+    let app = router(Arc::clone(&shared));
+    let stop = cancel.clone().cancelled_owned();
+    let serve = async move {
+        // axum's server speaks HTTP/1.1 and h2c with prior knowledge on the same socket.
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "FCM emulator stopped");
+        }
+    };
+    let emulator = FcmEmulator {
+        shared,
+        _stop_on_drop: Arc::new(cancel.clone().drop_guard()),
+        cancel,
+    };
+    Ok((emulator, serve))
+}
+
+/// The address clients should dial: a wildcard bind is reached through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        // `messages:send` is matched inside the handler rather than trusting a colon literal
+        // in the route syntax.
+        .route("/v1/projects/{project}/{action}", post(send::send))
+        .route("/token", post(oauth::token))
+        .route(
+            "/emulator/tokens/{token}",
+            post(script::set_script).delete(script::clear_script),
+        )
+        .route("/emulator/messages", get(list_messages))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(shared)
+}
+
+#[derive(Deserialize)]
+struct MessagesQuery {
+    project: Option<String>,
+}
+
+/// `GET /emulator/messages[?project=p]`: accepted sends, for tests and for people watching a
+/// local run.
+async fn list_messages(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<MessagesQuery>,
+) -> Json<Vec<AcceptedMessage>> {
+    tracing::debug!(project = ?query.project, "FCM emulator: messages listed");
+    let state = shared.state();
+    let messages = state
+        .messages
+        .iter()
+        .filter(|m| query.project.as_ref().is_none_or(|p| *p == m.project))
+        .cloned()
+        .collect();
+    Json(messages)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    no_route(&method, uri.path())
+}
+
+fn no_route(method: &Method, path: &str) -> Response {
+    let logged = match path.strip_prefix("/emulator/tokens/") {
+        Some(token) => format!("/emulator/tokens/{}", redact(token)),
+        None => path.to_owned(),
+    };
+    tracing::debug!(%method, path = logged, "FCM emulator: no such route");
+    let message = format!("No route for {method} {path}");
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"code": 404, "message": message, "status": "NOT_FOUND"}})),
+    )
+        .into_response()
+}
+
+/// Registration tokens are credentials of sorts; logs show only their start.
+fn redact(token: &str) -> String {
+    let mut shown: String = token.chars().take(8).collect();
+    if shown.len() < token.len() {
+        shown.push('…');
+    }
+    shown
 }

@@ -1,0 +1,147 @@
+//! `POST /v1/projects/{project}/messages:send`: authenticate, validate, apply the token's
+//! script, record, answer.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use rand::Rng as _;
+use serde_json::json;
+
+use super::script::{self, Scripted};
+use super::validate;
+use super::{AcceptedMessage, Attempt, Shared, redact};
+
+pub(super) async fn send(
+    State(shared): State<Arc<Shared>>,
+    Path((project, action)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if action != "messages:send" {
+        return super::no_route(&Method::POST, uri.path());
+    }
+    // FCM checks credentials before it looks at the message.
+    if !authorized(&shared, &headers) {
+        tracing::debug!(%project, "FCM emulator: send refused, bad OAuth token");
+        return (StatusCode::UNAUTHORIZED, Json(unauthenticated())).into_response();
+    }
+    let at = Utc::now();
+    let request = match validate::send_request(&body) {
+        Ok(request) => request,
+        Err(violation) => {
+            let token = validate::token_hint(&body);
+            tracing::debug!(%project, token = ?token.as_deref().map(redact), field = ?violation.field, "FCM emulator: send invalid");
+            record_attempt(&shared, &project, token, StatusCode::BAD_REQUEST, at);
+            return (StatusCode::BAD_REQUEST, Json(violation.body())).into_response();
+        }
+    };
+
+    let (scripted, name) = {
+        let mut state = shared.state();
+        let scripted = request.token.as_ref().and_then(|token| {
+            let mut slot = state.scripts.remove(token);
+            let scripted = script::take(&mut slot);
+            if let Some(script) = slot {
+                state.scripts.insert(token.clone(), script);
+            }
+            scripted
+        });
+        let status = match &scripted {
+            Some(Scripted::Fail(failure)) => failure.status,
+            Some(Scripted::Delay(_)) | None => StatusCode::OK,
+        };
+        state.attempts.push((
+            project.clone(),
+            Attempt {
+                token: request.token.clone(),
+                status: status.as_u16(),
+                at,
+            },
+        ));
+        let name = (status == StatusCode::OK).then(|| {
+            state.sends += 1;
+            let name = message_name(&project, state.sends, request.validate_only);
+            state.messages.push(AcceptedMessage {
+                project: project.clone(),
+                token: request.token.clone(),
+                topic: request.topic.clone(),
+                message: request.message.clone(),
+                name: name.clone(),
+                received_at: at,
+                validate_only: request.validate_only,
+            });
+            name
+        });
+        (scripted, name)
+    };
+
+    let token = request.token.as_deref().map(redact);
+    match (scripted, name) {
+        (Some(Scripted::Fail(failure)), _) => {
+            tracing::debug!(%project, ?token, status = failure.status.as_u16(), "FCM emulator: scripted failure");
+            failure.into_response()
+        }
+        (scripted, Some(name)) => {
+            if let Some(Scripted::Delay(delay)) = scripted {
+                tokio::time::sleep(delay).await;
+            }
+            tracing::debug!(%project, ?token, validate_only = request.validate_only, "FCM emulator: message accepted");
+            Json(json!({"name": name})).into_response()
+        }
+        // A non-failing answer always gets a name; kept total rather than unwrapped.
+        (_, None) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    token.is_some_and(|token| shared.state().credentials.accepts(token))
+}
+
+fn record_attempt(
+    shared: &Shared,
+    project: &str,
+    token: Option<String>,
+    status: StatusCode,
+    at: chrono::DateTime<Utc>,
+) {
+    shared.state().attempts.push((
+        project.to_owned(),
+        Attempt {
+            token,
+            status: status.as_u16(),
+            at,
+        },
+    ));
+}
+
+/// Real message ids look like `0:1500415314455276%31bd1c9631bd1c96`; validate-only sends get
+/// FCM's fixed fake id.
+fn message_name(project: &str, sequence: u64, validate_only: bool) -> String {
+    if validate_only {
+        return format!("projects/{project}/messages/fake_message_id");
+    }
+    let micros = Utc::now().timestamp_micros();
+    let salt: u32 = rand::rng().random();
+    format!("projects/{project}/messages/0:{micros}%{salt:08x}{sequence:08x}")
+}
+
+/// The fixture `UNAUTHENTICATED_bad_oauth_token`.
+fn unauthenticated() -> serde_json::Value {
+    json!({"error": {
+        "code": 401,
+        "message": "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
+        "status": "UNAUTHENTICATED",
+    }})
+}

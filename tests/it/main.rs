@@ -1,0 +1,214 @@
+//! The one integration-test binary. The Firestore emulator (Google's, as a child process) and
+//! the FCM emulator (ours, on its own thread) start once for the whole binary; every test gets
+//! its own project id on them, so tests never see each other's data.
+
+mod cli;
+mod fcm_emulator;
+mod notifications;
+mod resilience;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ffpush::config::Settings;
+use ffpush::daemon::{self, Daemon};
+use ffpush::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use ffpush::firestore_emulator::FirestoreEmulator;
+use ffpush::model::pb;
+use ffpush::store::{self, Store};
+use tokio_util::sync::CancellationToken;
+
+pub struct Shared {
+    pub firestore_host: String,
+    pub fcm: FcmEmulator,
+    _firestore: Option<FirestoreEmulator>,
+}
+
+/// Starts the emulators on first use. `FIRESTORE_EMULATOR_HOST`, when set, is used instead of
+/// starting one.
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (firestore_host, firestore) = match std::env::var("FIRESTORE_EMULATOR_HOST") {
+            Ok(host) if !host.is_empty() => (host, None),
+            _ => match FirestoreEmulator::start(None) {
+                Ok(emulator) => (emulator.host_port().to_string(), Some(emulator)),
+                Err(e) => panic!("{e}"),
+            },
+        };
+        let fcm =
+            FcmEmulator::start_on_thread(([127, 0, 0, 1], 0).into(), EmulatorOptions::default())
+                .unwrap_or_else(|e| panic!("cannot start the FCM emulator: {e}"));
+        Shared {
+            firestore_host,
+            fcm,
+            _firestore: firestore,
+        }
+    })
+}
+
+/// A project of its own on the shared emulators, and what a test needs to drive it.
+pub struct TestApp {
+    pub project: String,
+    pub settings: Settings,
+    pub store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn new() -> TestApp {
+        TestApp::with(|_| {}).await
+    }
+
+    /// A fresh project; `tune` adjusts the settings the daemons of this test will use.
+    pub async fn with(tune: impl FnOnce(&mut Settings)) -> TestApp {
+        let shared = shared();
+        let project = format!("it-{:016x}", rand::random::<u64>());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("key.json");
+        shared
+            .fcm
+            .write_service_account(&key, &project)
+            .expect("writing the service-account key");
+        let mut settings =
+            Settings::for_emulators(&project, &shared.firestore_host, &shared.fcm.url(), key);
+        settings.quota_floor = Duration::from_millis(200);
+        settings.max_backoff = Duration::from_secs(1);
+        settings.sweep_interval = Duration::from_secs(2);
+        tune(&mut settings);
+        let store = Store::connect(&settings)
+            .await
+            .expect("connecting to the Firestore emulator");
+        TestApp {
+            project,
+            settings,
+            store,
+            _dir: dir,
+        }
+    }
+
+    pub fn fcm(&self) -> &'static FcmEmulator {
+        &shared().fcm
+    }
+
+    /// Starts an in-process `ffpush run` against this project.
+    pub async fn start_worker(&self) -> (Daemon, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let daemon = daemon::start(self.settings.clone(), shutdown.clone())
+            .await
+            .expect("starting the worker");
+        wait_until(Duration::from_secs(30), || daemon.listen.all_up()).await;
+        (daemon, shutdown)
+    }
+
+    pub async fn add_token(&self, user: &str, id: &str, token: &str, device: &str) {
+        let mut f = HashMap::new();
+        f.insert("fcm_token".to_string(), store::string(token));
+        f.insert("device_type".to_string(), store::string(device));
+        f.insert(
+            "created_at".to_string(),
+            store::timestamp(chrono::Utc::now()),
+        );
+        self.store
+            .set(&format!("users/{user}/fcm_tokens/{id}"), f)
+            .await
+            .expect("writing a token");
+    }
+
+    pub async fn token_docs(&self, user: &str) -> Vec<String> {
+        let q = store::TokenQuery {
+            user_id: Some(user.to_string()),
+            page_size: 1000,
+            ..Default::default()
+        };
+        self.store
+            .token_page(&q, None)
+            .await
+            .expect("reading tokens")
+            .into_iter()
+            .map(|t| t.token)
+            .collect()
+    }
+
+    pub async fn write(&self, collection: &str, fields: Vec<(&str, pb::Value)>) -> String {
+        let fields = fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let name = self
+            .store
+            .create(collection, fields)
+            .await
+            .expect("writing a notification");
+        self.store.relative(&name).to_string()
+    }
+
+    /// Waits for `status` to become final and returns the document.
+    pub async fn finished(&self, relative: &str) -> pb::Document {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let doc = self
+                .store
+                .get(relative)
+                .await
+                .expect("reading the notification");
+            if let Some(doc) = doc
+                && let ffpush::model::Status::Finished(_) = ffpush::model::Status::of(&doc)
+            {
+                return doc;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{relative} did not finish in time"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Tokens FCM accepted for this project, with the title they carried.
+    pub fn delivered(&self) -> Vec<(String, String)> {
+        self.fcm()
+            .messages(&self.project)
+            .into_iter()
+            .filter(|m| !m.validate_only)
+            .map(|m| {
+                let title = m.message["notification"]["title"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (m.token.unwrap_or_default(), title)
+            })
+            .collect()
+    }
+}
+
+pub fn s(v: &str) -> pb::Value {
+    store::string(v)
+}
+
+pub fn int(n: i64) -> pb::Value {
+    store::integer(n)
+}
+
+pub fn text(doc: &pb::Document, field: &str) -> Option<String> {
+    doc.fields
+        .get(field)
+        .and_then(ffpush::model::string_value)
+        .map(str::to_string)
+}
+
+pub fn num(doc: &pb::Document, field: &str) -> Option<i64> {
+    store::integer_field(doc, field)
+}
+
+pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
