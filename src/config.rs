@@ -48,6 +48,12 @@ pub struct SettingsArgs {
     /// Attempts per token for retryable FCM answers (429/500/503/timeouts).
     #[arg(long = "max-attempts", env = "FFPUSH_MAX_ATTEMPTS")]
     pub max_attempts: Option<String>,
+    /// How long one token may keep being retried in all, e.g. `10m`.
+    #[arg(long = "retry-budget", env = "FFPUSH_RETRY_BUDGET")]
+    pub retry_budget: Option<String>,
+    /// How often a running fan-out writes its progress (and extends its lease).
+    #[arg(long = "progress-interval", env = "FFPUSH_PROGRESS_INTERVAL")]
+    pub progress_interval: Option<String>,
     /// Longest backoff between two attempts, e.g. `60s`.
     #[arg(long = "max-backoff", env = "FFPUSH_MAX_BACKOFF")]
     pub max_backoff: Option<String>,
@@ -99,6 +105,8 @@ pub struct Settings {
     pub concurrency: usize,
     pub max_attempts: u32,
     pub max_backoff: Duration,
+    pub retry_budget: Duration,
+    pub progress_interval: Duration,
     pub fcm_timeout: Duration,
     pub lease: Duration,
     pub max_lateness: Duration,
@@ -176,7 +184,7 @@ impl Settings {
                 ));
             }
         };
-        Ok(Settings {
+        let settings = Settings {
             project,
             database: non_empty(&args.database).unwrap_or("(default)").to_string(),
             firestore_emulator_host: emulator,
@@ -191,12 +199,22 @@ impl Settings {
             )?,
             concurrency: parse_number(&args.concurrency, "FFPUSH_CONCURRENCY", 256, 1, 10_000)?
                 as usize,
-            max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 6, 1, 100)?
+            max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 10, 1, 100)?
                 as u32,
             max_backoff: parse_setting_duration(
                 &args.max_backoff,
                 "FFPUSH_MAX_BACKOFF",
                 Duration::from_secs(60),
+            )?,
+            retry_budget: parse_setting_duration(
+                &args.retry_budget,
+                "FFPUSH_RETRY_BUDGET",
+                Duration::from_secs(600),
+            )?,
+            progress_interval: parse_setting_duration(
+                &args.progress_interval,
+                "FFPUSH_PROGRESS_INTERVAL",
+                Duration::from_secs(1),
             )?,
             fcm_timeout: parse_setting_duration(
                 &args.fcm_timeout,
@@ -226,7 +244,18 @@ impl Settings {
             )?,
             log_format,
             worker_id: default_worker_id(),
-        })
+        };
+        if settings.progress_interval * 2 > settings.lease {
+            return Err(ConfigError::new(
+                "FFPUSH_PROGRESS_INTERVAL",
+                &format!("{:?}", settings.progress_interval),
+                format!(
+                    "must be at most half of FFPUSH_LEASE ({:?}) so the lease is extended in time",
+                    settings.lease
+                ),
+            ));
+        }
+        Ok(settings)
     }
 
     /// Settings for a local stack or a test: no process environment is read.
@@ -246,8 +275,10 @@ impl Settings {
             collection: DEFAULT_COLLECTION.to_string(),
             user_collection: DEFAULT_USER_COLLECTION.to_string(),
             concurrency: 64,
-            max_attempts: 6,
+            max_attempts: 10,
             max_backoff: Duration::from_secs(60),
+            retry_budget: Duration::from_secs(600),
+            progress_interval: Duration::from_secs(1),
             fcm_timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
             max_lateness: Duration::from_secs(24 * 3600),

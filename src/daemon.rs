@@ -38,7 +38,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("binding the health port {} (PORT)", settings.port))?;
     let http_addr = listener.local_addr()?;
     let stop = shutdown.child_token();
-    let worker = Worker::new(
+    let (worker, due) = Worker::new(
         settings.clone(),
         store,
         sender.clone(),
@@ -62,6 +62,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         )));
     }
     background.push(tokio::spawn(intake::sweep(worker.clone())));
+    background.push(tokio::spawn(worker.clone().wake(due)));
     let app = server::router(server::Health {
         metrics,
         listen: listen.clone(),

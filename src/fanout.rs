@@ -50,12 +50,95 @@ impl Tally {
     }
 }
 
-/// How far a fan-out has got: every token document at or before `cursor` (in document-name
-/// order) has a final answer and is counted in `tally`.
+/// How far a fan-out has got: every token document at or before `cursor` (in document-path
+/// order), and every one listed in `beyond`, has a final answer and is counted in `tally`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     pub cursor: Option<String>,
+    /// Finished out of order, past the cursor (at most the concurrency).
+    pub beyond: Vec<String>,
     pub tally: Tally,
+}
+
+/// Firestore orders document paths segment by segment, not as plain strings
+/// (`users/a-b/…` sorts after `users/a/…`).
+pub fn path_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+/// Which tokens have a final answer. Shared with the lease keeper, which persists snapshots.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    cursor: Option<String>,
+    /// seq → (document name, finished?). The first unfinished seq holds the cursor back.
+    window: BTreeMap<u64, (String, bool)>,
+    /// Finished in an earlier run past its cursor.
+    resumed_beyond: HashSet<String>,
+    /// Every finished token, including those past the cursor.
+    tally: Tally,
+}
+
+impl Ledger {
+    pub fn resume(p: &Progress) -> Ledger {
+        Ledger {
+            cursor: p.cursor.clone(),
+            window: BTreeMap::new(),
+            resumed_beyond: p.beyond.iter().cloned().collect(),
+            tally: p.tally,
+        }
+    }
+
+    /// Whether an earlier run already has a final answer for this token document.
+    fn done_before(&self, doc_name: &str) -> bool {
+        self.cursor
+            .as_deref()
+            .is_some_and(|c| path_cmp(doc_name, c) != std::cmp::Ordering::Greater)
+            || self.resumed_beyond.contains(doc_name)
+    }
+
+    fn start(&mut self, seq: u64, doc_name: String) {
+        self.window.insert(seq, (doc_name, false));
+    }
+
+    fn finish(&mut self, result: &TokenResult) {
+        self.tally.add(result);
+        if let Some(slot) = self.window.get_mut(&result.seq) {
+            slot.1 = true;
+        }
+        while let Some(entry) = self.window.first_entry() {
+            if !entry.get().1 {
+                break;
+            }
+            let (name, _) = entry.remove();
+            self.cursor = Some(name);
+        }
+    }
+
+    pub fn snapshot(&self) -> Progress {
+        let past_cursor = |name: &String| {
+            self.cursor
+                .as_deref()
+                .is_none_or(|c| path_cmp(name, c) == std::cmp::Ordering::Greater)
+        };
+        let mut beyond: Vec<String> = self
+            .window
+            .values()
+            .filter(|(_, done)| *done)
+            .map(|(name, _)| name.clone())
+            .chain(
+                self.resumed_beyond
+                    .iter()
+                    .filter(|n| past_cursor(n))
+                    .cloned(),
+            )
+            .collect();
+        beyond.sort_by(|a, b| path_cmp(a, b));
+        Progress {
+            cursor: self.cursor.clone(),
+            beyond,
+            tally: self.tally,
+        }
+    }
 }
 
 /// Why a fan-out stopped before the end.
@@ -67,9 +150,9 @@ pub enum Abort {
     /// Permissions, project or credentials: no token can be sent.
     #[error("{0}")]
     Fatal(String),
-    /// Reading the audience failed for longer than the retry budget.
+    /// Reading the audience failed (after retries for transient errors).
     #[error("reading device tokens failed: {0}")]
-    Store(String),
+    Store(crate::store::Error),
     /// Shutdown or a lost lease: stop without a verdict; in-flight sends were let finish.
     #[error("interrupted")]
     Interrupted,
@@ -91,6 +174,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Least wait after a 429 (FCM asks for 60 s on project quota).
     pub quota_floor: Duration,
+    /// How long one token may keep being retried in all.
+    pub budget: Duration,
 }
 
 impl RetryPolicy {
@@ -125,24 +210,21 @@ struct TokenResult {
     removed: u64,
 }
 
-/// Sends the template to every unique token of `pages`. Tokens at or before `resume.cursor`
-/// were handled by an earlier run: they are only remembered (for de-duplication), not sent.
-/// `progress` is kept current for whoever persists it.
+/// Sends the template to every unique token of `pages`. Tokens the `ledger` says an earlier
+/// run finished are only remembered (for de-duplication), not sent. The ledger is kept current
+/// for whoever persists it.
 pub async fn fan_out(
     ctx: &Context<'_>,
     template: &MessageTemplate,
     mut pages: TokenPages,
-    resume: Progress,
-    progress: Arc<Mutex<Progress>>,
+    ledger: Arc<Mutex<Ledger>>,
     stop: CancellationToken,
 ) -> Result<Tally, Abort> {
     let hasher = RandomState::new();
     let mut seen: HashSet<u64> = HashSet::new();
     let mut buffer: VecDeque<DeviceToken> = VecDeque::new();
     let mut in_flight = FuturesUnordered::new();
-    // seq → (doc name, result once known); popped in order to advance the cursor.
-    let mut window: BTreeMap<u64, (String, Option<TokenResult>)> = BTreeMap::new();
-    let mut committed = resume.clone();
+    let removed_before = lock(&ledger).tally.removed;
     let mut next_seq = 0u64;
     let mut reading = true;
     let mut stopping = false;
@@ -152,22 +234,18 @@ pub async fn fan_out(
             let Some(token) = buffer.pop_front() else {
                 break;
             };
-            if token.token.is_empty() {
-                continue;
-            }
-            if !seen.insert(hasher.hash_one(&token.token)) {
-                continue;
-            }
-            if resume
-                .cursor
-                .as_deref()
-                .is_some_and(|c| token.doc_name.as_str() <= c)
-            {
+            if token.token.is_empty() || !seen.insert(hasher.hash_one(&token.token)) {
                 continue;
             }
             let seq = next_seq;
+            {
+                let mut ledger = lock(&ledger);
+                if ledger.done_before(&token.doc_name) {
+                    continue;
+                }
+                ledger.start(seq, token.doc_name.clone());
+            }
             next_seq += 1;
-            window.insert(seq, (token.doc_name.clone(), None));
             in_flight.push(send_one(ctx, template, token, seq, stop.clone()));
         }
         let want_page =
@@ -182,20 +260,16 @@ pub async fn fan_out(
             }
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(done) = done else { continue };
-                let result = match done {
-                    Ok(result) => result,
-                    // Its seq stays open, so the cursor never passes it.
-                    Err(Abort::Interrupted) => { stopping = true; continue; }
+                match done {
+                    Ok(result) => lock(&ledger).finish(&result),
+                    // Its seq stays unfinished, so it will be sent by whoever resumes.
+                    Err(Abort::Interrupted) => stopping = true,
                     Err(e) => return Err(e),
-                };
-                if let Some(slot) = window.get_mut(&result.seq) {
-                    slot.1 = Some(result);
                 }
-                advance(&mut window, &mut committed, &progress);
             }
             page = pages.pages.recv(), if want_page => match page {
                 Some(Ok(page)) => buffer.extend(page),
-                Some(Err(e)) => return Err(Abort::Store(e.to_string())),
+                Some(Err(e)) => return Err(Abort::Store(e)),
                 None => reading = false,
             },
         }
@@ -203,32 +277,15 @@ pub async fn fan_out(
     if stopping {
         return Err(Abort::Interrupted);
     }
+    let tally = lock(&ledger).tally;
     ctx.metrics
         .tokens_removed
-        .inc_by(committed.tally.removed - resume.tally.removed);
-    Ok(committed.tally)
+        .inc_by(tally.removed.saturating_sub(removed_before));
+    Ok(tally)
 }
 
-fn advance(
-    window: &mut BTreeMap<u64, (String, Option<TokenResult>)>,
-    committed: &mut Progress,
-    progress: &Mutex<Progress>,
-) {
-    let mut moved = false;
-    while let Some(entry) = window.first_entry() {
-        if entry.get().1.is_none() {
-            break;
-        }
-        let (name, result) = entry.remove();
-        if let Some(result) = result {
-            committed.tally.add(&result);
-        }
-        committed.cursor = Some(name);
-        moved = true;
-    }
-    if moved && let Ok(mut p) = progress.lock() {
-        *p = committed.clone();
-    }
+fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn send_one(
@@ -239,6 +296,7 @@ async fn send_one(
     stop: CancellationToken,
 ) -> Result<TokenResult, Abort> {
     let body = template.body_for(&token.token);
+    let first_try = std::time::Instant::now();
     let mut attempt = 1;
     loop {
         let started = std::time::Instant::now();
@@ -271,7 +329,10 @@ async fn send_one(
             }) => (retry_after, quota, reason),
             Err(e @ fcm::Error::Auth(_)) => (None, false, e.to_string()),
         };
-        if attempt >= ctx.retry.max_attempts {
+        let wait = ctx
+            .retry
+            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        if attempt >= ctx.retry.max_attempts || first_try.elapsed() + wait > ctx.retry.budget {
             tracing::warn!(token = %redact(&token.token), attempts = attempt, %reason, "giving up on token");
             if reason.starts_with("cannot get an FCM access token") {
                 return Err(Abort::Fatal(reason));
@@ -282,9 +343,6 @@ async fn send_one(
                 removed: 0,
             });
         }
-        let wait = ctx
-            .retry
-            .backoff(attempt, retry_after, quota, rand::random::<f64>());
         tracing::debug!(token = %redact(&token.token), attempt, wait_ms = wait.as_millis() as u64, %reason, "retrying");
         ctx.metrics.retries.inc();
         tokio::select! {
@@ -327,6 +385,7 @@ mod tests {
             base: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
             quota_floor: Duration::from_secs(60),
+            budget: Duration::from_secs(600),
         }
     }
 
@@ -354,29 +413,62 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_cursor_only_passes_finished_tokens() {
-        let progress = Mutex::new(Progress::default());
-        let mut committed = Progress::default();
-        let mut window = BTreeMap::new();
-        for (seq, name) in ["a", "b", "c"].iter().enumerate() {
-            window.insert(seq as u64, (name.to_string(), None));
-        }
-        let sent = |seq| TokenResult {
+    fn sent(seq: u64) -> TokenResult {
+        TokenResult {
             seq,
             outcome: Some(Outcome::Sent),
             removed: 0,
+        }
+    }
+
+    #[test]
+    fn the_cursor_only_passes_finished_tokens_and_the_rest_is_listed() {
+        let mut ledger = Ledger::default();
+        for (seq, name) in ["u/a", "u/b", "u/c"].iter().enumerate() {
+            ledger.start(seq as u64, name.to_string());
+        }
+        ledger.finish(&sent(1));
+        let p = ledger.snapshot();
+        assert_eq!(p.cursor, None, "b finished before a: the cursor must wait");
+        assert_eq!(p.beyond, vec!["u/b".to_string()]);
+        ledger.finish(&sent(0));
+        let p = ledger.snapshot();
+        assert_eq!(p.cursor.as_deref(), Some("u/b"));
+        assert!(p.beyond.is_empty());
+        assert_eq!(p.tally.sent, 2);
+    }
+
+    #[test]
+    fn a_resumed_ledger_skips_exactly_what_was_finished() {
+        let before = Progress {
+            cursor: Some("users/a/fcm_tokens/2".into()),
+            beyond: vec!["users/b/fcm_tokens/1".into()],
+            tally: Tally {
+                tokens: 3,
+                sent: 3,
+                ..Default::default()
+            },
         };
-        window.get_mut(&1).unwrap().1 = Some(sent(1));
-        advance(&mut window, &mut committed, &progress);
+        let ledger = Ledger::resume(&before);
+        assert!(ledger.done_before("users/a/fcm_tokens/1"));
+        assert!(ledger.done_before("users/a/fcm_tokens/2"));
+        assert!(!ledger.done_before("users/a/fcm_tokens/3"));
+        assert!(ledger.done_before("users/b/fcm_tokens/1"));
+        assert!(!ledger.done_before("users/a0/fcm_tokens/1"));
+        // Segment order: `users/a-b/…` comes after `users/a/…` in Firestore.
+        assert!(!ledger.done_before("users/a-b/fcm_tokens/1"));
         assert_eq!(
-            committed.cursor, None,
-            "b finished before a: the cursor must wait"
+            ledger.snapshot(),
+            before,
+            "nothing new finished: the same progress"
         );
-        window.get_mut(&0).unwrap().1 = Some(sent(0));
-        advance(&mut window, &mut committed, &progress);
-        assert_eq!(committed.cursor.as_deref(), Some("b"));
-        assert_eq!(committed.tally.sent, 2);
-        assert_eq!(progress.lock().unwrap().cursor.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn paths_compare_segment_by_segment() {
+        use std::cmp::Ordering::*;
+        assert_eq!(path_cmp("users/a/x/1", "users/a-b/x/1"), Less);
+        assert_eq!(path_cmp("users/a/x/1", "users/a/x/1"), Equal);
+        assert_eq!(path_cmp("users/ab/x/1", "users/a/x/9"), Greater);
     }
 }

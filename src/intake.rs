@@ -49,6 +49,10 @@ pub async fn listen(worker: Arc<Worker>, collection: String, state: Arc<ListenSt
             return;
         }
         worker.metrics.listener_reconnects.inc();
+        tokio::spawn({
+            let worker = worker.clone();
+            async move { sweep_once(&worker).await }
+        });
         match result {
             Ok(()) => tracing::warn!(collection, "listen stream ended; reopening"),
             Err(e) => {
@@ -148,6 +152,13 @@ pub async fn sweep(worker: Arc<Worker>) {
             _ = worker.stop.cancelled() => return,
             _ = tokio::time::sleep(worker.settings.sweep_interval) => {}
         }
+        sweep_once(&worker).await;
+    }
+}
+
+/// One sweep: also run after a listen stream reconnects, to catch up on what it missed.
+pub async fn sweep_once(worker: &Arc<Worker>) {
+    {
         for collection in [
             &worker.settings.collection,
             &worker.settings.user_collection,

@@ -8,6 +8,7 @@
 //! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
 //! - [`intake`]: the Firestore listen streams and the periodic sweep.
 //! - [`worker`]: one document's life: schedule, lease/claim, fan-out, report.
+//! - [`schedule`]: one timer per document waiting for its time or for another worker's lease.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress cursor.
 //! - [`fcm`]: OAuth2 tokens, the message template, one send, and what FCM's answer means.
@@ -29,6 +30,7 @@ pub mod firestore_emulator;
 pub mod intake;
 pub mod metrics;
 pub mod model;
+pub mod schedule;
 pub mod seed;
 pub mod server;
 pub mod store;

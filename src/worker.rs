@@ -2,21 +2,22 @@
 //! schedule, lease), claim it with an update-time precondition, fan out while holding and
 //! extending the lease (with progress), then write the outcome with a field mask.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use tokio::task::AbortHandle;
+use chrono::Utc;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audience;
 use crate::config::Settings;
-use crate::fanout::{self, Abort, Context, Progress, RetryPolicy, Tally};
+use crate::fanout::{self, Abort, Context, Ledger, Progress, RetryPolicy, Tally};
 use crate::fcm::{MessageTemplate, Sender};
 use crate::metrics::Metrics;
 use crate::model::{Audience, Notification, Source, Status, pb};
+use crate::schedule::{Timers, Wait};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
 /// Fields ffpush adds to a notification document besides FlutterFlow's.
@@ -26,47 +27,42 @@ pub mod fields {
     pub const PROGRESS: &str = "ffpush_progress";
 }
 
-/// What this process is doing about a document it has seen.
-enum Tracked {
-    Running,
-    /// Waiting for `scheduled_time`, or for another worker's lease to run out.
-    Waiting {
-        due: DateTime<Utc>,
-        timer: AbortHandle,
-        scheduled: bool,
-    },
-}
-
 /// Shared state of a running worker.
 pub struct Worker {
     pub settings: Settings,
     pub store: Store,
     pub sender: Arc<Sender>,
     pub metrics: Arc<Metrics>,
-    tracked: Mutex<HashMap<String, Tracked>>,
-    /// Fan-outs and timers; awaited on shutdown.
+    /// Documents being processed here right now.
+    running: Mutex<HashSet<String>>,
+    timers: Timers,
+    /// Fan-outs; awaited on shutdown.
     pub tasks: TaskTracker,
     /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
     pub stop: CancellationToken,
 }
 
 impl Worker {
+    /// The worker and the channel of documents whose timer fired (see [`Worker::wake`]).
     pub fn new(
         settings: Settings,
         store: Store,
         sender: Arc<Sender>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
-    ) -> Arc<Worker> {
-        Arc::new(Worker {
+    ) -> (Arc<Worker>, mpsc::UnboundedReceiver<String>) {
+        let (timers, due) = Timers::new();
+        let worker = Arc::new(Worker {
             settings,
             store,
             sender,
             metrics,
-            tracked: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+            timers,
             tasks: TaskTracker::new(),
             stop,
-        })
+        });
+        (worker, due)
     }
 
     pub fn source_of(&self, name: &str) -> Option<Source> {
@@ -81,6 +77,31 @@ impl Worker {
         }
     }
 
+    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads each document whose timer fired and offers it again, until shutdown.
+    pub async fn wake(self: Arc<Self>, mut due: mpsc::UnboundedReceiver<String>) {
+        loop {
+            let name = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                name = due.recv() => match name { Some(n) => n, None => return },
+            };
+            self.timers.fired(&name);
+            self.metrics
+                .documents_scheduled
+                .set(self.timers.scheduled() as u64);
+            let relative = self.store.relative(&name).to_string();
+            match self.store.get(&relative).await {
+                Ok(Some(doc)) => self.offer(doc),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(doc = %relative, error = %e,
+                    "could not re-read a due document; the sweep will retry"),
+            }
+        }
+    }
+
     /// A document was seen (listen, sweep or timer). Cheap for documents already finished or
     /// already handled here: the emulator resends whole collections on every write.
     pub fn offer(self: &Arc<Self>, doc: pb::Document) {
@@ -89,163 +110,90 @@ impl Worker {
             self.forget(&doc.name);
             return;
         }
-        if self.stop.is_cancelled() {
+        if self.stop.is_cancelled() || self.running().contains(&doc.name) {
             return;
         }
         let Some(source) = self.source_of(&doc.name) else {
             return;
         };
         let now = Utc::now();
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        let parsed = Notification::parse(source, &doc.fields)
-            .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
-        match tracked.get(&doc.name) {
-            Some(Tracked::Running) => return,
-            Some(Tracked::Waiting { due, scheduled, .. }) => {
-                let new_due = match &parsed {
-                    Ok((n, _)) if *scheduled => n.scheduled_time,
-                    _ => None,
-                };
-                if new_due == Some(*due) || (!*scheduled && status == Status::Started) {
-                    return;
-                }
-                // Rescheduled (or no longer scheduled): drop the old timer and decide afresh.
-                if let Some(Tracked::Waiting {
-                    timer, scheduled, ..
-                }) = tracked.remove(&doc.name)
-                {
-                    timer.abort();
-                    if scheduled {
-                        self.metrics.documents_scheduled.add(-1);
-                    }
-                }
-            }
-            None => {}
-        }
         if status == Status::Started
             && let Some(until) = store::timestamp_field(&doc, fields::LEASE)
             && until > now
         {
             // Someone holds it. Look again when the lease runs out.
-            let timer = self.wake_at(
-                doc.name.clone(),
+            self.timers.set(
+                &doc.name,
                 until + chrono::Duration::milliseconds(200),
-            );
-            tracked.insert(
-                doc.name.clone(),
-                Tracked::Waiting {
-                    due: until,
-                    timer,
-                    scheduled: false,
-                },
+                Wait::Lease,
             );
             return;
         }
-        match parsed {
+        let parsed = Notification::parse(source, &doc.fields)
+            .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
+        let (n, template) = match parsed {
+            Ok(parsed) => parsed,
             Err(invalid) => {
-                tracked.insert(doc.name.clone(), Tracked::Running);
-                let this = self.clone();
-                self.tasks.spawn(async move {
-                    this.fail_unclaimed(&doc, &invalid.0).await;
-                    this.untrack(&doc.name);
-                });
+                self.forget(&doc.name);
+                self.spawn_failure(doc, invalid.0);
+                return;
             }
-            Ok((n, template)) => {
-                let due = n
-                    .scheduled_time
-                    .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
-                if let Some(at) = n.scheduled_time
-                    && at > now
-                {
-                    let timer = self.wake_at(doc.name.clone(), at);
-                    self.metrics.documents_scheduled.add(1);
-                    tracked.insert(
-                        doc.name.clone(),
-                        Tracked::Waiting {
-                            due: at,
-                            timer,
-                            scheduled: true,
-                        },
-                    );
-                    return;
-                }
-                let late = due.map(|d| now - d).unwrap_or_default();
-                let limit = chrono::Duration::from_std(self.settings.max_lateness)
-                    .unwrap_or(chrono::Duration::MAX);
-                tracked.insert(doc.name.clone(), Tracked::Running);
-                let this = self.clone();
-                if late > limit && status == Status::New {
-                    let reason = format!(
-                        "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
-                        due.map(|d| d.to_rfc3339()).unwrap_or_default(),
-                        self.settings.max_lateness.as_secs()
-                    );
-                    self.tasks.spawn(async move {
-                        this.fail_unclaimed(&doc, &reason).await;
-                        this.untrack(&doc.name);
-                    });
-                    return;
-                }
-                self.metrics.documents_in_progress.add(1);
-                self.tasks.spawn(async move {
-                    let name = doc.name.clone();
-                    if let Err(e) = this.process(doc, n, template).await {
-                        tracing::warn!(doc = %this.store.relative(&name), error = %e, "processing stopped; the document will be retried");
-                    }
-                    this.metrics.documents_in_progress.add(-1);
-                    this.untrack(&name);
-                });
-            }
-        }
-    }
-
-    /// The document was deleted: cancel what we planned for it.
-    pub fn forget(&self, name: &str) {
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Tracked::Waiting { .. }) = tracked.get(name)
-            && let Some(Tracked::Waiting {
-                timer, scheduled, ..
-            }) = tracked.remove(name)
+        };
+        if let Some(at) = n.scheduled_time
+            && at > now
         {
-            timer.abort();
-            if scheduled {
-                self.metrics.documents_scheduled.add(-1);
-            }
+            self.timers.set(&doc.name, at, Wait::Schedule);
+            self.metrics
+                .documents_scheduled
+                .set(self.timers.scheduled() as u64);
+            return;
         }
-    }
-
-    fn untrack(&self, name: &str) {
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Tracked::Running) = tracked.get(name) {
-            tracked.remove(name);
+        self.forget(&doc.name);
+        let due = n
+            .scheduled_time
+            .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
+        let late = due.map(|d| now - d).unwrap_or_default();
+        let limit =
+            chrono::Duration::from_std(self.settings.max_lateness).unwrap_or(chrono::Duration::MAX);
+        if late > limit && status == Status::New {
+            let reason = format!(
+                "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
+                due.map(|d| d.to_rfc3339()).unwrap_or_default(),
+                self.settings.max_lateness.as_secs()
+            );
+            self.spawn_failure(doc, reason);
+            return;
         }
-    }
-
-    /// Fetches the document again at `at` and offers it.
-    fn wake_at(self: &Arc<Self>, name: String, at: DateTime<Utc>) -> AbortHandle {
+        self.running().insert(doc.name.clone());
+        self.metrics.documents_in_progress.add(1);
         let this = self.clone();
-        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-        let handle = self.tasks.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = this.stop.cancelled() => return,
+        self.tasks.spawn(async move {
+            let name = doc.name.clone();
+            if let Err(e) = this.process(doc, n, template).await {
+                tracing::warn!(doc = %this.store.relative(&name), error = %e,
+                    "processing stopped; the document will be taken up again when its lease expires");
             }
-            let relative = this.store.relative(&name).to_string();
-            {
-                let mut tracked = this.tracked.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(Tracked::Waiting { scheduled, .. }) = tracked.remove(&name)
-                    && scheduled
-                {
-                    this.metrics.documents_scheduled.add(-1);
-                }
-            }
-            match this.store.get(&relative).await {
-                Ok(Some(doc)) => this.offer(doc),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(doc = %relative, error = %e, "could not re-read a due document; the sweep will retry"),
-            }
+            this.metrics.documents_in_progress.add(-1);
+            this.running().remove(&name);
         });
-        handle.abort_handle()
+    }
+
+    /// The document was deleted, cancelled or finished: drop any timer for it.
+    pub fn forget(&self, name: &str) {
+        if self.timers.cancel(name) == Some(Wait::Schedule) {
+            self.metrics
+                .documents_scheduled
+                .set(self.timers.scheduled() as u64);
+        }
+    }
+
+    fn spawn_failure(self: &Arc<Self>, doc: pb::Document, reason: String) {
+        self.running().insert(doc.name.clone());
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            this.fail_unclaimed(&doc, &reason).await;
+            this.running().remove(&doc.name);
+        });
     }
 
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile.
@@ -278,9 +226,6 @@ impl Worker {
         template: MessageTemplate,
     ) -> Result<(), store::Error> {
         let relative = self.store.relative(&doc.name).to_string();
-        let span = tracing::info_span!("notification", doc = %relative);
-        let _enter = span.enter();
-        drop(_enter);
         let now = Utc::now();
         let resume = if Status::of(&doc) == Status::Started {
             read_progress(&doc)
@@ -315,7 +260,7 @@ impl Worker {
         tracing::info!(doc = %relative, resumed_at = ?resume.cursor, "claimed");
 
         let version = Arc::new(Mutex::new(version));
-        let progress = Arc::new(Mutex::new(resume.clone()));
+        let ledger = Arc::new(Mutex::new(Ledger::resume(&resume)));
         let fan_stop = self.stop.child_token();
         let lost = CancellationToken::new();
         let renew_stop = CancellationToken::new();
@@ -323,7 +268,7 @@ impl Worker {
             self.clone(),
             doc.name.clone(),
             version.clone(),
-            progress.clone(),
+            ledger.clone(),
             fan_stop.clone(),
             lost.clone(),
             renew_stop.clone(),
@@ -340,17 +285,11 @@ impl Worker {
                 base: Duration::from_millis(500),
                 max_backoff: self.settings.max_backoff,
                 quota_floor: self.settings.quota_floor,
+                budget: self.settings.retry_budget,
             },
         };
-        let result = fanout::fan_out(
-            &ctx,
-            &template,
-            pages,
-            resume,
-            progress.clone(),
-            fan_stop.clone(),
-        )
-        .await;
+        let result =
+            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop.clone()).await;
         renew_stop.cancel();
         let _ = renewal.await;
         if lost.is_cancelled() {
@@ -358,17 +297,18 @@ impl Worker {
             return Ok(());
         }
         let last_version = *version.lock().unwrap_or_else(|e| e.into_inner());
-        let done = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let done = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
         let without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
         let report = match result {
             Ok(tally) => Report::finished(&n, &tally, &without),
+            Err(Abort::Store(e)) if e.is_transient() => {
+                // Firestore is down: not the notification's fault. Release it to be resumed.
+                self.release(&doc.name, &done, last_version).await?;
+                return Err(e);
+            }
             Err(Abort::Interrupted) => {
                 // Shutdown: save where we are and let the lease go so another worker resumes.
-                let mut f = progress_fields(&done);
-                f.insert(fields::LEASE.to_string(), store::timestamp(Utc::now()));
-                self.store
-                    .update_fields(&doc.name, f, &[], Some(last_version))
-                    .await?;
+                self.release(&doc.name, &done, last_version).await?;
                 tracing::info!(doc = %relative, cursor = ?done.cursor, "interrupted; progress saved, lease released");
                 return Ok(());
             }
@@ -397,28 +337,48 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Writes progress and lets the lease go, so the next worker resumes at once.
+    async fn release(
+        &self,
+        name: &str,
+        done: &Progress,
+        version: Timestamp,
+    ) -> Result<(), store::Error> {
+        let mut f = progress_fields(done);
+        f.insert(fields::LEASE.to_string(), store::timestamp(Utc::now()));
+        self.store
+            .update_fields(name, f, &[], Some(version))
+            .await
+            .map(|_| ())
+    }
+}
+
 fn lease(settings: &Settings) -> chrono::Duration {
     chrono::Duration::from_std(settings.lease).unwrap_or(chrono::Duration::seconds(60))
 }
 
-/// Extends the lease every third of its length, writing progress with it. A precondition on
-/// our last write detects a takeover: then the fan-out is stopped.
+/// Every `progress_interval` (at most a third of the lease), writes progress and extends the
+/// lease. A precondition on our last write detects a takeover: then the fan-out is stopped.
 async fn renew_lease(
     worker: Arc<Worker>,
     name: String,
     version: Arc<Mutex<Timestamp>>,
-    progress: Arc<Mutex<Progress>>,
+    ledger: Arc<Mutex<Ledger>>,
     fan_stop: CancellationToken,
     lost: CancellationToken,
     done: CancellationToken,
 ) {
-    let every = worker.settings.lease / 3;
+    let every = worker
+        .settings
+        .progress_interval
+        .min(worker.settings.lease / 3);
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let snapshot = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let snapshot = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
         let mut f = progress_fields(&snapshot);
         f.insert(
             fields::LEASE.to_string(),
@@ -447,6 +407,10 @@ fn progress_fields(p: &Progress) -> HashMap<String, pb::Value> {
     if let Some(c) = &p.cursor {
         m.insert("cursor".to_string(), store::string(c));
     }
+    m.insert(
+        "beyond".to_string(),
+        store::array(p.beyond.iter().map(|b| store::string(b)).collect()),
+    );
     for (k, v) in [
         ("tokens", t.tokens),
         ("sent", t.sent),
@@ -487,6 +451,19 @@ fn read_progress(doc: &pb::Document) -> Progress {
             .get("cursor")
             .and_then(crate::model::string_value)
             .map(str::to_string),
+        beyond: match wrapper
+            .fields
+            .get("beyond")
+            .and_then(|v| v.value_type.as_ref())
+        {
+            Some(pb::value::ValueType::ArrayValue(a)) => a
+                .values
+                .iter()
+                .filter_map(crate::model::string_value)
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        },
         tally: Tally {
             tokens: n("tokens"),
             sent: n("sent"),
