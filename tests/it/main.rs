@@ -4,6 +4,7 @@
 
 mod cli;
 mod fcm_emulator;
+mod lifecycle;
 mod notifications;
 mod resilience;
 
