@@ -45,6 +45,7 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
                     user_id_start: start,
                     user_id_end: end,
                     page_size: PAGE_SIZE,
+                    ..Default::default()
                 };
                 read_query(&store, &query, &tx).await
             }

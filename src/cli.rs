@@ -1,4 +1,4 @@
-//! The command line: `run`, `dev`, `send`, `fcm-emulator`. Exit codes: 0 ok, 1 failure,
+//! The command line: `run`, `dev`, `send`, `doctor`, `fcm-emulator`. Exit codes: 0 ok, 1 failure,
 //! 64 invalid settings or arguments.
 
 use std::collections::HashMap;
@@ -37,6 +37,8 @@ enum Command {
     Dev(DevArgs),
     /// Write a notification document the way FlutterFlow does.
     Send(Box<SendArgs>),
+    /// Check settings, credentials, Firestore, FCM permission, and optionally one user's tokens.
+    Doctor(DoctorArgs),
     /// Serve the FCM emulator (HTTP v1 send API and OAuth2 token endpoint) for tests and local runs.
     FcmEmulator(EmulatorArgs),
 }
@@ -104,6 +106,15 @@ struct SendArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct DoctorArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Also check this user's device tokens: `users/UID` or `UID`.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
 struct EmulatorArgs {
     #[arg(long, default_value_t = 8682)]
     port: u16,
@@ -140,21 +151,30 @@ async fn dispatch(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Run(args) => match Settings::from_args(&args) {
             Ok(settings) => {
-                init_logging(&settings.log_format);
+                crate::logging::init(&settings.log_format);
                 run(settings).await
             }
             Err(e) => return invalid(e),
         },
         Command::Dev(args) => {
-            init_logging(&LogFormat::Text);
+            crate::logging::init(&LogFormat::Text);
             dev(args).await
         }
         Command::Send(args) => match Settings::from_args(&args.settings) {
             Ok(settings) => send(settings, *args).await,
             Err(e) => return invalid(e),
         },
+        Command::Doctor(args) => {
+            let checks = crate::doctor::run(&args.settings, args.user.as_deref()).await;
+            for check in &checks {
+                println!("{check}");
+            }
+            let failed = checks.iter().filter(|c| !c.passed).count();
+            println!("{} passed, {failed} failed", checks.len() - failed);
+            return if failed == 0 { 0 } else { 1 };
+        }
         Command::FcmEmulator(args) => {
-            init_logging(&LogFormat::Text);
+            crate::logging::init(&LogFormat::Text);
             fcm_emulator(args).await
         }
     };
@@ -180,22 +200,6 @@ fn invalid(e: crate::config::ConfigError) -> i32 {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Usage(String);
-
-pub fn init_logging(format: &LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
 
 /// Resolves on SIGTERM or SIGINT.
 async fn terminated() {

@@ -12,9 +12,11 @@
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress cursor.
 //! - [`fcm`]: OAuth2 tokens, the message template, one send, and what FCM's answer means.
-//! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port.
+//! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port;
+//!   [`logging`]: text, or Cloud Logging JSON on Cloud Run.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
-//! - [`cli`]: subcommands `run`, `dev`, `send`, `fcm-emulator`; [`seed`]: demo data for `dev`.
+//! - [`cli`]: subcommands `run`, `dev`, `send`, `doctor`, `fcm-emulator`; [`doctor`]: the
+//!   operator's checks; [`seed`]: demo data for `dev`.
 //! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
 //!   Google's Firestore emulator as a child process.
 #![forbid(unsafe_code)]
@@ -23,11 +25,13 @@ pub mod audience;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod fanout;
 pub mod fcm;
 pub mod fcm_emulator;
 pub mod firestore_emulator;
 pub mod intake;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod schedule;

@@ -346,7 +346,11 @@ impl Store {
                 fields: vec![field_ref("fcm_token")],
             }),
             from: vec![sq::CollectionSelector {
-                collection_id: "fcm_tokens".into(),
+                collection_id: if page.collection.is_empty() {
+                    "fcm_tokens".into()
+                } else {
+                    page.collection.clone()
+                },
                 all_descendants: page.user_id.is_none(),
             }],
             r#where: and(filters),
@@ -479,6 +483,8 @@ pub struct TokenQuery {
     pub user_id_start: Option<String>,
     pub user_id_end: Option<String>,
     pub page_size: usize,
+    /// The subcollection read; empty means `fcm_tokens`.
+    pub collection: String,
 }
 
 fn field_ref(path: &str) -> sq::FieldReference {

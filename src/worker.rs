@@ -257,7 +257,7 @@ impl Worker {
             }
             Err(e) => return Err(e),
         };
-        tracing::info!(doc = %relative, resumed_at = ?resume.cursor, "claimed");
+        tracing::info!(doc = %relative, notification_id = id_of(&relative), resumed_at = ?resume.cursor, "claimed");
 
         let version = Arc::new(Mutex::new(version));
         let ledger = Arc::new(Mutex::new(Ledger::resume(&resume)));
@@ -332,7 +332,7 @@ impl Worker {
         } else {
             self.metrics.notifications_failed.inc();
         }
-        tracing::info!(doc = %relative, status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
+        tracing::info!(doc = %relative, notification_id = id_of(&relative), status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(())
     }
 }
@@ -352,6 +352,11 @@ impl Worker {
             .await
             .map(|_| ())
     }
+}
+
+/// The notification's document id, for logs.
+fn id_of(relative: &str) -> &str {
+    relative.rsplit('/').next().unwrap_or(relative)
 }
 
 fn lease(settings: &Settings) -> chrono::Duration {

@@ -6,6 +6,7 @@ mod cli;
 mod fcm_emulator;
 mod lifecycle;
 mod notifications;
+mod ops;
 mod resilience;
 
 use std::collections::HashMap;

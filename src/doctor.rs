@@ -1,0 +1,342 @@
+//! `ffpush doctor`: the checks of FlutterFlow's push troubleshooting page (seed 000), done by
+//! the program itself, each with PASS/FAIL and the fix in one line.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::Utc;
+
+use crate::config::{Settings, SettingsArgs};
+use crate::fcm::{self, Outcome, Sender, redact};
+use crate::model::{pb, user_id_of};
+use crate::store::{self, Store, TokenQuery};
+
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it, when failed.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &str, detail: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            passed: true,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+    fn fail(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            passed: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.passed { "PASS" } else { "FAIL" };
+        write!(f, "{mark}  {:<22} {}", self.name, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n      fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every check that can run; a check whose prerequisite failed is reported failed too.
+pub async fn run(args: &SettingsArgs, user: Option<&str>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let settings = match Settings::from_args(args) {
+        Ok(s) => {
+            checks.push(Check::pass(
+                "settings",
+                format!(
+                    "project {}, database {}, Firestore {}, FCM {}",
+                    s.project,
+                    s.database,
+                    s.firestore_emulator_host
+                        .as_deref()
+                        .map(|h| format!("emulator at {h}"))
+                        .unwrap_or_else(|| "firestore.googleapis.com".into()),
+                    s.fcm_endpoint
+                ),
+            ));
+            s
+        }
+        Err(e) => {
+            checks.push(Check::fail("settings", e.to_string(), e.fix.clone()));
+            return checks;
+        }
+    };
+    let sender = check_fcm_token(&settings, &mut checks).await;
+    let store = check_firestore(&settings, &mut checks).await;
+    if let Some(sender) = &sender {
+        checks.push(check_send_permission(sender).await);
+    }
+    if let Some(user) = user {
+        match &store {
+            Some(store) => check_user(store, sender.as_ref(), user, &mut checks).await,
+            None => checks.push(Check::fail(
+                "user",
+                "skipped: Firestore is not reachable",
+                "fix the Firestore check first",
+            )),
+        }
+    }
+    checks
+}
+
+async fn check_fcm_token(settings: &Settings, checks: &mut Vec<Check>) -> Option<Sender> {
+    let credentials = match &settings.credentials {
+        Some(path) => format!("service-account key {}", path.display()),
+        None => "the metadata server (Application Default Credentials)".to_string(),
+    };
+    let fix = match &settings.credentials {
+        Some(_) => {
+            "check GOOGLE_APPLICATION_CREDENTIALS points at a valid service-account JSON key of this project (IAM → Service accounts → Keys)"
+        }
+        None => {
+            "on Cloud Run give the service its own service account; elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service-account key"
+        }
+    };
+    let sender = match Sender::new(settings).await {
+        Ok(sender) => sender,
+        Err(e) => {
+            checks.push(Check::fail(
+                "FCM credentials",
+                format!("{credentials}: {e}"),
+                fix,
+            ));
+            return None;
+        }
+    };
+    match sender.access_token().await {
+        Ok(_) => {
+            checks.push(Check::pass(
+                "FCM credentials",
+                format!("{credentials}: got an OAuth2 token for {}", fcm::SCOPE),
+            ));
+            Some(sender)
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "FCM credentials",
+                format!("{credentials}: {e}"),
+                fix,
+            ));
+            None
+        }
+    }
+}
+
+async fn check_firestore(settings: &Settings, checks: &mut Vec<Check>) -> Option<Store> {
+    let fix = match &settings.firestore_emulator_host {
+        Some(host) => format!("start the Firestore emulator at {host} (`gcloud emulators firestore start --host-port={host}`) or fix FIRESTORE_EMULATOR_HOST"),
+        None => "grant the service account roles/datastore.user, and check GOOGLE_CLOUD_PROJECT and FIRESTORE_DATABASE".to_string(),
+    };
+    let fix = fix.as_str();
+    let store = match Store::connect(settings).await {
+        Ok(store) => store,
+        Err(e) => {
+            checks.push(Check::fail("Firestore read/write", e.to_string(), fix));
+            return None;
+        }
+    };
+    let path = format!("ffpush_doctor/{:016x}", rand::random::<u64>());
+    let mut fields = HashMap::new();
+    fields.insert("checked_at".to_string(), store::timestamp(Utc::now()));
+    let outcome = async {
+        store.set(&path, fields).await?;
+        let read = store.get(&path).await?;
+        store.delete(&store.doc_name(&path)).await?;
+        Ok::<bool, store::Error>(read.is_some())
+    }
+    .await;
+    match outcome {
+        Ok(true) => {
+            checks.push(Check::pass(
+                "Firestore read/write",
+                format!("wrote, read and removed {path}"),
+            ));
+            Some(store)
+        }
+        Ok(false) => {
+            checks.push(Check::fail(
+                "Firestore read/write",
+                format!("wrote {path} but could not read it back"),
+                fix,
+            ));
+            None
+        }
+        Err(e) => {
+            checks.push(Check::fail("Firestore read/write", e.to_string(), fix));
+            None
+        }
+    }
+}
+
+/// A `validate_only` send: proves the credentials may send, without delivering anything.
+async fn check_send_permission(sender: &Sender) -> Check {
+    let message = serde_json::json!({
+        "token": "ffpush-doctor-not-a-real-token",
+        "notification": {"title": "ffpush doctor", "body": "dry run"}
+    });
+    match sender.dry_run(message).await {
+        // An invalid-token answer means FCM accepted our credentials and looked at the token.
+        Ok(_) => Check::pass("FCM send permission", "a validate_only send was accepted"),
+        Err(e) => Check::fail(
+            "FCM send permission",
+            e.to_string(),
+            "enable the Firebase Cloud Messaging API and grant the service account roles/firebasecloudmessaging.admin",
+        ),
+    }
+}
+
+async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: &mut Vec<Check>) {
+    let path = if user.contains('/') {
+        user.to_string()
+    } else {
+        format!("users/{user}")
+    };
+    let uid = match user_id_of(&path) {
+        Ok(uid) => uid,
+        Err(e) => {
+            checks.push(Check::fail("user", e.0, "pass --user users/UID"));
+            return;
+        }
+    };
+    let name = format!("users/{uid}");
+    let doc = match store.get(&name).await {
+        Ok(Some(doc)) => {
+            checks.push(Check::pass("user document", format!("{name} exists")));
+            Some(doc)
+        }
+        Ok(None) => {
+            checks.push(Check::fail(
+                "user document",
+                format!("{name} does not exist"),
+                "check the uid (Firebase console → Authentication) and that the app creates the user document on sign-up",
+            ));
+            None
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "user document",
+                e.to_string(),
+                "retry; check Firestore",
+            ));
+            return;
+        }
+    };
+    if let Some(doc) = &doc
+        && let Some(pb::value::ValueType::ArrayValue(a)) =
+            doc.fields.get("tokens").and_then(|v| v.value_type.as_ref())
+    {
+        checks.push(Check::fail(
+            "tokens array field",
+            format!("{name} has a `tokens` array field ({} values): ffpush and FlutterFlow read the fcm_tokens subcollection", a.values.len()),
+            "run `ffpush migrate --only 001_tokens_array_to_fcm_tokens` to copy them into fcm_tokens",
+        ));
+    }
+    let query = |collection: &str| TokenQuery {
+        user_id: Some(uid.clone()),
+        page_size: 1000,
+        collection: collection.to_string(),
+        ..Default::default()
+    };
+    match store.token_page(&query("fcm_token"), None).await {
+        Ok(misnamed) if !misnamed.is_empty() => checks.push(Check::fail(
+            "subcollection name",
+            format!("{name} has {} document(s) in `fcm_token` (singular)", misnamed.len()),
+            "the subcollection must be named fcm_tokens; fix the app's token-saving code or move the documents",
+        )),
+        _ => {}
+    }
+    let tokens = match store.token_page(&query("fcm_tokens"), None).await {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            checks.push(Check::fail(
+                "device tokens",
+                e.to_string(),
+                "retry; check Firestore",
+            ));
+            return;
+        }
+    };
+    let empty = tokens.iter().filter(|t| t.token.trim().is_empty()).count();
+    let real: Vec<_> = tokens
+        .iter()
+        .filter(|t| !t.token.trim().is_empty())
+        .collect();
+    if real.is_empty() {
+        checks.push(Check::fail(
+            "device tokens",
+            format!("{name}/fcm_tokens has no document with an fcm_token"),
+            "the user must sign in on a physical device and allow notifications (FlutterFlow: enable push notifications in Settings → Push Notifications, and rebuild the app)",
+        ));
+    } else {
+        checks.push(Check::pass(
+            "device tokens",
+            format!("{} token document(s) in {name}/fcm_tokens", real.len()),
+        ));
+    }
+    if empty > 0 {
+        checks.push(Check::fail(
+            "empty tokens",
+            format!("{empty} document(s) in {name}/fcm_tokens have an empty or missing fcm_token"),
+            "delete them; they come from a failed token registration in the app",
+        ));
+    }
+    let mut shared = Vec::new();
+    for t in &real {
+        if let Ok(holders) = store.token_docs_with(&t.token).await {
+            let others: Vec<String> = holders
+                .iter()
+                .map(|h| store.relative(h).to_string())
+                .filter(|h| !h.starts_with(&format!("{name}/")))
+                .collect();
+            if !others.is_empty() {
+                shared.push(format!(
+                    "{} also under {}",
+                    redact(&t.token),
+                    others.join(", ")
+                ));
+            }
+        }
+    }
+    if !shared.is_empty() {
+        checks.push(Check::fail(
+            "tokens shared",
+            shared.join("; "),
+            "a device signed in as several users keeps old tokens: remove the token on sign-out, or run `ffpush migrate --only 002_remove_duplicate_tokens --allow-destructive`",
+        ));
+    }
+    if let Some(sender) = sender {
+        let mut dead = Vec::new();
+        for t in &real {
+            let message = serde_json::json!({"token": t.token, "notification": {"title": "ffpush doctor", "body": "dry run"}});
+            if let Ok(Outcome::Dead) = sender.dry_run(message).await {
+                dead.push(redact(&t.token));
+            }
+        }
+        if dead.is_empty() && !real.is_empty() {
+            checks.push(Check::pass(
+                "tokens valid",
+                "FCM accepts every token (validate_only)",
+            ));
+        } else if !dead.is_empty() {
+            checks.push(Check::fail(
+                "tokens valid",
+                format!("FCM says these are dead: {}", dead.join(", ")),
+                "they will be removed on the next send; the user must open the app again to register a new token",
+            ));
+        }
+    }
+}
