@@ -38,7 +38,7 @@ enum Command {
     /// Write a notification document the way FlutterFlow does.
     Send(Box<SendArgs>),
     /// Check settings, credentials, Firestore, FCM permission, and optionally one user's tokens.
-    Doctor(DoctorArgs),
+    Doctor(Box<DoctorArgs>),
     /// Serve the FCM emulator (HTTP v1 send API and OAuth2 token endpoint) for tests and local runs.
     FcmEmulator(EmulatorArgs),
 }
