@@ -3,6 +3,7 @@
 //! its own project id on them, so tests never see each other's data.
 
 mod cli;
+mod deploy;
 mod fcm_emulator;
 mod lifecycle;
 mod notifications;
