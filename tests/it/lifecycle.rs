@@ -377,3 +377,67 @@ async fn work_continues_after_the_firestore_emulator_restarts() {
     assert!(worker.worker.metrics.listener_reconnects.get() >= 1);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn the_worker_waits_for_firestore_at_start_and_then_works() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let shared = crate::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.json");
+    let project = format!("it-wait-{:08x}", rand::random::<u32>());
+    shared.fcm.write_service_account(&key, &project).unwrap();
+    let settings = ffpush::config::Settings::for_emulators(&project, &host, &shared.fcm.url(), key);
+    // Nothing listens on the port yet: start-up must wait, not fail.
+    let starting = tokio::spawn(ffpush::daemon::start(
+        settings.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !starting.is_finished(),
+        "start-up gave up while Firestore was down"
+    );
+    let _emulator = tokio::task::spawn_blocking(move || FirestoreEmulator::start(Some(port)))
+        .await
+        .unwrap()
+        .unwrap();
+    let daemon = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("start-up finished")
+        .unwrap()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || daemon.listen.all_up()).await;
+    let store = ffpush::store::Store::connect(&settings).await.unwrap();
+    let mut token = HashMap::new();
+    token.insert("fcm_token".to_string(), s(&format!("{project}-u1")));
+    store.set("users/u1/fcm_tokens/t", token).await.unwrap();
+    let mut fields = HashMap::new();
+    fields.insert("notification_title".to_string(), s("late start"));
+    fields.insert("notification_text".to_string(), s("x"));
+    fields.insert("user_refs".to_string(), s("users/u1"));
+    let name = store.create(CONSOLE, fields).await.unwrap();
+    wait_until(Duration::from_secs(30), || {
+        !shared.fcm.messages(&project).is_empty()
+    })
+    .await;
+    let relative = store.relative(&name).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc = store.get(&relative).await.unwrap().unwrap();
+        if text(&doc, "status").as_deref() == Some("succeeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {:?}",
+            text(&doc, "status")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+}
