@@ -229,16 +229,7 @@ async fn a_worker_killed_mid_send_is_taken_over_and_resumed_within_the_bound() {
             ("FFPUSH_PROGRESS_INTERVAL", "200ms"),
         ],
     );
-    let doc = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("crash")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/big")),
-            ],
-        )
-        .await;
+    let doc = app.notify("crash", "users/big").await;
     wait_until(Duration::from_secs(60), || app.delivered().len() >= 100).await;
     first.signal("-KILL");
     first.exited_within(Duration::from_secs(10)).await;
@@ -287,16 +278,7 @@ async fn sigterm_mid_send_drains_within_the_grace_and_a_restart_finishes_without
         &app,
         &[("FFPUSH_CONCURRENCY", "8"), ("FFPUSH_SHUTDOWN_GRACE", "5s")],
     );
-    let doc = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("term")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/big")),
-            ],
-        )
-        .await;
+    let doc = app.notify("term", "users/big").await;
     wait_until(Duration::from_secs(60), || app.delivered().len() >= 60).await;
     first.signal("-TERM");
     let took = first.exited_within(Duration::from_secs(6)).await;
@@ -339,16 +321,7 @@ async fn work_continues_after_the_firestore_emulator_restarts() {
     app.add_token("u1", "t", &format!("{}-u1", app.project), "iOS")
         .await;
     let (worker, _) = app.start_worker().await;
-    let first = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("before")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u1")),
-            ],
-        )
-        .await;
+    let first = app.notify("before", "users/u1").await;
     app.finished(&first).await;
 
     tokio::task::spawn_blocking(move || drop(emulator))
@@ -361,16 +334,7 @@ async fn work_continues_after_the_firestore_emulator_restarts() {
     // The emulator keeps nothing across restarts: the app writes its data again.
     app.add_token("u1", "t", &format!("{}-u1", app.project), "iOS")
         .await;
-    let second = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("after")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u1")),
-            ],
-        )
-        .await;
+    let second = app.notify("after", "users/u1").await;
     let done = app.finished(&second).await;
     assert_eq!(text(&done, "status").as_deref(), Some("succeeded"));
     assert_eq!(counts(&app.delivered(), "after").len(), 1);

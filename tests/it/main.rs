@@ -147,6 +147,19 @@ impl TestApp {
         self.store.relative(&name).to_string()
     }
 
+    /// A console notification with `title` for `user_refs`; returns its path.
+    pub async fn notify(&self, title: &str, user_refs: &str) -> String {
+        self.write(
+            "ff_push_notifications",
+            vec![
+                ("notification_title", s(title)),
+                ("notification_text", s("x")),
+                ("user_refs", s(user_refs)),
+            ],
+        )
+        .await
+    }
+
     /// Waits for `status` to become final and returns the document.
     pub async fn finished(&self, relative: &str) -> pb::Document {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

@@ -288,16 +288,7 @@ async fn dead_tokens_are_removed_and_other_token_errors_counted() {
     );
     fcm.script(&t("internal"), Script::Internal { times: 1 });
     let (worker, _) = app.start_worker().await;
-    let doc = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Mixed")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u1")),
-            ],
-        )
-        .await;
+    let doc = app.notify("Mixed", "users/u1").await;
     let done = app.finished(&doc).await;
     assert_eq!(
         text(&done, "status").as_deref(),
@@ -357,16 +348,7 @@ async fn a_token_shared_by_two_users_is_sent_once_and_users_without_tokens_are_l
     app.add_token("u2", "a", &shared, "iOS").await;
     app.add_token("u2", "b", &shared, "iOS").await;
     let (worker, _) = app.start_worker().await;
-    let doc = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Once")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u1, users/u2, users/nobody")),
-            ],
-        )
-        .await;
+    let doc = app.notify("Once", "users/u1, users/u2, users/nobody").await;
     let done = app.finished(&doc).await;
     assert_eq!(num(&done, "num_sent"), Some(1));
     assert_eq!(num(&done, "num_tokens"), Some(1));
@@ -379,16 +361,7 @@ async fn a_token_shared_by_two_users_is_sent_once_and_users_without_tokens_are_l
         .unwrap_or_default();
     assert_eq!(listed, store::array(vec![s("users/nobody")]));
 
-    let nobody = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Void")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/nobody")),
-            ],
-        )
-        .await;
+    let nobody = app.notify("Void", "users/nobody").await;
     let failed = app.finished(&nobody).await;
     assert_eq!(text(&failed, "status").as_deref(), Some("failed"));
     let error = text(&failed, "error").unwrap_or_default();
@@ -532,16 +505,7 @@ async fn bad_documents_fail_with_one_actionable_line_and_the_next_one_is_sent() 
     for (fields, _) in &cases {
         written.push(app.write(CONSOLE, fields.clone()).await);
     }
-    let good = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Still fine")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u2")),
-            ],
-        )
-        .await;
+    let good = app.notify("Still fine", "users/u2").await;
     for (doc, (_, expected)) in written.iter().zip(&cases) {
         let done = app.finished(doc).await;
         assert_eq!(text(&done, "status").as_deref(), Some("failed"));
@@ -591,16 +555,7 @@ async fn finished_documents_are_left_untouched() {
         .await;
     let before = app.store.get(&old).await.unwrap().unwrap().update_time;
     let (worker, _) = app.start_worker().await;
-    let marker = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Marker")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u2")),
-            ],
-        )
-        .await;
+    let marker = app.notify("Marker", "users/u2").await;
     app.finished(&marker).await;
     assert_eq!(
         app.store.get(&old).await.unwrap().unwrap().update_time,
@@ -623,17 +578,7 @@ async fn two_workers_racing_on_twenty_documents_deliver_each_exactly_once() {
     let (b, _) = app.start_worker().await;
     let mut docs = Vec::new();
     for i in 0..20 {
-        docs.push(
-            app.write(
-                CONSOLE,
-                vec![
-                    ("notification_title", s(&format!("race-{i}"))),
-                    ("notification_text", s("x")),
-                    ("user_refs", s("users/u1,users/u2")),
-                ],
-            )
-            .await,
-        );
+        docs.push(app.notify(&format!("race-{i}"), "users/u1,users/u2").await);
     }
     let mut workers = HashMap::new();
     for doc in &docs {
@@ -663,29 +608,11 @@ async fn an_expired_access_token_is_refreshed_once_and_the_send_succeeds() {
     let p = app.project.clone();
     fixture_tokens(&app, &p).await;
     let (worker, _) = app.start_worker().await;
-    let first = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("One")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u2")),
-            ],
-        )
-        .await;
+    let first = app.notify("One", "users/u2").await;
     app.finished(&first).await;
     let issued = app.fcm().tokens_issued();
     app.fcm().revoke_access_tokens();
-    let second = app
-        .write(
-            CONSOLE,
-            vec![
-                ("notification_title", s("Two")),
-                ("notification_text", s("x")),
-                ("user_refs", s("users/u2")),
-            ],
-        )
-        .await;
+    let second = app.notify("Two", "users/u2").await;
     let done = app.finished(&second).await;
     assert_eq!(
         text(&done, "status").as_deref(),
