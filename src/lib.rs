@@ -14,6 +14,7 @@
 //! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
 //! - [`cli`]: subcommands `run`, `dev`, `send`, `fcm-emulator`; [`seed`]: demo data for `dev`.
+//! - [`migrate`]: versioned data migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
 //! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
 //!   Google's Firestore emulator as a child process.
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod fcm_emulator;
 pub mod firestore_emulator;
 pub mod intake;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod seed;
 pub mod server;

@@ -4,8 +4,10 @@
 
 mod cli;
 mod fcm_emulator;
+mod migrate;
 mod notifications;
 mod resilience;
+mod rules;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
