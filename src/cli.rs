@@ -1,4 +1,4 @@
-//! The command line: `run`, `dev`, `send`, `doctor`, `fcm-emulator`. Exit codes: 0 ok, 1 failure,
+//! The command line: `run`, `dev`, `send`, `doctor`, `migrate`, `fcm-emulator`. Exit codes: 0 ok, 1 failure,
 //! 64 invalid settings or arguments.
 
 use std::collections::HashMap;
@@ -39,6 +39,8 @@ enum Command {
     Send(Box<SendArgs>),
     /// Check settings, credentials, Firestore, FCM permission, and optionally one user's tokens.
     Doctor(Box<DoctorArgs>),
+    /// Run the data migrations (dry run first: `--dry-run`).
+    Migrate(Box<MigrateArgs>),
     /// Serve the FCM emulator (HTTP v1 send API and OAuth2 token endpoint) for tests and local runs.
     FcmEmulator(EmulatorArgs),
 }
@@ -115,6 +117,24 @@ struct DoctorArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Print the plan (what would be created or deleted) without writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Allow migrations that delete data (e.g. 002_remove_duplicate_tokens).
+    #[arg(long)]
+    allow_destructive: bool,
+    /// Run only this migration (full id or its number, e.g. 002).
+    #[arg(long)]
+    only: Option<String>,
+    /// List the migrations and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct EmulatorArgs {
     #[arg(long, default_value_t = 8682)]
     port: u16,
@@ -172,6 +192,19 @@ async fn dispatch(cli: Cli) -> i32 {
             let failed = checks.iter().filter(|c| !c.passed).count();
             println!("{} passed, {failed} failed", checks.len() - failed);
             return if failed == 0 { 0 } else { 1 };
+        }
+        Command::Migrate(args) => {
+            if args.list {
+                for (id, description, destructive) in crate::migrate::list() {
+                    let mark = if destructive { " (destructive)" } else { "" };
+                    println!("{id}{mark}: {description}");
+                }
+                return 0;
+            }
+            match Settings::from_args(&args.settings) {
+                Ok(settings) => migrate(settings, *args).await,
+                Err(e) => return invalid(e),
+            }
         }
         Command::FcmEmulator(args) => {
             crate::logging::init(&LogFormat::Text);
@@ -286,6 +319,38 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     daemon.run_until_stopped().await;
     fcm.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn migrate(settings: Settings, args: MigrateArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&settings)
+        .await
+        .context("connecting to Firestore")?;
+    let options = crate::migrate::MigrateOptions {
+        dry_run: args.dry_run,
+        allow_destructive: args.allow_destructive,
+        only: args.only,
+    };
+    let reports = crate::migrate::run(&store, &options)
+        .await
+        .map_err(|e| match e {
+            crate::migrate::Error::UnknownMigration(..) => anyhow::Error::new(Usage(e.to_string())),
+            e => anyhow::Error::new(e),
+        })?;
+    let mut refused = false;
+    for report in &reports {
+        println!("{report}");
+        refused |= matches!(
+            report.status,
+            crate::migrate::MigrationStatus::RefusedDestructive
+                | crate::migrate::MigrationStatus::Blocked
+        );
+    }
+    if refused {
+        bail!(
+            "some migrations did not run: re-run with --allow-destructive after reading the plan above"
+        );
+    }
     Ok(())
 }
 

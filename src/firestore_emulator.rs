@@ -6,14 +6,15 @@
 //! the pipe closes, the guard's `read` returns and it kills the emulator's process group. No
 //! orphaned java.
 
+use std::ffi::OsString;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const GUARD: &str = r#"
 set -m
-gcloud emulators firestore start --host-port="$1" --quiet >"$2" 2>&1 &
+gcloud emulators firestore start --host-port="$1" --quiet "${@:3}" >"$2" 2>&1 &
 child=$!
 trap 'kill -TERM -- -$child 2>/dev/null; kill -TERM $child 2>/dev/null; wait $child 2>/dev/null' EXIT
 read -r _ || true
@@ -42,6 +43,26 @@ impl FirestoreEmulator {
     /// Starts the emulator on `port` (a free loopback port when `None`) and waits until it
     /// answers.
     pub fn start(port: Option<u16>) -> Result<FirestoreEmulator, Error> {
+        FirestoreEmulator::start_with_args(port, Vec::new())
+    }
+
+    /// Like [`FirestoreEmulator::start`], but every project on this emulator is held to the
+    /// security rules in `rules` (`--rules`) for requests that are not made as the owner.
+    pub fn start_with_rules(port: Option<u16>, rules: &Path) -> Result<FirestoreEmulator, Error> {
+        // The emulator is started from our working directory, but an absolute path also
+        // makes a missing file fail here, with its name, rather than in the emulator's log.
+        let rules = std::fs::canonicalize(rules).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("rules file {}: {e}", rules.display()))
+        })?;
+        let mut flag = OsString::from("--rules=");
+        flag.push(rules);
+        FirestoreEmulator::start_with_args(port, vec![flag])
+    }
+
+    fn start_with_args(
+        port: Option<u16>,
+        extra_args: Vec<OsString>,
+    ) -> Result<FirestoreEmulator, Error> {
         if Command::new("gcloud")
             .arg("--version")
             .stdout(Stdio::null())
@@ -60,6 +81,7 @@ impl FirestoreEmulator {
         let guard = Command::new("bash")
             .args(["-c", GUARD, "ffpush-firestore-emulator", &host_port])
             .arg(&log)
+            .args(extra_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

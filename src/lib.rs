@@ -17,6 +17,7 @@
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
 //! - [`cli`]: subcommands `run`, `dev`, `send`, `doctor`, `fcm-emulator`; [`doctor`]: the
 //!   operator's checks; [`seed`]: demo data for `dev`.
+//! - [`migrate`]: versioned data migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
 //! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
 //!   Google's Firestore emulator as a child process.
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod firestore_emulator;
 pub mod intake;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod schedule;
 pub mod seed;

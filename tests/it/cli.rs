@@ -203,3 +203,59 @@ async fn send_writes_a_flutterflow_document_and_wait_prints_the_outcome() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("posts/1"));
 }
+
+#[tokio::test]
+async fn migrate_lists_plans_and_applies() {
+    let app = TestApp::new().await;
+    let mut user = std::collections::HashMap::new();
+    user.insert(
+        "tokens".to_string(),
+        ffpush::store::array(vec![crate::s("legacy-token-1")]),
+    );
+    app.store.set("users/old", user).await.unwrap();
+    let run = |args: &'static [&'static str]| {
+        let project = app.project.clone();
+        let host = shared().firestore_host.clone();
+        tokio::task::spawn_blocking(move || {
+            ffpush()
+                .arg("migrate")
+                .args(args)
+                .env("GOOGLE_CLOUD_PROJECT", project)
+                .env("FIRESTORE_EMULATOR_HOST", host)
+                .output()
+                .unwrap()
+        })
+    };
+    let list = run(&["--list"]).await.unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("001_tokens_array_to_fcm_tokens")
+            && listed.contains("002_remove_duplicate_tokens (destructive)"),
+        "{listed}"
+    );
+
+    let plan = run(&["--dry-run", "--only", "001"]).await.unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        app.token_docs("old").await.is_empty(),
+        "a dry run writes nothing"
+    );
+
+    let applied = run(&["--only", "001"]).await.unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(
+        app.token_docs("old").await,
+        vec!["legacy-token-1".to_string()]
+    );
+
+    let unknown = run(&["--only", "999"]).await.unwrap();
+    assert_eq!(unknown.status.code(), Some(64));
+}

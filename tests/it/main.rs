@@ -6,9 +6,11 @@ mod cli;
 mod deploy;
 mod fcm_emulator;
 mod lifecycle;
+mod migrate;
 mod notifications;
 mod ops;
 mod resilience;
+mod rules;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
