@@ -8,6 +8,7 @@
 //! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
 //! - [`intake`]: the Firestore listen streams and the periodic sweep.
 //! - [`worker`]: one document's life: schedule, lease/claim, fan-out, report.
+//! - [`report`]: the outcome fields written back, and what counts as succeeded.
 //! - [`schedule`]: one timer per document waiting for its time or for another worker's lease.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress cursor.
@@ -36,6 +37,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod report;
 pub mod schedule;
 pub mod seed;
 pub mod server;

@@ -1,0 +1,245 @@
+//! The outcome written back onto a notification document: FlutterFlow's `status`, `num_sent`
+//! and `error`, plus ffpush's counts, warnings and users without tokens — deciding what counts
+//! as succeeded and phrasing each problem as something a person can act on.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+
+use crate::audience;
+use crate::fanout::{Abort, Tally};
+use crate::model::{Audience, Notification, pb};
+use crate::store;
+use crate::worker::fields;
+
+/// The outcome fields written back.
+pub struct Report {
+    status: &'static str,
+    error: Option<String>,
+    warning: Option<String>,
+    tally: Tally,
+    without: audience::UsersWithoutTokens,
+}
+
+impl Report {
+    pub fn finished(n: &Notification, t: &Tally, without: &audience::UsersWithoutTokens) -> Report {
+        let mut problems = Vec::new();
+        if t.dead > 0 {
+            problems.push(format!("{} dead (removed)", t.dead));
+        }
+        if t.sender_id_mismatch > 0 {
+            problems.push(format!(
+                "{} from another Firebase project (SENDER_ID_MISMATCH)",
+                t.sender_id_mismatch
+            ));
+        }
+        if t.third_party_auth > 0 {
+            problems.push(format!(
+                "{} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)",
+                t.third_party_auth
+            ));
+        }
+        if t.undelivered > 0 {
+            problems.push(format!(
+                "{} undelivered: FCM stayed unavailable through every retry",
+                t.undelivered
+            ));
+        }
+        let (status, error, warning) = if t.tokens == 0 {
+            let error = match &n.audience {
+                Audience::Users(ids) => format!(
+                    "no device tokens: none of the {} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
+                    ids.len(),
+                    without.listed.join(", ")
+                ),
+                Audience::Broadcast { device_type, slice } => format!(
+                    "no device tokens match (target_audience {}{})",
+                    device_type.as_deref().unwrap_or("All"),
+                    slice
+                        .map(|s| format!(", batch {} of {}", s.index, s.count))
+                        .unwrap_or_default()
+                ),
+            };
+            ("failed", Some(error), None)
+        } else if t.sent == 0 || t.undelivered > 0 {
+            (
+                "failed",
+                Some(format!(
+                    "sent to {} of {} tokens; {}",
+                    t.sent,
+                    t.tokens,
+                    problems.join("; ")
+                )),
+                None,
+            )
+        } else {
+            let mut warnings: Vec<String> = problems
+                .into_iter()
+                .filter(|p| !p.contains("dead"))
+                .collect();
+            if without.count > 0 {
+                warnings.push(format!("{} user(s) have no device token", without.count));
+            }
+            (
+                "succeeded",
+                None,
+                (!warnings.is_empty()).then(|| warnings.join("; ")),
+            )
+        };
+        Report {
+            status,
+            error,
+            warning,
+            tally: *t,
+            without: without.clone(),
+        }
+    }
+
+    pub fn aborted(e: &Abort, t: &Tally) -> Report {
+        Report {
+            status: "failed",
+            error: Some(e.to_string()),
+            warning: None,
+            tally: *t,
+            without: Default::default(),
+        }
+    }
+
+    pub fn into_fields(self) -> (&'static str, HashMap<String, pb::Value>, Vec<&'static str>) {
+        let t = self.tally;
+        let mut f = HashMap::new();
+        let mut remove = vec![fields::LEASE, fields::PROGRESS];
+        f.insert("status".to_string(), store::string(self.status));
+        f.insert("num_sent".to_string(), store::integer(t.sent as i64));
+        f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
+        f.insert("num_failed".to_string(), store::integer(t.failed() as i64));
+        f.insert(
+            "num_tokens_removed".to_string(),
+            store::integer(t.removed as i64),
+        );
+        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        match self.error {
+            Some(e) => {
+                f.insert("error".to_string(), store::string(&e));
+            }
+            None => remove.push("error"),
+        }
+        match self.warning {
+            Some(w) => {
+                f.insert("warning".to_string(), store::string(&w));
+            }
+            None => remove.push("warning"),
+        }
+        if self.without.count > 0 {
+            f.insert(
+                "num_users_without_tokens".to_string(),
+                store::integer(self.without.count as i64),
+            );
+            f.insert(
+                "users_without_tokens".to_string(),
+                store::array(
+                    self.without
+                        .listed
+                        .iter()
+                        .map(|u| store::string(u))
+                        .collect(),
+                ),
+            );
+        }
+        (self.status, f, remove)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(audience: Audience) -> Notification {
+        Notification {
+            title: "t".into(),
+            body: "b".into(),
+            image: None,
+            sound: None,
+            initial_page: None,
+            parameter_data: None,
+            audience,
+            scheduled_time: None,
+        }
+    }
+
+    fn decide(t: Tally, without: u64) -> (&'static str, HashMap<String, pb::Value>) {
+        let n = notification(Audience::Users(vec!["a".into(), "b".into()]));
+        let w = audience::UsersWithoutTokens {
+            count: without,
+            listed: (0..without).map(|i| format!("users/x{i}")).collect(),
+        };
+        let (status, fields, _) = Report::finished(&n, &t, &w).into_fields();
+        (status, fields)
+    }
+
+    fn text(f: &HashMap<String, pb::Value>, k: &str) -> String {
+        f.get(k)
+            .and_then(crate::model::string_value)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn reaching_nobody_is_a_failure_with_the_reason() {
+        let (status, f) = decide(Tally::default(), 2);
+        assert_eq!(status, "failed");
+        assert!(text(&f, "error").contains("users/x0, users/x1"));
+        let dead = Tally {
+            tokens: 2,
+            dead: 2,
+            removed: 2,
+            ..Default::default()
+        };
+        let (status, f) = decide(dead, 0);
+        assert_eq!(status, "failed");
+        assert!(
+            text(&f, "error").contains("2 dead (removed)"),
+            "{}",
+            text(&f, "error")
+        );
+    }
+
+    #[test]
+    fn token_problems_beside_sends_are_warnings() {
+        let t = Tally {
+            tokens: 3,
+            sent: 1,
+            sender_id_mismatch: 1,
+            dead: 1,
+            removed: 1,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 1);
+        assert_eq!(status, "succeeded");
+        assert!(!f.contains_key("error"));
+        let warning = text(&f, "warning");
+        assert!(
+            warning.contains("SENDER_ID_MISMATCH")
+                && warning.contains("1 user(s) have no device token"),
+            "{warning}"
+        );
+        assert!(
+            !warning.contains("dead"),
+            "dead tokens are routine, not a warning"
+        );
+        assert_eq!(f.get("num_failed"), Some(&store::integer(2)));
+    }
+
+    #[test]
+    fn tokens_left_undelivered_fail_the_notification() {
+        let t = Tally {
+            tokens: 3,
+            sent: 2,
+            undelivered: 1,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 0);
+        assert_eq!(status, "failed");
+        assert!(text(&f, "error").starts_with("sent to 2 of 3 tokens"));
+    }
+}
