@@ -139,9 +139,16 @@ impl ConfigError {
 impl Settings {
     pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
         let credentials = non_empty(&args.credentials).map(PathBuf::from);
-        let project = match non_empty(&args.project) {
-            Some(p) => p.to_string(),
-            None => project_from_credentials(credentials.as_deref())?,
+        let key = credentials.as_deref().map(read_key).transpose()?;
+        let project = match (non_empty(&args.project), &key) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(key)) => key
+                .get("project_id")
+                .and_then(|p| p.as_str())
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .ok_or_else(missing_project)?,
+            (None, None) => return Err(missing_project()),
         };
         if !project
             .chars()
@@ -306,37 +313,41 @@ fn default_worker_id() -> String {
     )
 }
 
-fn project_from_credentials(path: Option<&std::path::Path>) -> Result<String, ConfigError> {
-    let missing = || {
-        ConfigError::new(
-            "GOOGLE_CLOUD_PROJECT",
-            "",
-            "set GOOGLE_CLOUD_PROJECT (or --project) to your Firebase project id",
-        )
-    };
-    let Some(path) = path else {
-        return Err(missing());
-    };
+fn missing_project() -> ConfigError {
+    ConfigError::new(
+        "GOOGLE_CLOUD_PROJECT",
+        "",
+        "set GOOGLE_CLOUD_PROJECT (or --project) to your Firebase project id",
+    )
+}
+
+/// The service-account key, checked at start so a wrong path is a settings error, not a
+/// failure at the first send.
+fn read_key(path: &std::path::Path) -> Result<serde_json::Value, ConfigError> {
     let shown = path.display().to_string();
+    let bad = |fix: String| ConfigError::new("GOOGLE_APPLICATION_CREDENTIALS", &shown, fix);
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            &shown,
-            format!("cannot read the key file ({e}); point it at a service-account JSON key"),
-        )
+        bad(format!(
+            "cannot read the key file ({e}); point it at a service-account JSON key"
+        ))
     })?;
     let key: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        ConfigError::new(
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            &shown,
-            format!("not JSON ({e}); download the key again from IAM → Service accounts"),
-        )
+        bad(format!(
+            "not JSON ({e}); download the key again from IAM → Service accounts"
+        ))
     })?;
-    key.get("project_id")
-        .and_then(|p| p.as_str())
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .ok_or_else(missing)
+    let has = |field: &str| {
+        key.get(field)
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| !v.is_empty())
+    };
+    if !(has("private_key") && has("client_email") && has("token_uri")) {
+        return Err(bad(
+            "not a service-account key (needs private_key, client_email, token_uri); create one under IAM → Service accounts → Keys"
+                .into(),
+        ));
+    }
+    Ok(key)
 }
 
 fn collection_name(
@@ -463,7 +474,7 @@ mod tests {
         let key = dir.path().join("key.json");
         std::fs::write(
             &key,
-            r#"{"type":"service_account","project_id":"from-key"}"#,
+            r#"{"type":"service_account","project_id":"from-key","private_key":"k","client_email":"e","token_uri":"u"}"#,
         )
         .unwrap();
         let s = Settings::from_args(&SettingsArgs {
@@ -472,6 +483,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.project, "from-key");
+    }
+
+    #[test]
+    fn a_key_that_is_not_a_service_account_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.json");
+        std::fs::write(&key, r#"{"type":"authorized_user","client_id":"x"}"#).unwrap();
+        let err = Settings::from_args(&SettingsArgs {
+            credentials: Some(key.display().to_string()),
+            ..args()
+        })
+        .unwrap_err();
+        assert_eq!(err.setting, "GOOGLE_APPLICATION_CREDENTIALS");
+        assert!(err.fix.contains("service-account key"));
     }
 
     #[test]

@@ -162,42 +162,65 @@ async fn doctor_passes_a_healthy_setup_and_names_each_mistake() {
 
 #[test]
 fn doctor_exit_code_is_zero_only_when_everything_passes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ffpush"))
-        .args([
-            "doctor",
-            "--project",
-            "p",
-            "--firestore-emulator-host",
-            "127.0.0.1:1",
-            "--credentials",
-            "/nonexistent.json",
-        ])
-        .env_remove("GOOGLE_CLOUD_PROJECT")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("PASS  settings"), "{stdout}");
-    assert!(stdout.contains("FAIL  FCM credentials"), "{stdout}");
-    assert!(stdout.contains("FAIL  Firestore read/write"), "{stdout}");
-    assert!(stdout.contains("start the Firestore emulator"), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.json");
+    let fcm = &crate::shared().fcm;
+    fcm.write_service_account(&key, "doctor-cli").unwrap();
+    let doctor = |firestore: &str, key: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ffpush"))
+            .args([
+                "doctor",
+                "--project",
+                "doctor-cli",
+                "--firestore-emulator-host",
+                firestore,
+                "--fcm-endpoint",
+                &fcm.url(),
+            ])
+            .arg("--credentials")
+            .arg(key)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, stdout) = doctor(&crate::shared().firestore_host, &key);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout
             .lines()
             .last()
             .unwrap_or_default()
-            .ends_with("2 failed"),
+            .ends_with(" 0 failed"),
         "{stdout}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_ffpush"))
-        .args(["doctor", "--project", "p", "--port", "x"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout) = doctor("127.0.0.1:1", &key);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
-        stdout.contains("FAIL  settings") && stdout.contains("fix: use a whole number"),
+        stdout.contains("PASS  FCM credentials") && stdout.contains("PASS  FCM send permission"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL  Firestore read/write")
+            && stdout.contains("start the Firestore emulator"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .ends_with(" 1 failed"),
+        "{stdout}"
+    );
+
+    let (code, stdout) = doctor("127.0.0.1:1", std::path::Path::new("/nonexistent.json"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  settings") && stdout.contains("GOOGLE_APPLICATION_CREDENTIALS"),
         "{stdout}"
     );
 }
