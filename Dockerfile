@@ -3,11 +3,6 @@
 
 # --- build ---
 FROM rust:1-bookworm AS builder
-# OpenSSL: a dependency turns on reqwest's native-tls, so the build links libssl.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends pkg-config libssl-dev \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 
 # Dependencies first, against a dummy crate: this layer is rebuilt only when Cargo.toml or
@@ -28,7 +23,7 @@ RUN touch src/main.rs src/lib.rs \
 FROM debian:bookworm-slim
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+    && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin ffpush
 COPY --from=builder /app/target/release/ffpush /usr/local/bin/ffpush
