@@ -228,6 +228,8 @@ pub async fn fan_out(
     let mut next_seq = 0u64;
     let mut reading = true;
     let mut stopping = false;
+    // Since when send slots are free but no token is at hand: the wait on Firestore reads.
+    let mut starved_since: Option<std::time::Instant> = None;
 
     loop {
         while !stopping && in_flight.len() < ctx.concurrency {
@@ -253,6 +255,9 @@ pub async fn fan_out(
         if !want_page && in_flight.is_empty() {
             break;
         }
+        if want_page && starved_since.is_none() {
+            starved_since = Some(std::time::Instant::now());
+        }
         tokio::select! {
             biased;
             _ = stop.cancelled(), if !stopping => {
@@ -267,11 +272,16 @@ pub async fn fan_out(
                     Err(e) => return Err(e),
                 }
             }
-            page = pages.pages.recv(), if want_page => match page {
-                Some(Ok(page)) => buffer.extend(page),
-                Some(Err(e)) => return Err(Abort::Store(e)),
-                None => reading = false,
-            },
+            page = pages.pages.recv(), if want_page => {
+                if let Some(since) = starved_since.take() {
+                    ctx.metrics.token_wait_micros.inc_by(since.elapsed().as_micros() as u64);
+                }
+                match page {
+                    Some(Ok(page)) => buffer.extend(page),
+                    Some(Err(e)) => return Err(Abort::Store(e)),
+                    None => reading = false,
+                }
+            }
         }
     }
     if stopping {
