@@ -78,6 +78,11 @@ impl Target {
 
     /// The emulator's `/emulator/stats` (outside any timed section).
     pub async fn stats(&self) -> Stats {
+        self.get_json("/emulator/stats").await
+    }
+
+    /// GET `path` on the emulator, through the same trust settings as the sender.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         let mut client = reqwest::Client::builder().tls_backend_rustls();
         if let Some(ca) = &self.settings.fcm_ca_cert {
             for c in reqwest::Certificate::from_pem_bundle(&ca.pem).expect("CA") {
@@ -86,14 +91,14 @@ impl Target {
         }
         client
             .build()
-            .expect("stats client")
-            .get(format!("{}/emulator/stats", self.fcm.url))
+            .expect("emulator client")
+            .get(format!("{}{path}", self.fcm.url))
             .send()
             .await
-            .expect("GET /emulator/stats")
+            .expect("GET on the emulator")
             .json()
             .await
-            .expect("stats JSON")
+            .expect("JSON from the emulator")
     }
 }
 

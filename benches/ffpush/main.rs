@@ -40,6 +40,7 @@ pub struct Options {
     pub concurrencies: Vec<usize>,
     /// `h2c`, `tls` or both.
     pub transports: Vec<String>,
+    pub pin: bool,
     pub scenarios: Vec<String>,
 }
 
@@ -55,6 +56,7 @@ impl Options {
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
+            pin: false,
             scenarios: Vec::new(),
         };
         let list = |v: Option<String>, what: &str| -> Vec<usize> {
@@ -69,6 +71,7 @@ impl Options {
                 // cargo bench passes --bench to harness = false targets.
                 "--bench" => {}
                 "--quick" => o.quick = true,
+                "--pin" => o.pin = true,
                 "--repeat" => o.repeat = number(args.next(), "--repeat"),
                 "--cell-secs" => o.cell_secs = number(args.next(), "--cell-secs") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
@@ -140,6 +143,9 @@ fn main() {
             (emulator.host_port().to_string(), Some(emulator))
         }
     };
+    if options.pin {
+        procs::pin_self();
+    }
     let dir = tempfile::tempdir().expect("scratch directory");
     let certs = procs::Certs::generate(dir.path());
     let bench = Bench {

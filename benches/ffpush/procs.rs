@@ -21,6 +21,32 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `--pin`: this process on CPU 0, the FCM emulator on CPU 1 (the worker and the Firestore
+/// emulator are not pinned). Steadier numbers for comparing two builds; not the default,
+/// which lets both sides share both cores as a 2-core machine would.
+pub static PIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Pins this process (call before any thread is started: threads inherit it) to CPU 0.
+pub fn pin_self() {
+    PIN.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ok = Command::new("taskset")
+        .args(["-pc", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset failed: --pin needs util-linux's taskset");
+}
+
+fn command(pin_to: &str) -> Command {
+    if PIN.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", pin_to, ffpush_bin()]);
+        cmd
+    } else {
+        Command::new(ffpush_bin())
+    }
+}
+
 /// Clock ticks per second of `/proc/PID/stat` times (USER_HZ; 100 on Linux everywhere).
 const TICKS: f64 = 100.0;
 
@@ -143,7 +169,7 @@ impl FcmProcess {
         );
         let key = dir.join(format!("{name}-key.json"));
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(ffpush_bin());
+        let mut cmd = command("1");
         cmd.args(["fcm-emulator", "--host", "127.0.0.1", "--project", project])
             .arg("--port")
             .arg(port.to_string())
