@@ -149,6 +149,15 @@ struct EmulatorArgs {
     write_key: Option<PathBuf>,
     #[arg(long, default_value = "demo-ffpush")]
     project: String,
+    /// Serve HTTPS (h2 and http/1.1 by ALPN) with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Keep no messages, only counts (GET /emulator/stats): for load tests.
+    #[arg(long)]
+    no_record: bool,
 }
 
 /// Runs the command line; returns the exit code.
@@ -364,14 +373,21 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|_| Usage(format!("--host {:?} is not an IP address", args.host)))?;
-    let emulator = FcmEmulator::start(
-        addr,
-        EmulatorOptions {
-            token_lifetime: lifetime,
-        },
-    )
-    .await
-    .with_context(|| format!("binding {addr}"))?;
+    let options = EmulatorOptions {
+        token_lifetime: lifetime,
+        record: !args.no_record,
+    };
+    let emulator = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|e| Usage(format!("{}: {e}", path.display())))
+            };
+            let (cert, key) = (read(cert)?, read(key)?);
+            FcmEmulator::start_tls(addr, options, &cert, &key).await
+        }
+        _ => FcmEmulator::start(addr, options).await,
+    }
+    .with_context(|| format!("starting the FCM emulator on {addr}"))?;
     if let Some(path) = &args.write_key {
         emulator.write_service_account(path, &args.project)?;
         eprintln!(

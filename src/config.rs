@@ -33,6 +33,10 @@ pub struct SettingsArgs {
     /// Base URL of the FCM API.
     #[arg(long = "fcm-endpoint", env = "FCM_ENDPOINT")]
     pub fcm_endpoint: Option<String>,
+    /// Extra root CA certificate(s), PEM, trusted for FCM and its OAuth2 token endpoint next to
+    /// the system roots (a TLS-inspecting egress proxy, a local HTTPS emulator).
+    #[arg(long = "fcm-ca-cert", env = "FFPUSH_FCM_CA_CERT")]
+    pub fcm_ca_cert: Option<String>,
     /// HTTP port for health and metrics.
     #[arg(long = "port", env = "PORT")]
     pub port: Option<String>,
@@ -99,6 +103,8 @@ pub struct Settings {
     pub credentials: Option<PathBuf>,
     /// Without trailing slash.
     pub fcm_endpoint: String,
+    /// Extra trusted root(s) for FCM and OAuth2, already read and checked.
+    pub fcm_ca_cert: Option<CaCert>,
     pub port: u16,
     pub collection: String,
     pub user_collection: String,
@@ -116,6 +122,48 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Identifies this process on the documents it claims.
     pub worker_id: String,
+}
+
+/// Root certificate(s) from a PEM file, read once at start so a bad file stops the program
+/// with one line instead of failing every send.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaCert {
+    pub path: PathBuf,
+    /// The file's text: one or more `CERTIFICATE` blocks.
+    pub pem: Vec<u8>,
+}
+
+impl CaCert {
+    /// Reads `path` and checks it holds at least one well-formed PEM certificate. The error
+    /// says what is wrong, for [`ConfigError::fix`].
+    pub fn read(path: &std::path::Path) -> Result<CaCert, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let pem = std::fs::read(path).map_err(|e| {
+            format!("cannot read it ({e}); point it at a PEM file with the CA certificate")
+        })?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                format!("not PEM ({e}); export the CA certificate in PEM (base64) form")
+            })?;
+        if certs.is_empty() {
+            return Err(
+                "no -----BEGIN CERTIFICATE----- block in it; export the CA certificate in PEM form"
+                    .into(),
+            );
+        }
+        Ok(CaCert {
+            path: path.to_path_buf(),
+            pem,
+        })
+    }
+}
+
+impl std::fmt::Debug for CaCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CaCert").field(&self.path).finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +216,13 @@ impl Settings {
                 "use a URL such as https://fcm.googleapis.com",
             ));
         }
+        let fcm_ca_cert = match non_empty(&args.fcm_ca_cert) {
+            Some(raw) => Some(
+                CaCert::read(std::path::Path::new(raw))
+                    .map_err(|fix| ConfigError::new("FFPUSH_FCM_CA_CERT", raw, fix))?,
+            ),
+            None => None,
+        };
         let emulator = non_empty(&args.firestore_emulator_host).map(str::to_string);
         if let Some(host) = &emulator
             && (host.contains('/') || !host.contains(':'))
@@ -197,6 +252,7 @@ impl Settings {
             firestore_emulator_host: emulator,
             credentials,
             fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
+            fcm_ca_cert,
             port: parse_number(&args.port, "PORT", 8080, 0, u16::MAX as u64)? as u16,
             collection: collection_name(&args.collection, "FFPUSH_COLLECTION", DEFAULT_COLLECTION)?,
             user_collection: collection_name(
@@ -278,6 +334,7 @@ impl Settings {
             firestore_emulator_host: Some(firestore_emulator_host.to_string()),
             credentials: Some(credentials),
             fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
+            fcm_ca_cert: None,
             port: 0,
             collection: DEFAULT_COLLECTION.to_string(),
             user_collection: DEFAULT_USER_COLLECTION.to_string(),
@@ -557,6 +614,46 @@ mod tests {
         ];
         for (a, setting) in cases {
             assert_eq!(Settings::from_args(&a).unwrap_err().setting, setting);
+        }
+    }
+
+    #[test]
+    fn an_extra_ca_certificate_is_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, cert.cert.pem()).unwrap();
+        let s = Settings::from_args(&SettingsArgs {
+            fcm_ca_cert: Some(good.display().to_string()),
+            ..args()
+        })
+        .unwrap();
+        let ca = s.fcm_ca_cert.expect("the CA is kept");
+        assert_eq!(ca.path, good);
+        assert_eq!(ca.pem, cert.cert.pem().into_bytes());
+        assert!(
+            !format!("{ca:?}").contains("BEGIN"),
+            "Debug shows the path only"
+        );
+
+        let not_pem = dir.path().join("ca.der");
+        std::fs::write(&not_pem, cert.cert.der().as_ref()).unwrap();
+        for (path, says) in [
+            ("/nonexistent/ca.pem".to_string(), "cannot read"),
+            (not_pem.display().to_string(), "PEM"),
+        ] {
+            let err = Settings::from_args(&SettingsArgs {
+                fcm_ca_cert: Some(path),
+                ..args()
+            })
+            .unwrap_err();
+            assert_eq!(err.setting, "FFPUSH_FCM_CA_CERT");
+            let line = err.to_string();
+            assert!(
+                line.contains("FFPUSH_FCM_CA_CERT") && line.contains(says),
+                "{line}"
+            );
+            assert!(!line.contains('\n'));
         }
     }
 

@@ -2,8 +2,8 @@
 //! backoff, dead-token pruning, and a progress cursor that says exactly which tokens are done.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,8 +70,14 @@ pub fn path_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 #[derive(Debug, Default)]
 pub struct Ledger {
     cursor: Option<String>,
-    /// seq → (document name, finished?). The first unfinished seq holds the cursor back.
-    window: BTreeMap<u64, (String, bool)>,
+    /// The cursor of the run this one resumes: tokens at or before it are done. Kept apart from
+    /// the moving `cursor` so that a fresh fan-out compares no paths at all.
+    resumed_cursor: Option<String>,
+    /// Sequence number of `window[0]`.
+    first_seq: u64,
+    /// (document name, finished?) of every started token from `first_seq` on, in start order.
+    /// The first unfinished one holds the cursor back.
+    window: VecDeque<(String, bool)>,
     /// Finished in an earlier run past its cursor.
     resumed_beyond: HashSet<String>,
     /// Every finished token, including those past the cursor.
@@ -82,7 +88,9 @@ impl Ledger {
     pub fn resume(p: &Progress) -> Ledger {
         Ledger {
             cursor: p.cursor.clone(),
-            window: BTreeMap::new(),
+            resumed_cursor: p.cursor.clone(),
+            first_seq: 0,
+            window: VecDeque::new(),
             resumed_beyond: p.beyond.iter().cloned().collect(),
             tally: p.tally,
         }
@@ -90,27 +98,32 @@ impl Ledger {
 
     /// Whether an earlier run already has a final answer for this token document.
     fn done_before(&self, doc_name: &str) -> bool {
-        self.cursor
+        self.resumed_cursor
             .as_deref()
             .is_some_and(|c| path_cmp(doc_name, c) != std::cmp::Ordering::Greater)
-            || self.resumed_beyond.contains(doc_name)
+            || (!self.resumed_beyond.is_empty() && self.resumed_beyond.contains(doc_name))
     }
 
+    /// Sequence numbers are handed out consecutively from 0.
     fn start(&mut self, seq: u64, doc_name: String) {
-        self.window.insert(seq, (doc_name, false));
+        debug_assert_eq!(seq, self.first_seq + self.window.len() as u64);
+        self.window.push_back((doc_name, false));
     }
 
     fn finish(&mut self, result: &TokenResult) {
         self.tally.add(result);
-        if let Some(slot) = self.window.get_mut(&result.seq) {
+        let slot = result
+            .seq
+            .checked_sub(self.first_seq)
+            .and_then(|i| self.window.get_mut(i as usize));
+        if let Some(slot) = slot {
             slot.1 = true;
         }
-        while let Some(entry) = self.window.first_entry() {
-            if !entry.get().1 {
-                break;
+        while self.window.front().is_some_and(|(_, done)| *done) {
+            if let Some((name, _)) = self.window.pop_front() {
+                self.cursor = Some(name);
             }
-            let (name, _) = entry.remove();
-            self.cursor = Some(name);
+            self.first_seq += 1;
         }
     }
 
@@ -122,7 +135,7 @@ impl Ledger {
         };
         let mut beyond: Vec<String> = self
             .window
-            .values()
+            .iter()
             .filter(|(_, done)| *done)
             .map(|(name, _)| name.clone())
             .chain(
@@ -221,37 +234,49 @@ pub async fn fan_out(
     stop: CancellationToken,
 ) -> Result<Tally, Abort> {
     let hasher = RandomState::new();
-    let mut seen: HashSet<u64> = HashSet::new();
+    // Keys are already keyed hashes: the set stores them as they are.
+    let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
     let mut buffer: VecDeque<DeviceToken> = VecDeque::new();
     let mut in_flight = FuturesUnordered::new();
     let removed_before = lock(&ledger).tally.removed;
     let mut next_seq = 0u64;
     let mut reading = true;
     let mut stopping = false;
+    // Since when send slots are free but no token is at hand: the wait on Firestore reads.
+    let mut starved_since: Option<std::time::Instant> = None;
+    // A send that finished in the last round, recorded together with the next starts so the
+    // ledger is locked once per round, not once per start and once per finish.
+    let mut finished: Option<TokenResult> = None;
 
     loop {
-        while !stopping && in_flight.len() < ctx.concurrency {
-            let Some(token) = buffer.pop_front() else {
-                break;
-            };
-            if token.token.is_empty() || !seen.insert(hasher.hash_one(&token.token)) {
-                continue;
+        {
+            let mut ledger = lock(&ledger);
+            if let Some(result) = finished.take() {
+                ledger.finish(&result);
             }
-            let seq = next_seq;
-            {
-                let mut ledger = lock(&ledger);
-                if ledger.done_before(&token.doc_name) {
+            while !stopping && in_flight.len() < ctx.concurrency {
+                let Some(DeviceToken { doc_name, token }) = buffer.pop_front() else {
+                    break;
+                };
+                if token.is_empty()
+                    || !seen.insert(hasher.hash_one(&token))
+                    || ledger.done_before(&doc_name)
+                {
                     continue;
                 }
-                ledger.start(seq, token.doc_name.clone());
+                let seq = next_seq;
+                next_seq += 1;
+                ledger.start(seq, doc_name);
+                in_flight.push(send_one(ctx, template, token, seq, stop.clone()));
             }
-            next_seq += 1;
-            in_flight.push(send_one(ctx, template, token, seq, stop.clone()));
         }
         let want_page =
             reading && !stopping && buffer.is_empty() && in_flight.len() < ctx.concurrency;
         if !want_page && in_flight.is_empty() {
             break;
+        }
+        if want_page && starved_since.is_none() {
+            starved_since = Some(std::time::Instant::now());
         }
         tokio::select! {
             biased;
@@ -261,27 +286,57 @@ pub async fn fan_out(
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(done) = done else { continue };
                 match done {
-                    Ok(result) => lock(&ledger).finish(&result),
+                    Ok(result) => finished = Some(result),
                     // Its seq stays unfinished, so it will be sent by whoever resumes.
                     Err(Abort::Interrupted) => stopping = true,
                     Err(e) => return Err(e),
                 }
             }
-            page = pages.pages.recv(), if want_page => match page {
-                Some(Ok(page)) => buffer.extend(page),
-                Some(Err(e)) => return Err(Abort::Store(e)),
-                None => reading = false,
-            },
+            page = pages.pages.recv(), if want_page => {
+                if let Some(since) = starved_since.take() {
+                    ctx.metrics.token_wait_micros.inc_by(since.elapsed().as_micros() as u64);
+                }
+                match page {
+                    Some(Ok(page)) => buffer.extend(page),
+                    Some(Err(e)) => return Err(Abort::Store(e)),
+                    None => reading = false,
+                }
+            }
         }
     }
+    let tally = {
+        let mut ledger = lock(&ledger);
+        if let Some(result) = finished.take() {
+            ledger.finish(&result);
+        }
+        ledger.tally
+    };
     if stopping {
         return Err(Abort::Interrupted);
     }
-    let tally = lock(&ledger).tally;
     ctx.metrics
         .tokens_removed
         .inc_by(tally.removed.saturating_sub(removed_before));
     Ok(tally)
+}
+
+/// Hasher for keys that are already uniformly distributed 64-bit hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed with this; fold anything else in anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
@@ -291,11 +346,11 @@ fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
 async fn send_one(
     ctx: &Context<'_>,
     template: &MessageTemplate,
-    token: DeviceToken,
+    token: String,
     seq: u64,
     stop: CancellationToken,
 ) -> Result<TokenResult, Abort> {
-    let body = template.body_for(&token.token);
+    let body = template.body_for(&token);
     let first_try = std::time::Instant::now();
     let mut attempt = 1;
     loop {
@@ -304,7 +359,7 @@ async fn send_one(
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, reason) = match answer {
             Ok(Outcome::Dead) => {
-                let removed = remove_dead(ctx.store, &token.token).await;
+                let removed = remove_dead(ctx.store, &token).await;
                 return Ok(TokenResult {
                     seq,
                     outcome: Some(Outcome::Dead),
@@ -333,7 +388,7 @@ async fn send_one(
             .retry
             .backoff(attempt, retry_after, quota, rand::random::<f64>());
         if attempt >= ctx.retry.max_attempts || first_try.elapsed() + wait > ctx.retry.budget {
-            tracing::warn!(token = %redact(&token.token), attempts = attempt, %reason, "giving up on token");
+            tracing::warn!(token = %redact(&token), attempts = attempt, %reason, "giving up on token");
             if reason.starts_with("cannot get an FCM access token") {
                 return Err(Abort::Fatal(reason));
             }
@@ -343,7 +398,7 @@ async fn send_one(
                 removed: 0,
             });
         }
-        tracing::debug!(token = %redact(&token.token), attempt, wait_ms = wait.as_millis() as u64, %reason, "retrying");
+        tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, %reason, "retrying");
         ctx.metrics.retries.inc();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub documents_scheduled: Gauge,
     pub documents_in_progress: Gauge,
+    /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
+    pub token_wait_micros: Counter,
     latency_buckets: [Counter; 12],
     latency_count: Counter,
     latency_sum_micros: Counter,
@@ -181,6 +183,16 @@ impl Metrics {
             out,
             "ffpush_documents_waiting{{state=\"in_progress\"}} {}",
             self.documents_in_progress.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fanout_token_wait_seconds_total Time fan-outs had free send slots but no token: waiting on Firestore reads."
+        )?;
+        writeln!(out, "# TYPE ffpush_fanout_token_wait_seconds_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fanout_token_wait_seconds_total {}",
+            self.token_wait_micros.get() as f64 / 1e6
         )?;
         writeln!(
             out,

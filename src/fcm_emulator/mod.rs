@@ -10,6 +10,7 @@
 //! - `validate`: FCM's checks on a send request.
 //! - `oauth`: `POST /token`, the JWT check, access tokens and the service-account key writer.
 //! - `script`: per-token scripted answers and the `/emulator/tokens/{token}` control routes.
+//! - `tls`: the HTTPS mode (rustls, ALPN `h2` and `http/1.1`).
 //!
 //! # Lifetime
 //! The server runs until [`FcmEmulator::shutdown`] is called or the last clone of the handle is
@@ -18,6 +19,7 @@
 mod oauth;
 mod script;
 mod send;
+mod tls;
 mod validate;
 
 pub use script::Script;
@@ -34,6 +36,7 @@ use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -46,14 +49,30 @@ pub struct EmulatorOptions {
     /// Lifetime of the access tokens `/token` issues. Google's is one hour; tests shorten it
     /// to exercise expiry.
     pub token_lifetime: Duration,
+    /// Keep every accepted message and attempt (for [`FcmEmulator::messages`] and
+    /// `/emulator/messages`). Off for load tests: memory then stays flat and only
+    /// [`FcmEmulator::stats`] counts.
+    pub record: bool,
 }
 
 impl Default for EmulatorOptions {
     fn default() -> Self {
         EmulatorOptions {
             token_lifetime: Duration::from_secs(3600),
+            record: true,
         }
     }
+}
+
+/// Counts of send requests, kept whether or not messages are recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Sends answered 200.
+    pub accepted: u64,
+    /// Sends that passed authentication, whatever they were answered.
+    pub attempts: u64,
+    /// Of the attempts, those that came over HTTP/2 (h2 by ALPN, or h2c).
+    pub http2: u64,
 }
 
 /// A send FCM accepted (answered 200).
@@ -69,6 +88,8 @@ pub struct AcceptedMessage {
     pub received_at: DateTime<Utc>,
     /// `validate_only` requests are checked and answered like real sends but deliver nothing.
     pub validate_only: bool,
+    /// `HTTP/2.0` or `HTTP/1.1`: shows whether the client negotiated h2.
+    pub http_version: String,
 }
 
 /// One send request that passed authentication, whatever it was answered.
@@ -103,7 +124,7 @@ struct EmulatorState {
     messages: Vec<AcceptedMessage>,
     /// (project, attempt); the project is kept apart because `Attempt` is per project already.
     attempts: Vec<(String, Attempt)>,
-    sends: u64,
+    stats: Stats,
 }
 
 impl Shared {
@@ -124,7 +145,24 @@ impl FcmEmulator {
     /// shared by many tests.
     pub async fn start(addr: SocketAddr, options: EmulatorOptions) -> std::io::Result<FcmEmulator> {
         let listener = TcpListener::bind(addr).await?;
-        let (emulator, serve) = prepare(listener, options)?;
+        let (emulator, serve) = prepare(listener, options, None)?;
+        tokio::spawn(serve);
+        Ok(emulator)
+    }
+
+    /// Like [`FcmEmulator::start`], but HTTPS only, as FCM is: a rustls server offering `h2` and
+    /// `http/1.1` by ALPN, with the given certificate chain and private key (PEM). Clients trust
+    /// it through `FFPUSH_FCM_CA_CERT`; [`FcmEmulator::url`] and the `token_uri` of written keys
+    /// are `https://` URLs.
+    pub async fn start_tls(
+        addr: SocketAddr,
+        options: EmulatorOptions,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<FcmEmulator> {
+        let acceptor = tls::acceptor(cert_pem, key_pem)?;
+        let listener = TcpListener::bind(addr).await?;
+        let (emulator, serve) = prepare(listener, options, Some(acceptor))?;
         tokio::spawn(serve);
         Ok(emulator)
     }
@@ -154,7 +192,7 @@ impl FcmEmulator {
                 };
                 runtime.block_on(async move {
                     let prepared = TcpListener::from_std(listener)
-                        .and_then(|listener| prepare(listener, options));
+                        .and_then(|listener| prepare(listener, options, None));
                     match prepared {
                         Ok((emulator, serve)) => {
                             if ready_tx.send(Ok(emulator)).is_ok() {
@@ -215,6 +253,11 @@ impl FcmEmulator {
             .collect()
     }
 
+    /// Counts of send requests so far (kept also when messages are not recorded).
+    pub fn stats(&self) -> Stats {
+        self.shared.state().stats
+    }
+
     /// Invalidates every access token issued so far, as if Google had revoked them.
     pub fn revoke_access_tokens(&self) {
         self.shared.state().credentials.revoke_all();
@@ -250,11 +293,13 @@ impl std::fmt::Debug for FcmEmulator {
 fn prepare(
     listener: TcpListener,
     options: EmulatorOptions,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<(FcmEmulator, impl Future<Output = ()> + Send + 'static)> {
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let shared = Arc::new(Shared {
         addr,
-        url: format!("http://{}", reachable(addr)),
+        url: format!("{scheme}://{}", reachable(addr)),
         options,
         state: Mutex::new(EmulatorState::default()),
     });
@@ -262,12 +307,21 @@ fn prepare(
     let app = router(Arc::clone(&shared));
     let stop = cancel.clone().cancelled_owned();
     let serve = async move {
-        // axum's server speaks HTTP/1.1 and h2c with prior knowledge on the same socket.
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!(error = %e, "FCM emulator stopped");
+        match tls {
+            Some(acceptor) => tls::serve(listener, app, acceptor, stop).await,
+            None => {
+                // axum's server speaks HTTP/1.1 and h2c with prior knowledge on the same
+                // socket. No Nagle delay: answers are small and latency is measured.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::warn!(error = %e, "FCM emulator stopped");
+                }
+            }
         }
     };
     let emulator = FcmEmulator {
@@ -302,6 +356,7 @@ fn router(shared: Arc<Shared>) -> Router {
             post(script::set_script).delete(script::clear_script),
         )
         .route("/emulator/messages", get(list_messages))
+        .route("/emulator/stats", get(stats))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(shared)
@@ -327,6 +382,11 @@ async fn list_messages(
         .cloned()
         .collect();
     Json(messages)
+}
+
+/// `GET /emulator/stats`: counts of send requests, for load tests that do not record.
+async fn stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
+    Json(shared.state().stats)
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

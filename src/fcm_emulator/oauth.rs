@@ -204,7 +204,11 @@ fn check_claims(claims: &Value, port: u16, now: i64) -> Result<(), GrantError> {
 
 /// `aud` must name `/token` on this port, reached through loopback or the bound address.
 fn is_our_token_uri(aud: &str, port: u16) -> bool {
-    let Some(rest) = aud.strip_prefix("http://") else {
+    // Either scheme: the emulator serves one of them (`start` or `start_tls`).
+    let Some(rest) = aud
+        .strip_prefix("http://")
+        .or_else(|| aud.strip_prefix("https://"))
+    else {
         return false;
     };
     let Some((authority, path)) = rest.split_once('/') else {

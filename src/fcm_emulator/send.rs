@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use rand::Rng as _;
@@ -20,6 +20,7 @@ pub(super) async fn send(
     State(shared): State<Arc<Shared>>,
     Path((project, action)): Path<(String, String)>,
     uri: Uri,
+    version: Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -37,7 +38,14 @@ pub(super) async fn send(
         Err(violation) => {
             let token = validate::token_hint(&body);
             tracing::debug!(%project, token = ?token.as_deref().map(redact), field = ?violation.field, "FCM emulator: send invalid");
-            record_attempt(&shared, &project, token, StatusCode::BAD_REQUEST, at);
+            record_attempt(
+                &shared,
+                &project,
+                token,
+                StatusCode::BAD_REQUEST,
+                at,
+                version,
+            );
             return (StatusCode::BAD_REQUEST, Json(violation.body())).into_response();
         }
     };
@@ -56,26 +64,32 @@ pub(super) async fn send(
             Some(Scripted::Fail(failure)) => failure.status,
             Some(Scripted::Delay(_)) | None => StatusCode::OK,
         };
-        state.attempts.push((
-            project.clone(),
-            Attempt {
-                token: request.token.clone(),
-                status: status.as_u16(),
-                at,
-            },
-        ));
+        count_attempt(&mut state.stats, version);
+        if shared.options.record {
+            state.attempts.push((
+                project.clone(),
+                Attempt {
+                    token: request.token.clone(),
+                    status: status.as_u16(),
+                    at,
+                },
+            ));
+        }
         let name = (status == StatusCode::OK).then(|| {
-            state.sends += 1;
-            let name = message_name(&project, state.sends, request.validate_only);
-            state.messages.push(AcceptedMessage {
-                project: project.clone(),
-                token: request.token.clone(),
-                topic: request.topic.clone(),
-                message: request.message.clone(),
-                name: name.clone(),
-                received_at: at,
-                validate_only: request.validate_only,
-            });
+            state.stats.accepted += 1;
+            let name = message_name(&project, state.stats.accepted, request.validate_only);
+            if shared.options.record {
+                state.messages.push(AcceptedMessage {
+                    project: project.clone(),
+                    token: request.token.clone(),
+                    topic: request.topic.clone(),
+                    message: request.message.clone(),
+                    name: name.clone(),
+                    received_at: at,
+                    validate_only: request.validate_only,
+                    http_version: format!("{version:?}"),
+                });
+            }
             name
         });
         (scripted, name)
@@ -115,15 +129,27 @@ fn record_attempt(
     token: Option<String>,
     status: StatusCode,
     at: chrono::DateTime<Utc>,
+    version: Version,
 ) {
-    shared.state().attempts.push((
-        project.to_owned(),
-        Attempt {
-            token,
-            status: status.as_u16(),
-            at,
-        },
-    ));
+    let mut state = shared.state();
+    count_attempt(&mut state.stats, version);
+    if shared.options.record {
+        state.attempts.push((
+            project.to_owned(),
+            Attempt {
+                token,
+                status: status.as_u16(),
+                at,
+            },
+        ));
+    }
+}
+
+fn count_attempt(stats: &mut super::Stats, version: Version) {
+    stats.attempts += 1;
+    if version == Version::HTTP_2 {
+        stats.http2 += 1;
+    }
 }
 
 /// Real message ids look like `0:1500415314455276%31bd1c9631bd1c96`; validate-only sends get

@@ -628,6 +628,7 @@ async fn token_endpoint_refuses_bad_grants() {
 async fn access_tokens_expire_after_their_lifetime() {
     let options = EmulatorOptions {
         token_lifetime: Duration::from_secs(1),
+        ..EmulatorOptions::default()
     };
     let fcm = spawn_fcm("expiry-project", options).await;
     let message = json!({"message": {"token": "device-1"}});

@@ -1,0 +1,347 @@
+//! ffpush's benchmark suite (BENCHMARKS.md holds a run's results).
+//!
+//! ```sh
+//! cargo bench --bench ffpush                    # everything (≈ 15 min on 2 cores)
+//! cargo bench --bench ffpush -- --quick         # a smoke run of every scenario (≈ 1–2 min)
+//! cargo bench --bench ffpush -- fanout latency  # some scenarios
+//! ```
+//!
+//! Scenarios:
+//! - `fanout`: messages/s and CPU-ms per 1000 messages of the production fan-out (this process)
+//!   against the FCM emulator (another process), h2c and HTTPS (h2 by ALPN), for 10k/100k/1M
+//!   tokens from memory at concurrency 1/64/256/1024. Each cell stops at its token count or its
+//!   time limit, whichever comes first.
+//! - `ceiling`: the FCM emulator's own ceiling under a raw `h2` load generator.
+//! - `latency`: document creation → first FCM request and → `status: succeeded`, one user,
+//!   with `ffpush run` as a child process on the Firestore emulator.
+//! - `broadcast`: a 20 000-token broadcast end to end, and where its time goes.
+//! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
+//!
+//! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
+//! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
+//! fan-out matrix), `--rss-sizes 100000,…`.
+
+mod ceiling;
+mod fanout;
+mod firestore;
+mod procs;
+
+use std::time::Duration;
+
+use ffpush::firestore_emulator::FirestoreEmulator;
+
+pub struct Options {
+    pub quick: bool,
+    pub repeat: usize,
+    pub cell_secs: u64,
+    pub rss_sizes: Vec<usize>,
+    /// Fan-out matrix rows and columns.
+    pub sizes: Vec<usize>,
+    pub concurrencies: Vec<usize>,
+    /// `h2c`, `tls` or both.
+    pub transports: Vec<String>,
+    pub pin: bool,
+    pub scenarios: Vec<String>,
+}
+
+const SCENARIOS: [&str; 5] = ["fanout", "ceiling", "latency", "broadcast", "rss"];
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            quick: false,
+            repeat: 3,
+            cell_secs: 20,
+            rss_sizes: vec![100_000, 250_000, 500_000, 1_000_000],
+            sizes: vec![10_000, 100_000, 1_000_000],
+            concurrencies: vec![1, 64, 256, 1024],
+            transports: vec!["h2c".into(), "tls".into()],
+            pin: false,
+            scenarios: Vec::new(),
+        };
+        let list = |v: Option<String>, what: &str| -> Vec<usize> {
+            v.unwrap_or_default()
+                .split(',')
+                .map(|n| number(Some(n.to_string()), what))
+                .collect()
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                "--quick" => o.quick = true,
+                "--pin" => o.pin = true,
+                "--repeat" => o.repeat = number(args.next(), "--repeat"),
+                "--cell-secs" => o.cell_secs = number(args.next(), "--cell-secs") as u64,
+                "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
+                "--sizes" => o.sizes = list(args.next(), "--sizes"),
+                "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
+                "--transport" => {
+                    o.transports = args
+                        .next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter(|t| ["h2c", "tls"].contains(t))
+                        .map(str::to_string)
+                        .collect()
+                }
+                s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
+                other => {
+                    eprintln!(
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --rss-sizes A,B",
+                        SCENARIOS.join(" ")
+                    );
+                    std::process::exit(64);
+                }
+            }
+        }
+        if o.quick {
+            o.repeat = o.repeat.min(1);
+            o.cell_secs = o.cell_secs.min(3);
+            o.rss_sizes = vec![5_000, 10_000];
+            o.sizes = vec![10_000];
+            o.concurrencies = vec![1, 256];
+        }
+        if o.scenarios.is_empty() {
+            o.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
+        }
+        o
+    }
+
+    pub fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+fn number(v: Option<String>, what: &str) -> usize {
+    v.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| {
+        eprintln!("{what} needs a whole number");
+        std::process::exit(64)
+    })
+}
+
+/// Everything a scenario shares: the Firestore emulator, certificates, a scratch directory.
+pub struct Bench {
+    pub options: Options,
+    pub firestore_host: String,
+    pub dir: tempfile::TempDir,
+    pub certs: procs::Certs,
+}
+
+fn main() {
+    let options = Options::parse();
+    machine();
+    let firestore = match std::env::var("FIRESTORE_EMULATOR_HOST") {
+        Ok(host) if !host.is_empty() => (host, None),
+        _ => {
+            eprintln!("starting the Firestore emulator …");
+            let emulator = FirestoreEmulator::start(None).unwrap_or_else(|e| {
+                eprintln!("{e}");
+                std::process::exit(1)
+            });
+            (emulator.host_port().to_string(), Some(emulator))
+        }
+    };
+    if options.pin {
+        procs::pin_self();
+    }
+    let dir = tempfile::tempdir().expect("scratch directory");
+    let certs = procs::Certs::generate(dir.path());
+    let bench = Bench {
+        options,
+        firestore_host: firestore.0.clone(),
+        dir,
+        certs,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // Spawned, not run in `block_on`: the daemon runs fan-outs on the runtime's worker
+    // threads, so the measured code does too.
+    let work = runtime.spawn(async move {
+        if bench.options.wants("fanout") {
+            fanout_matrix(&bench).await;
+        }
+        if bench.options.wants("ceiling") {
+            ceiling::run(&bench).await;
+        }
+        if bench.options.wants("latency") {
+            firestore::latency(&bench).await;
+        }
+        if bench.options.wants("broadcast") {
+            firestore::broadcast(&bench).await;
+        }
+        if bench.options.wants("rss") {
+            firestore::rss(&bench).await;
+        }
+    });
+    if let Err(e) = runtime.block_on(work) {
+        eprintln!("the benchmark failed: {e}");
+        std::process::exit(1);
+    }
+    drop(firestore);
+}
+
+/// What this ran on, for the report.
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_gib = procs::status_kb_of("/proc/meminfo", "MemTotal") as f64 / 1024.0 / 1024.0;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!("# ffpush benchmark\n");
+    println!(
+        "machine: {cores} cores ({cpu}), {mem_gib:.0} GiB; commit {commit}; {}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+}
+
+/// Median, min and max of some runs.
+pub fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    (median, values[0], values[n - 1])
+}
+
+/// `median (min–max)` when there are several runs.
+pub fn show(values: Vec<f64>, decimals: usize) -> String {
+    let n = values.len();
+    if n == 0 {
+        return "–".into();
+    }
+    let (median, min, max) = spread(values);
+    if n > 1 {
+        format!("{median:.decimals$} ({min:.decimals$}–{max:.decimals$})")
+    } else {
+        format!("{median:.decimals$}")
+    }
+}
+
+/// The p-th percentile (nearest rank) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn fanout_matrix(bench: &Bench) {
+    let o = &bench.options;
+    let project = "bench-fanout";
+    let h2c = fanout::Target::new(
+        procs::FcmProcess::start(bench.dir.path(), project, None, false),
+        &bench.firestore_host,
+        project,
+        None,
+    );
+    let tls = fanout::Target::new(
+        procs::FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), false),
+        &bench.firestore_host,
+        project,
+        Some(&bench.certs.ca),
+    );
+    let store = ffpush::store::Store::connect(&h2c.settings)
+        .await
+        .expect("connecting to the Firestore emulator");
+    let limit = Duration::from_secs(o.cell_secs);
+    println!(
+        "## Fan-out from memory (production `fan_out` + `Sender`; FCM emulator in another process)\n"
+    );
+    println!(
+        "Each cell stops after its tokens or {}s, whichever first († = stopped by time: the rate is over what was sent). \
+         Repeated cells: median (min–max) of {} runs. CPU is the ffpush side only (this process), per 1000 messages.\n",
+        o.cell_secs, o.repeat
+    );
+    println!(
+        "| tokens | concurrency | h2c msg/s | h2c CPU-ms/1000 | TLS msg/s | TLS CPU-ms/1000 | emulator CPU-ms/1000 (h2c / TLS) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &tokens in &o.sizes {
+        for &concurrency in &o.concurrencies {
+            // The 1M row is time-bound anyway; repeat the rows that finish.
+            let runs = if tokens >= 1_000_000 {
+                1
+            } else {
+                o.repeat.max(1)
+            };
+            let mut row = Vec::new();
+            tokio::task::block_in_place(procs::settle);
+            for target in [&h2c, &tls] {
+                let mut results = Vec::new();
+                let name = if target.fcm.tls { "tls" } else { "h2c" };
+                if !o.transports.iter().any(|t| t == name) {
+                    row.push(results);
+                    continue;
+                }
+                for _ in 0..runs {
+                    let r = fanout::cell(target, &store, tokens, concurrency, limit).await;
+                    eprintln!(
+                        "fanout {tokens} c={concurrency} {name}: {} sent in {:.2}s = {:.0}/s, {:.1} CPU-ms/1000 (emulator {:.1})",
+                        r.sent,
+                        r.secs,
+                        r.rate(),
+                        r.cpu_ms_per_1000(),
+                        r.emulator_cpu_ms_per_1000()
+                    );
+                    results.push(r);
+                }
+                row.push(results);
+            }
+            let cap = |rs: &[fanout::CellResult]| {
+                if rs.iter().any(|r| r.capped) {
+                    " †"
+                } else {
+                    ""
+                }
+            };
+            println!(
+                "| {tokens} | {concurrency} | {}{} | {} | {}{} | {} | {} / {} |",
+                show(row[0].iter().map(|r| r.rate()).collect(), 0),
+                cap(&row[0]),
+                show(row[0].iter().map(|r| r.cpu_ms_per_1000()).collect(), 1),
+                show(row[1].iter().map(|r| r.rate()).collect(), 0),
+                cap(&row[1]),
+                show(row[1].iter().map(|r| r.cpu_ms_per_1000()).collect(), 1),
+                show(
+                    row[0]
+                        .iter()
+                        .map(|r| r.emulator_cpu_ms_per_1000())
+                        .collect(),
+                    1
+                ),
+                show(
+                    row[1]
+                        .iter()
+                        .map(|r| r.emulator_cpu_ms_per_1000())
+                        .collect(),
+                    1
+                ),
+            );
+        }
+    }
+    println!();
+}
