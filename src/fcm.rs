@@ -198,8 +198,9 @@ impl Sender {
             "{}/v1/projects/{}/messages:send",
             settings.fcm_endpoint, settings.project
         );
-        let send_url = reqwest::Url::parse(&send_url)
-            .map_err(|e| Error::Fatal(format!("FCM_ENDPOINT gives no valid URL {send_url}: {e}")))?;
+        let send_url = reqwest::Url::parse(&send_url).map_err(|e| {
+            Error::Fatal(format!("FCM_ENDPOINT gives no valid URL {send_url}: {e}"))
+        })?;
         Ok(Sender {
             http,
             send_url,

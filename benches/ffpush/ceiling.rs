@@ -18,7 +18,7 @@ use crate::procs::{self, FcmProcess};
 pub async fn run(bench: &crate::Bench) {
     let o = &bench.options;
     let project = "bench-ceiling";
-    let secs = if o.quick { 3 } else { 10 };
+    let secs = if o.quick { 2 } else { 5 };
     println!("## FCM emulator ceiling (bare `h2` load generator, no client logic)\n");
     println!(
         "{secs}s per run, pre-built bodies, {} runs: median (min–max). The emulator validates each message as FCM does \
@@ -26,10 +26,16 @@ pub async fn run(bench: &crate::Bench) {
          for any HTTP/2 client here.\n",
         o.repeat
     );
-    println!("| transport | connections × streams | msg/s | emulator CPU-ms/1000 | generator CPU-ms/1000 |");
+    println!(
+        "| transport | connections × streams | msg/s | emulator CPU-ms/1000 | generator CPU-ms/1000 |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for tls in [false, true] {
-        if !o.transports.iter().any(|t| t == if tls { "tls" } else { "h2c" }) {
+        if !o
+            .transports
+            .iter()
+            .any(|t| t == if tls { "tls" } else { "h2c" })
+        {
             continue;
         }
         let certs = tls.then_some(&bench.certs);
@@ -60,15 +66,24 @@ pub async fn run(bench: &crate::Bench) {
 }
 
 /// (messages/s, emulator CPU-ms per 1000, generator CPU-ms per 1000)
-async fn load(target: &Target, connections: usize, streams: usize, limit: Duration) -> (f64, f64, f64) {
+async fn load(
+    target: &Target,
+    connections: usize,
+    streams: usize,
+    limit: Duration,
+) -> (f64, f64, f64) {
     // The production sender only fetches the OAuth token the emulator wants.
     let sender = Sender::new(&target.settings).await.expect("sender");
     let auth = sender.access_token().await.expect("access token");
     let template = MessageTemplate::new(&notification()).expect("template");
-    let bodies: Arc<Vec<Bytes>> = Arc::new((0..4096).map(|i| template.body_for(&token(i))).collect());
-    let url: axum::http::Uri = format!("{}/v1/projects/{}/messages:send", target.fcm.url, target.settings.project)
-        .parse()
-        .expect("URI");
+    let bodies: Arc<Vec<Bytes>> =
+        Arc::new((0..4096).map(|i| template.body_for(&token(i))).collect());
+    let url: axum::http::Uri = format!(
+        "{}/v1/projects/{}/messages:send",
+        target.fcm.url, target.settings.project
+    )
+    .parse()
+    .expect("URI");
     let tls = target.settings.fcm_ca_cert.as_ref().map(|ca| {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject as _;
@@ -97,7 +112,11 @@ async fn load(target: &Target, connections: usize, streams: usize, limit: Durati
             Some(connector) => {
                 let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
                 let stream = connector.connect(name, tcp).await.expect("TLS handshake");
-                assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN chose h2");
+                assert_eq!(
+                    stream.get_ref().1.alpn_protocol(),
+                    Some(&b"h2"[..]),
+                    "ALPN chose h2"
+                );
                 let (send, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
                 tokio::spawn(conn);
                 send
@@ -110,7 +129,13 @@ async fn load(target: &Target, connections: usize, streams: usize, limit: Durati
         };
         for s in 0..streams {
             let mut send = send.clone();
-            let (done, ok, bodies, url, auth) = (done.clone(), ok.clone(), bodies.clone(), url.clone(), auth.clone());
+            let (done, ok, bodies, url, auth) = (
+                done.clone(),
+                ok.clone(),
+                bodies.clone(),
+                url.clone(),
+                auth.clone(),
+            );
             clients.push(tokio::spawn(async move {
                 let mut i = s;
                 while !done.load(Ordering::Relaxed) {
@@ -118,7 +143,10 @@ async fn load(target: &Target, connections: usize, streams: usize, limit: Durati
                         .method(Method::POST)
                         .uri(url.clone())
                         .header(header::AUTHORIZATION, auth.clone())
-                        .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                        .header(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )
                         .body(())
                         .expect("request");
                     send = match send.ready().await {
@@ -128,7 +156,10 @@ async fn load(target: &Target, connections: usize, streams: usize, limit: Durati
                     let Ok((response, mut body)) = send.send_request(request, false) else {
                         return;
                     };
-                    if body.send_data(bodies[i % bodies.len()].clone(), true).is_err() {
+                    if body
+                        .send_data(bodies[i % bodies.len()].clone(), true)
+                        .is_err()
+                    {
                         return;
                     }
                     i += streams;
@@ -148,10 +179,18 @@ async fn load(target: &Target, connections: usize, streams: usize, limit: Durati
         }
     }
     let me = std::process::id();
-    let (cpu0, emu0, n0) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()), ok.load(Ordering::Relaxed));
+    let (cpu0, emu0, n0) = (
+        procs::cpu_seconds(me),
+        procs::cpu_seconds(target.fcm.pid()),
+        ok.load(Ordering::Relaxed),
+    );
     let started = Instant::now();
     tokio::time::sleep(limit).await;
-    let (cpu1, emu1, n1) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()), ok.load(Ordering::Relaxed));
+    let (cpu1, emu1, n1) = (
+        procs::cpu_seconds(me),
+        procs::cpu_seconds(target.fcm.pid()),
+        ok.load(Ordering::Relaxed),
+    );
     let secs = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     for c in clients {

@@ -84,13 +84,19 @@ async fn create(store: &Store, user: Option<usize>) -> String {
         store::string(n.image.as_deref().unwrap_or_default()),
     );
     f.insert("notification_sound".to_string(), store::string("default"));
-    f.insert("initial_page_name".to_string(), store::string("ProductPage"));
+    f.insert(
+        "initial_page_name".to_string(),
+        store::string("ProductPage"),
+    );
     f.insert(
         "parameter_data".to_string(),
         store::string(n.parameter_data.as_deref().unwrap_or_default()),
     );
     match user {
-        Some(i) => f.insert("user_refs".to_string(), store::string(&format!("users/u{i:08}"))),
+        Some(i) => f.insert(
+            "user_refs".to_string(),
+            store::string(&format!("users/u{i:08}")),
+        ),
         None => f.insert("target_audience".to_string(), store::string("All")),
     };
     f.insert("timestamp".to_string(), store::timestamp(Utc::now()));
@@ -108,16 +114,26 @@ async fn finished(store: &Store, relative: &str, every: Duration, limit: Duratio
         if let Some(doc) = store.get(relative).await.expect("reading a notification")
             && let Status::Finished(status) = Status::of(&doc)
         {
-            assert_eq!(status, "succeeded", "{relative}: {:?}", doc.fields.get("error"));
+            assert_eq!(
+                status,
+                "succeeded",
+                "{relative}: {:?}",
+                doc.fields.get("error")
+            );
             return doc;
         }
-        assert!(Instant::now() < deadline, "{relative} did not finish in {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{relative} did not finish in {limit:?}"
+        );
         tokio::time::sleep(every).await;
     }
 }
 
 fn time_of(t: &Option<store::prost_types_timestamp::Timestamp>) -> DateTime<Utc> {
-    t.as_ref().and_then(store::from_timestamp).expect("a timestamp")
+    t.as_ref()
+        .and_then(store::from_timestamp)
+        .expect("a timestamp")
 }
 
 fn millis(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
@@ -146,14 +162,22 @@ pub async fn latency(bench: &crate::Bench) {
     let mut docs = Vec::new();
     for i in 0..warm + n {
         let relative = create(&store, Some(i)).await;
-        let doc = finished(&store, &relative, Duration::from_millis(5), Duration::from_secs(30)).await;
+        let doc = finished(
+            &store,
+            &relative,
+            Duration::from_millis(5),
+            Duration::from_secs(30),
+        )
+        .await;
         if i >= warm {
             docs.push((i, doc));
         }
         // A little air between notifications, as independent app events would have.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let messages: Vec<serde_json::Value> = target.get_json(&format!("/emulator/messages?project={project}")).await;
+    let messages: Vec<serde_json::Value> = target
+        .get_json(&format!("/emulator/messages?project={project}"))
+        .await;
     let received: HashMap<String, DateTime<Utc>> = messages
         .iter()
         .filter_map(|m| {
@@ -166,7 +190,9 @@ pub async fn latency(bench: &crate::Bench) {
     let mut done = Vec::new();
     for (i, doc) in &docs {
         let created = time_of(&doc.create_time);
-        let sent = received.get(&token(*i)).expect("FCM received the user's token");
+        let sent = received
+            .get(&token(*i))
+            .expect("FCM received the user's token");
         first_send.push(millis(created, *sent));
         done.push(millis(created, time_of(&doc.update_time)));
     }
@@ -174,7 +200,9 @@ pub async fn latency(bench: &crate::Bench) {
     first_send.sort_by(f64::total_cmp);
     done.sort_by(f64::total_cmp);
     let p = crate::percentile;
-    println!("## Latency, one user (worker `ffpush run` as a child process, Firestore emulator, HTTPS FCM emulator)\n");
+    println!(
+        "## Latency, one user (worker `ffpush run` as a child process, Firestore emulator, HTTPS FCM emulator)\n"
+    );
     println!(
         "{n} notifications one after another (after {warm} not counted), each to one user with one token. \
          Times are Firestore's create time of the document → the FCM emulator's receipt of the request, and → \
@@ -182,7 +210,10 @@ pub async fn latency(bench: &crate::Bench) {
     );
     println!("| | p50 ms | p90 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
-    for (name, v) in [("create → first FCM request", &first_send), ("create → `succeeded`", &done)] {
+    for (name, v) in [
+        ("create → first FCM request", &first_send),
+        ("create → `succeeded`", &done),
+    ] {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
             p(v, 50.0),
@@ -237,7 +268,13 @@ pub async fn broadcast(bench: &crate::Bench) {
         let wait0 = worker.metric("ffpush_fanout_token_wait_seconds_total");
         let cpu0 = procs::cpu_seconds(worker.pid());
         let relative = create(&store, None).await;
-        let doc = finished(&store, &relative, Duration::from_millis(20), Duration::from_secs(300)).await;
+        let doc = finished(
+            &store,
+            &relative,
+            Duration::from_millis(20),
+            Duration::from_secs(300),
+        )
+        .await;
         let cpu = procs::cpu_seconds(worker.pid()) - cpu0;
         let wait = worker.metric("ffpush_fanout_token_wait_seconds_total") - wait0;
         assert_eq!(store::integer_field(&doc, "num_sent"), Some(tokens as i64));
@@ -265,7 +302,9 @@ pub async fn broadcast(bench: &crate::Bench) {
         v
     };
     let show = |f: &dyn Fn(&Run) -> f64, d| crate::show(runs.iter().map(f).collect(), d);
-    println!("## Broadcast of {tokens} tokens end to end (worker as a child process, Firestore emulator, HTTPS FCM emulator)\n");
+    println!(
+        "## Broadcast of {tokens} tokens end to end (worker as a child process, Firestore emulator, HTTPS FCM emulator)\n"
+    );
     println!(
         "Median (min–max) of {} broadcasts. Claim, fan-out and report come from the document's own timestamps \
          (create time, `started_at`, `completed_at`, update time). *Waiting for tokens* is the worker's \
@@ -276,12 +315,30 @@ pub async fn broadcast(bench: &crate::Bench) {
     println!("| | seconds |");
     println!("|---|---:|");
     println!("| create → `succeeded` | {} |", show(&|r| r.total, 2));
-    println!("| create → claimed (`started_at`) | {} |", show(&|r| r.claim, 3));
-    println!("| fan-out (`started_at` → `completed_at`) | {} |", show(&|r| r.fan_out, 2));
-    println!("| … of which waiting for tokens (reading) | {} |", show(&|r| r.waiting_for_tokens, 2));
-    println!("| … of which sending | {} |", show(&|r| r.fan_out - r.waiting_for_tokens, 2));
-    println!("| report write (`completed_at` → update time) | {} |", show(&|r| r.report, 3));
-    println!("| for reference: reading the {tokens} tokens alone (same reader, no sends) | {} |", crate::show(reads, 2));
+    println!(
+        "| create → claimed (`started_at`) | {} |",
+        show(&|r| r.claim, 3)
+    );
+    println!(
+        "| fan-out (`started_at` → `completed_at`) | {} |",
+        show(&|r| r.fan_out, 2)
+    );
+    println!(
+        "| … of which waiting for tokens (reading) | {} |",
+        show(&|r| r.waiting_for_tokens, 2)
+    );
+    println!(
+        "| … of which sending | {} |",
+        show(&|r| r.fan_out - r.waiting_for_tokens, 2)
+    );
+    println!(
+        "| report write (`completed_at` → update time) | {} |",
+        show(&|r| r.report, 3)
+    );
+    println!(
+        "| for reference: reading the {tokens} tokens alone (same reader, no sends) | {} |",
+        crate::show(reads, 2)
+    );
     println!("| worker CPU | {} |", show(&|r| r.cpu, 2));
     println!(
         "\nRate: {} messages/s end to end.\n",
@@ -307,13 +364,17 @@ pub async fn rss(bench: &crate::Bench) {
     let store = connect(bench, &target).await;
     let mut sizes = o.rss_sizes.clone();
     sizes.sort_unstable();
-    println!("## Worker memory during a broadcast read from Firestore (worker as a child process)\n");
+    println!(
+        "## Worker memory during a broadcast read from Firestore (worker as a child process)\n"
+    );
     println!(
         "The audience grows between rows (tokens are added to the same project); each row starts a fresh \
          `ffpush run` and sends one broadcast to every token. RSS is the worker's `/proc/PID/status`: VmHWM \
          (the kernel's peak) when ready and after the broadcast, and the largest VmRSS sampled every 50 ms.\n"
     );
-    println!("| tokens | seeding docs/s | broadcast s | msg/s | VmHWM ready MB | VmHWM after MB | max sampled VmRSS MB | worker CPU s |");
+    println!(
+        "| tokens | seeding docs/s | broadcast s | msg/s | VmHWM ready MB | VmHWM after MB | max sampled VmRSS MB | worker CPU s |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut seeded = 0;
     for size in sizes {
@@ -336,7 +397,13 @@ pub async fn rss(bench: &crate::Bench) {
         let cpu0 = procs::cpu_seconds(pid);
         let started = Instant::now();
         let relative = create(&store, None).await;
-        let doc = finished(&store, &relative, Duration::from_millis(200), Duration::from_secs(1800)).await;
+        let doc = finished(
+            &store,
+            &relative,
+            Duration::from_millis(200),
+            Duration::from_secs(1800),
+        )
+        .await;
         let secs = started.elapsed().as_secs_f64();
         let hwm = procs::status_kb(pid, "VmHWM");
         let cpu = procs::cpu_seconds(pid) - cpu0;
