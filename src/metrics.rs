@@ -71,6 +71,7 @@ pub struct Metrics {
     pub documents_in_progress: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
+    /// Observations per bucket, not cumulative (see [`Metrics::observe_fcm`]).
     latency_buckets: [Counter; 12],
     latency_count: Counter,
     latency_sum_micros: Counter,
@@ -90,11 +91,11 @@ impl Metrics {
             Err(fcm::Error::Auth(_)) => 8,
         };
         self.fcm_outcomes[class].inc();
+        // One increment per observation (the first bucket that holds it); the cumulative
+        // counts Prometheus wants are summed when rendering, not paid for on every send.
         let secs = elapsed.as_secs_f64();
-        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
-            if secs <= bound {
-                bucket.inc();
-            }
+        if let Some(bucket) = BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.latency_buckets[bucket].inc();
         }
         self.latency_count.inc();
         self.latency_sum_micros.inc_by(elapsed.as_micros() as u64);
@@ -199,11 +200,12 @@ impl Metrics {
             "# HELP ffpush_fcm_request_duration_seconds Latency of one FCM send request."
         )?;
         writeln!(out, "# TYPE ffpush_fcm_request_duration_seconds histogram")?;
+        let mut cumulative = 0;
         for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
+            cumulative += bucket.get();
             writeln!(
                 out,
-                "ffpush_fcm_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                bucket.get()
+                "ffpush_fcm_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             )?;
         }
         writeln!(

@@ -18,7 +18,7 @@ use crate::procs::{self, FcmProcess};
 pub async fn run(bench: &crate::Bench) {
     let o = &bench.options;
     let project = "bench-ceiling";
-    let secs = if o.quick { 3 } else { 10 };
+    let secs = if o.quick { 2 } else { 5 };
     println!("## FCM emulator ceiling (bare `h2` load generator, no client logic)\n");
     println!(
         "{secs}s per run, pre-built bodies, {} runs: median (min–max). The emulator validates each message as FCM does \

@@ -52,7 +52,7 @@ impl Options {
             quick: false,
             repeat: 3,
             cell_secs: 20,
-            rss_sizes: vec![100_000, 250_000, 500_000, 1_000_000],
+            rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],

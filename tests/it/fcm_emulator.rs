@@ -734,3 +734,94 @@ fn start_on_thread_from_sync_code_and_shutdown() {
     }
     assert!(!reachable(), "still accepting connections after shutdown");
 }
+
+/// A CA and a `localhost`/`127.0.0.1` certificate it signed: (CA PEM, leaf PEM, leaf key PEM).
+fn test_certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
+        .expect("leaf");
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn https_mode_negotiates_h2_and_ffpush_trusts_it_through_fcm_ca_cert() {
+    use ffpush::config::{Settings, SettingsArgs};
+    use ffpush::fcm::{Outcome, Sender};
+
+    let (ca, cert, key) = test_certificates();
+    let emulator = FcmEmulator::start_tls(
+        any_port(),
+        EmulatorOptions::default(),
+        cert.as_bytes(),
+        key.as_bytes(),
+    )
+    .await
+    .expect("start the HTTPS emulator");
+    assert!(emulator.url().starts_with("https://127.0.0.1:"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("service-account.json");
+    emulator
+        .write_service_account(&key_file, "tls-project")
+        .expect("write service account");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).expect("write CA");
+    let args = |ca: Option<&Path>| SettingsArgs {
+        credentials: Some(key_file.display().to_string()),
+        fcm_endpoint: Some(emulator.url()),
+        fcm_ca_cert: ca.map(|p| p.display().to_string()),
+        ..Default::default()
+    };
+
+    // Settings as `ffpush run` reads them; the OAuth2 token comes over HTTPS too.
+    let settings = Settings::from_args(&args(Some(&ca_file))).expect("settings");
+    let sender = Sender::new(&settings).await.expect("sender");
+    let body = r#"{"message":{"token":"device-tls","notification":{"title":"Hi","body":"There"}}}"#;
+    assert_eq!(sender.send(body.into()).await, Ok(Outcome::Sent));
+    let accepted = emulator.messages("tls-project");
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].token.as_deref(), Some("device-tls"));
+    assert_eq!(accepted[0].http_version, "HTTP/2.0", "h2 chosen by ALPN");
+    assert_eq!(emulator.stats().http2, emulator.stats().attempts);
+
+    // Without the extra root the self-signed chain is refused, and nothing is sent.
+    let untrusting = Settings::from_args(&args(None)).expect("settings");
+    let sender = Sender::new(&untrusting).await.expect("sender");
+    assert!(sender.send(body.into()).await.is_err());
+    assert_eq!(emulator.messages("tls-project").len(), 1);
+}
+
+#[tokio::test]
+async fn count_only_mode_keeps_no_messages_but_counts() {
+    let fcm = spawn_fcm(
+        "count-project",
+        EmulatorOptions {
+            record: false,
+            ..EmulatorOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(fcm.send_to("device-1").await.status, 200);
+    fcm.emulator.script("device-2", Script::Unregistered);
+    assert_eq!(fcm.send_to("device-2").await.status, 404);
+    assert!(fcm.emulator.messages("count-project").is_empty());
+    assert!(fcm.emulator.attempts("count-project").is_empty());
+    let stats = fcm.emulator.stats();
+    assert_eq!((stats.accepted, stats.attempts), (1, 2));
+    let over_http: Value = fcm
+        .http
+        .get(format!("{}/emulator/stats", fcm.emulator.url()))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(over_http["accepted"], 1);
+}
