@@ -1,7 +1,7 @@
 //! ffpush's benchmark suite (BENCHMARKS.md holds a run's results).
 //!
 //! ```sh
-//! cargo bench --bench ffpush                    # everything (≈ 15 min on 2 cores)
+//! cargo bench --bench ffpush                    # everything (≈ 13 min on 2 cores)
 //! cargo bench --bench ffpush -- --quick         # a smoke run of every scenario (≈ 1–2 min)
 //! cargo bench --bench ffpush -- fanout latency  # some scenarios
 //! ```
