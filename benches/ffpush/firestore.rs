@@ -66,8 +66,7 @@ pub async fn seed(store: &Store, range: std::ops::Range<usize>) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn connect(bench: &crate::Bench, target: &Target) -> Store {
-    let _ = bench;
+async fn connect(target: &Target) -> Store {
     Store::connect(&target.settings)
         .await
         .expect("connecting to the Firestore emulator")
@@ -146,7 +145,7 @@ pub async fn latency(bench: &crate::Bench) {
     let (warm, n) = if o.quick { (3, 20) } else { (10, 250) };
     let fcm = FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), true);
     let target = Target::new(fcm, &bench.firestore_host, project, Some(&bench.certs.ca));
-    let store = connect(bench, &target).await;
+    let store = connect(&target).await;
     seed(&store, 0..warm + n).await;
     let worker = WorkerProcess::start(
         bench.dir.path(),
@@ -231,7 +230,7 @@ pub async fn broadcast(bench: &crate::Bench) {
     let tokens = if o.quick { 2_000 } else { 20_000 };
     let fcm = FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), false);
     let target = Target::new(fcm, &bench.firestore_host, project, Some(&bench.certs.ca));
-    let store = connect(bench, &target).await;
+    let store = connect(&target).await;
     let seeded = seed(&store, 0..tokens).await;
     eprintln!("broadcast: seeded {tokens} tokens at {seeded:.0}/s");
     let read_all = || async {
@@ -361,7 +360,7 @@ pub async fn rss(bench: &crate::Bench) {
     let project = "bench-rss";
     let fcm = FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), false);
     let target = Target::new(fcm, &bench.firestore_host, project, Some(&bench.certs.ca));
-    let store = connect(bench, &target).await;
+    let store = connect(&target).await;
     let mut sizes = o.rss_sizes.clone();
     sizes.sort_unstable();
     println!(

@@ -1,8 +1,8 @@
 //! ffpush's benchmark suite (BENCHMARKS.md holds a run's results).
 //!
 //! ```sh
-//! cargo bench --bench ffpush                    # everything (≈ 15 min on 2 cores)
-//! cargo bench --bench ffpush -- --quick         # a smoke run of every scenario (≈ 1–2 min)
+//! cargo bench --bench ffpush                    # everything (≈ 13 min on 2 cores)
+//! cargo bench --bench ffpush -- --quick         # a smoke run of every scenario (≈ 1 min)
 //! cargo bench --bench ffpush -- fanout latency  # some scenarios
 //! ```
 //!
@@ -19,7 +19,8 @@
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
-//! fan-out matrix), `--rss-sizes 100000,…`.
+//! fan-out matrix), `--transport h2c,tls`, `--rss-sizes 10000,…`, `--pin` (this process on
+//! CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing two builds).
 
 mod ceiling;
 mod fanout;
@@ -89,7 +90,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --rss-sizes A,B",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --pin --rss-sizes A,B",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
