@@ -450,7 +450,7 @@ mod tests {
     fn fixture(name: &str) -> (u16, Vec<u8>, Option<Duration>) {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/fcm_errors.json"
+            "/tests/fixtures/fcm_errors.json"
         );
         let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let f = &all[name];
@@ -542,7 +542,7 @@ mod tests {
     fn message_matches_flutterflow_exactly() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/flutterflow_documents.json"
+            "/tests/fixtures/flutterflow_documents.json"
         );
         let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let expected = all

@@ -21,7 +21,7 @@ fn any_port() -> SocketAddr {
 fn fixtures() -> &'static Value {
     static FIXTURES: OnceLock<Value> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/fcm_errors.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fcm_errors.json");
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).expect("fixture JSON")
