@@ -12,11 +12,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EXIT_INVALID_SETTINGS, LogFormat, Settings, SettingsArgs, parse_duration};
-use crate::fcm_emulator::{EmulatorOptions, FcmEmulator};
-use crate::firestore_emulator::FirestoreEmulator;
+use crate::daemon;
+use crate::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use crate::dev::firestore_emulator::FirestoreEmulator;
+use crate::dev::seed;
 use crate::model::user_id_of;
 use crate::store::{self, Store};
-use crate::{daemon, seed};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -432,10 +433,11 @@ async fn send(settings: Settings, args: SendArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + wait_limit;
     loop {
         if let Some(doc) = store.get(&relative).await?
-            && let crate::model::Status::Finished(status) = crate::model::Status::of(&doc)
+            && let status = crate::model::Status::of(&doc)
+            && status.is_finished()
         {
-            println!("{}", outcome_json(&doc, &status));
-            if status == "succeeded" {
+            println!("{}", outcome_json(&doc, status.as_str()));
+            if status == crate::model::Status::Succeeded {
                 return Ok(());
             }
             bail!("the notification {status}");

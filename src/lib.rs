@@ -1,45 +1,55 @@
 //! ffpush: FlutterFlow push notifications, sent from Firestore through FCM HTTP v1.
 //!
 //! # Layout
-//! Data flows one way: intake → claim → audience → fan-out → report.
+//! Data flows one way, one module per stage:
 //!
-//! - [`config`]: settings from environment and flags, validated once at start.
-//! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`, batch slices).
-//! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
-//! - [`intake`]: the Firestore listen streams and the periodic sweep.
-//! - [`worker`]: one document's life: schedule, lease/claim, fan-out, report.
-//! - [`report`]: the outcome fields written back, and what counts as succeeded.
-//! - [`schedule`]: one timer per document waiting for its time or for another worker's lease.
+//! ```text
+//! intake ─► claim ─► audience ─► fanout ─► report
+//! ```
+//!
+//! - [`intake`]: the Firestore listen streams and the periodic sweep; documents are offered to
+//!   the worker.
+//! - [`claim`]: the precondition write that makes a document ours, the lease renewed with
+//!   progress while sending, and its release.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
-//! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress cursor.
+//! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress ledger.
+//! - [`report`]: the outcome fields written back, and what counts as succeeded.
+//!
+//! Around the pipeline:
+//! - [`worker`]: orchestrates one document through the stages (status, schedule, lateness,
+//!   then claim → fan-out → report) and returns an [`worker::Outcome`].
+//! - [`schedule`]: one timer per document waiting for its time or for another worker's lease.
+//! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`,
+//!   `Status`, batch slices).
+//! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
 //! - [`fcm`]: OAuth2 tokens, the message template, one send, and what FCM's answer means.
+//! - [`config`]: settings from environment and flags, validated once at start.
 //! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port;
 //!   [`logging`]: text, or Cloud Logging JSON on Cloud Run.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
-//! - [`cli`]: subcommands `run`, `dev`, `send`, `doctor`, `fcm-emulator`; [`doctor`]: the
-//!   operator's checks; [`seed`]: demo data for `dev`.
-//! - [`migrate`]: versioned data migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
-//! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
-//!   Google's Firestore emulator as a child process.
+//! - [`cli`]: the subcommands; [`doctor`]: the operator's checks; [`migrate`]: versioned data
+//!   migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
+//!
+//! Local tooling, never on the production path, sits apart in [`dev`]: the FCM emulator, the
+//! Firestore emulator runner and the demo seed.
 #![forbid(unsafe_code)]
 
 pub mod audience;
+pub(crate) mod claim;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dev;
 pub mod doctor;
 pub mod fanout;
 pub mod fcm;
-pub mod fcm_emulator;
-pub mod firestore_emulator;
-pub mod intake;
-pub mod logging;
+pub(crate) mod intake;
+pub(crate) mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
-pub mod report;
-pub mod schedule;
-pub mod seed;
-pub mod server;
+pub(crate) mod report;
+pub(crate) mod schedule;
+pub(crate) mod server;
 pub mod store;
-pub mod worker;
+pub(crate) mod worker;

@@ -18,24 +18,65 @@ pub enum Source {
     App,
 }
 
-/// Where the document is in its life, as far as intake cares.
+/// A notification document's `status`: FlutterFlow's values, read and written as this type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     /// Absent or "": nobody has touched it.
     New,
     /// "started": claimed by someone (maybe a dead worker, maybe FlutterFlow's function).
     Started,
-    /// Anything else ("succeeded", "failed", "cancelled", …): never processed again.
-    Finished(String),
+    /// "succeeded": sent (FlutterFlow's value, also when it reached nobody).
+    Succeeded,
+    /// "failed": not sent, or not to everyone; `error` says why.
+    Failed,
+    /// "cancelled": the sender withdrew it before it started.
+    Cancelled,
+    /// Any other value, written by someone else: never processed (FlutterFlow skips it too).
+    Other(String),
 }
 
 impl Status {
     pub fn of(doc: &Document) -> Status {
-        match doc.fields.get("status").and_then(string_value) {
-            None | Some("") => Status::New,
-            Some("started") => Status::Started,
-            Some(other) => Status::Finished(other.to_string()),
+        Status::parse(
+            doc.fields
+                .get("status")
+                .and_then(string_value)
+                .unwrap_or(""),
+        )
+    }
+
+    pub fn parse(value: &str) -> Status {
+        match value {
+            "" => Status::New,
+            "started" => Status::Started,
+            "succeeded" => Status::Succeeded,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            other => Status::Other(other.to_string()),
         }
+    }
+
+    /// The value stored in the document.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Status::New => "",
+            Status::Started => "started",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Other(other) => other,
+        }
+    }
+
+    /// Anything but absent, "" or "started" is never processed again.
+    pub fn is_finished(&self) -> bool {
+        !matches!(self, Status::New | Status::Started)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -511,6 +552,22 @@ mod tests {
         d.fields.insert("status".into(), s("started"));
         assert_eq!(Status::of(&d), Status::Started);
         d.fields.insert("status".into(), s("succeeded"));
-        assert_eq!(Status::of(&d), Status::Finished("succeeded".into()));
+        assert_eq!(Status::of(&d), Status::Succeeded);
+        d.fields.insert("status".into(), s("cancelled"));
+        assert_eq!(Status::of(&d), Status::Cancelled);
+        assert!(Status::of(&d).is_finished());
+        d.fields.insert("status".into(), s("sent by hand"));
+        assert_eq!(Status::of(&d), Status::Other("sent by hand".into()));
+        assert!(Status::of(&d).is_finished());
+        assert!(!Status::Started.is_finished());
+        for status in [
+            Status::New,
+            Status::Started,
+            Status::Succeeded,
+            Status::Failed,
+            Status::Cancelled,
+        ] {
+            assert_eq!(Status::parse(status.as_str()), status);
+        }
     }
 }

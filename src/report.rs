@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use chrono::Utc;
 
 use crate::audience;
+use crate::claim::fields;
 use crate::fanout::{Abort, Tally};
-use crate::model::{Audience, Notification, pb};
+use crate::model::{Audience, Notification, Status, pb};
 use crate::store;
-use crate::worker::fields;
 
 /// The outcome fields written back.
 pub struct Report {
-    status: &'static str,
+    status: Status,
     error: Option<String>,
     warning: Option<String>,
     tally: Tally,
@@ -60,10 +60,10 @@ impl Report {
                         .unwrap_or_default()
                 ),
             };
-            ("failed", Some(error), None)
+            (Status::Failed, Some(error), None)
         } else if t.sent == 0 || t.undelivered > 0 {
             (
-                "failed",
+                Status::Failed,
                 Some(format!(
                     "sent to {} of {} tokens; {}",
                     t.sent,
@@ -81,7 +81,7 @@ impl Report {
                 warnings.push(format!("{} user(s) have no device token", without.count));
             }
             (
-                "succeeded",
+                Status::Succeeded,
                 None,
                 (!warnings.is_empty()).then(|| warnings.join("; ")),
             )
@@ -97,7 +97,7 @@ impl Report {
 
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
-            status: "failed",
+            status: Status::Failed,
             error: Some(e.to_string()),
             warning: None,
             tally: *t,
@@ -105,11 +105,11 @@ impl Report {
         }
     }
 
-    pub fn into_fields(self) -> (&'static str, HashMap<String, pb::Value>, Vec<&'static str>) {
+    pub fn into_fields(self) -> (Status, HashMap<String, pb::Value>, Vec<&'static str>) {
         let t = self.tally;
         let mut f = HashMap::new();
         let mut remove = vec![fields::LEASE, fields::PROGRESS];
-        f.insert("status".to_string(), store::string(self.status));
+        f.insert("status".to_string(), store::string(self.status.as_str()));
         f.insert("num_sent".to_string(), store::integer(t.sent as i64));
         f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
         f.insert("num_failed".to_string(), store::integer(t.failed() as i64));
@@ -167,7 +167,7 @@ mod tests {
         }
     }
 
-    fn decide(t: Tally, without: u64) -> (&'static str, HashMap<String, pb::Value>) {
+    fn decide(t: Tally, without: u64) -> (Status, HashMap<String, pb::Value>) {
         let n = notification(Audience::Users(vec!["a".into(), "b".into()]));
         let w = audience::UsersWithoutTokens {
             count: without,
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn reaching_nobody_is_a_failure_with_the_reason() {
         let (status, f) = decide(Tally::default(), 2);
-        assert_eq!(status, "failed");
+        assert_eq!(status, Status::Failed);
         assert!(text(&f, "error").contains("users/x0, users/x1"));
         let dead = Tally {
             tokens: 2,
@@ -196,7 +196,7 @@ mod tests {
             ..Default::default()
         };
         let (status, f) = decide(dead, 0);
-        assert_eq!(status, "failed");
+        assert_eq!(status, Status::Failed);
         assert!(
             text(&f, "error").contains("2 dead (removed)"),
             "{}",
@@ -215,7 +215,7 @@ mod tests {
             ..Default::default()
         };
         let (status, f) = decide(t, 1);
-        assert_eq!(status, "succeeded");
+        assert_eq!(status, Status::Succeeded);
         assert!(!f.contains_key("error"));
         let warning = text(&f, "warning");
         assert!(
@@ -239,7 +239,7 @@ mod tests {
             ..Default::default()
         };
         let (status, f) = decide(t, 0);
-        assert_eq!(status, "failed");
+        assert_eq!(status, Status::Failed);
         assert!(text(&f, "error").starts_with("sent to 2 of 3 tokens"));
     }
 }

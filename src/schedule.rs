@@ -74,6 +74,7 @@ impl Timers {
     }
 
     /// What `name` waits for, and until when.
+    #[cfg(test)]
     pub fn get(&self, name: &str) -> Option<(DateTime<Utc>, Wait)> {
         self.entries().get(name).map(|e| (e.at, e.wait))
     }

@@ -12,20 +12,31 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audience;
+use crate::claim::{Claim, LeaseTerms, fields};
 use crate::config::Settings;
-use crate::fanout::{self, Abort, Context, Ledger, Progress, RetryPolicy, Tally};
+use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
 use crate::report::Report;
 use crate::schedule::{Timers, Wait};
-use crate::store::{self, Store, prost_types_timestamp::Timestamp};
+use crate::store::{self, Store};
 
-/// Fields ffpush adds to a notification document besides FlutterFlow's.
-pub mod fields {
-    pub const WORKER: &str = "ffpush_worker";
-    pub const LEASE: &str = "ffpush_lease_expires_at";
-    pub const PROGRESS: &str = "ffpush_progress";
+/// How processing one claimed-or-not document ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Someone else changed the document first (claimed, finished or deleted it).
+    ClaimedElsewhere,
+    /// Another worker took the lease over mid-send; it carries on from our progress.
+    LeaseLost,
+    /// Shutdown: progress saved and the lease released for another worker to resume.
+    Interrupted,
+    /// Firestore failed while reading tokens: progress saved, lease released, resumed later.
+    Released(store::Error),
+    /// The document changed between the last lease write and the report; left as it is.
+    ChangedBeforeReport,
+    /// The outcome was written onto the document.
+    Reported(Status),
 }
 
 /// Shared state of a running worker.
@@ -107,7 +118,7 @@ impl Worker {
     /// already handled here: the emulator resends whole collections on every write.
     pub fn offer(self: &Arc<Self>, doc: pb::Document) {
         let status = Status::of(&doc);
-        if let Status::Finished(_) = status {
+        if status.is_finished() {
             self.forget(&doc.name);
             return;
         }
@@ -170,9 +181,27 @@ impl Worker {
         let this = self.clone();
         self.tasks.spawn(async move {
             let name = doc.name.clone();
-            if let Err(e) = this.process(doc, n, template).await {
-                tracing::warn!(doc = %this.store.relative(&name), error = %e,
-                    "processing stopped; the document will be taken up again when its lease expires");
+            let relative = this.store.relative(&name).to_string();
+            match this.process(doc, n, template).await {
+                Ok(Outcome::ClaimedElsewhere) => {
+                    tracing::debug!(doc = %relative, "claimed by someone else first")
+                }
+                Ok(Outcome::LeaseLost) => {
+                    tracing::warn!(doc = %relative, "lost the lease to another worker; stopped")
+                }
+                Ok(Outcome::Interrupted) => {
+                    tracing::info!(doc = %relative, "interrupted; progress saved, lease released")
+                }
+                Ok(Outcome::Released(e)) => tracing::warn!(doc = %relative, error = %e,
+                    "Firestore failed mid-send; progress saved and the lease released, to be resumed"),
+                Ok(Outcome::ChangedBeforeReport) => tracing::warn!(doc = %relative,
+                    "the document changed before the report; leaving it"),
+                Ok(Outcome::Reported(Status::Succeeded)) => {
+                    this.metrics.notifications_succeeded.inc()
+                }
+                Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
+                Err(e) => tracing::warn!(doc = %relative, error = %e,
+                    "processing stopped; the document will be taken up again when its lease expires"),
             }
             this.metrics.documents_in_progress.add(-1);
             this.running().remove(&name);
@@ -200,7 +229,7 @@ impl Worker {
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile.
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) {
         let mut f = HashMap::new();
-        f.insert("status".to_string(), store::string("failed"));
+        f.insert("status".to_string(), store::string(Status::Failed.as_str()));
         f.insert("error".to_string(), store::string(reason));
         f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
         f.insert("num_sent".to_string(), store::integer(0));
@@ -220,60 +249,24 @@ impl Worker {
         }
     }
 
+    /// Claims the document, fans out while holding the lease, and writes the outcome.
     async fn process(
         self: &Arc<Self>,
         doc: pb::Document,
         n: Notification,
         template: MessageTemplate,
-    ) -> Result<(), store::Error> {
+    ) -> Result<Outcome, store::Error> {
         let relative = self.store.relative(&doc.name).to_string();
-        let now = Utc::now();
-        let resume = if Status::of(&doc) == Status::Started {
-            read_progress(&doc)
-        } else {
-            Progress::default()
+        let terms = LeaseTerms::new(self.settings.lease, self.settings.progress_interval);
+        let Some(claim) = Claim::take(&self.store, terms, &self.settings.worker_id, &doc).await?
+        else {
+            return Ok(Outcome::ClaimedElsewhere);
         };
-        let mut claim = HashMap::new();
-        claim.insert("status".to_string(), store::string("started"));
-        if store::timestamp_field(&doc, "started_at").is_none() {
-            claim.insert("started_at".to_string(), store::timestamp(now));
-        }
-        claim.insert(
-            fields::WORKER.to_string(),
-            store::string(&self.settings.worker_id),
-        );
-        claim.insert(
-            fields::LEASE.to_string(),
-            store::timestamp(now + lease(&self.settings)),
-        );
-        let version = match self
-            .store
-            .update_fields(&doc.name, claim, &[], doc.update_time)
-            .await
-        {
-            Ok(t) => t,
-            Err(store::Error::Conflict | store::Error::NotFound) => {
-                tracing::debug!(doc = %relative, "claimed by someone else first");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        tracing::info!(doc = %relative, notification_id = id_of(&relative), resumed_at = ?resume.cursor, "claimed");
+        tracing::info!(doc = %relative, notification_id = id_of(&relative), resumed_at = ?claim.resume.cursor, "claimed");
 
-        let version = Arc::new(Mutex::new(version));
-        let ledger = Arc::new(Mutex::new(Ledger::resume(&resume)));
+        let ledger = Arc::new(Mutex::new(Ledger::resume(&claim.resume)));
         let fan_stop = self.stop.child_token();
-        let lost = CancellationToken::new();
-        let renew_stop = CancellationToken::new();
-        let renewal = tokio::spawn(renew_lease(
-            self.clone(),
-            doc.name.clone(),
-            version.clone(),
-            ledger.clone(),
-            fan_stop.clone(),
-            lost.clone(),
-            renew_stop.clone(),
-        ));
+        let renewal = claim.renew(ledger.clone(), fan_stop.clone());
         let pages = audience::read(self.store.clone(), n.audience.clone());
         let without_tokens = pages.without_tokens.clone();
         let ctx = Context {
@@ -289,195 +282,42 @@ impl Worker {
                 budget: self.settings.retry_budget,
             },
         };
-        let result =
-            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop.clone()).await;
-        renew_stop.cancel();
-        let _ = renewal.await;
-        if lost.is_cancelled() {
-            tracing::warn!(doc = %relative, "lost the lease to another worker; stopped");
-            return Ok(());
+        let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop).await;
+        if renewal.finish().await {
+            return Ok(Outcome::LeaseLost);
         }
-        let last_version = *version.lock().unwrap_or_else(|e| e.into_inner());
         let done = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
         let without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
         let report = match result {
             Ok(tally) => Report::finished(&n, &tally, &without),
             Err(Abort::Store(e)) if e.is_transient() => {
                 // Firestore is down: not the notification's fault. Release it to be resumed.
-                self.release(&doc.name, &done, last_version).await?;
-                return Err(e);
+                claim.release(&done).await?;
+                return Ok(Outcome::Released(e));
             }
             Err(Abort::Interrupted) => {
                 // Shutdown: save where we are and let the lease go so another worker resumes.
-                self.release(&doc.name, &done, last_version).await?;
-                tracing::info!(doc = %relative, cursor = ?done.cursor, "interrupted; progress saved, lease released");
-                return Ok(());
+                claim.release(&done).await?;
+                return Ok(Outcome::Interrupted);
             }
             Err(e) => Report::aborted(&e, &done.tally),
         };
         let (status, f, remove) = report.into_fields();
         match self
             .store
-            .update_fields(&doc.name, f, &remove, Some(last_version))
+            .update_fields(&doc.name, f, &remove, Some(claim.version()))
             .await
         {
             Ok(_) => {}
-            Err(store::Error::Conflict) => {
-                tracing::warn!(doc = %relative, "the document changed before the report; leaving it");
-                return Ok(());
-            }
+            Err(store::Error::Conflict) => return Ok(Outcome::ChangedBeforeReport),
             Err(e) => return Err(e),
         }
-        if status == "succeeded" {
-            self.metrics.notifications_succeeded.inc();
-        } else {
-            self.metrics.notifications_failed.inc();
-        }
-        tracing::info!(doc = %relative, notification_id = id_of(&relative), status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
-        Ok(())
-    }
-}
-
-impl Worker {
-    /// Writes progress and lets the lease go, so the next worker resumes at once.
-    async fn release(
-        &self,
-        name: &str,
-        done: &Progress,
-        version: Timestamp,
-    ) -> Result<(), store::Error> {
-        let mut f = progress_fields(done);
-        f.insert(fields::LEASE.to_string(), store::timestamp(Utc::now()));
-        self.store
-            .update_fields(name, f, &[], Some(version))
-            .await
-            .map(|_| ())
+        tracing::info!(doc = %relative, notification_id = id_of(&relative), status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
+        Ok(Outcome::Reported(status))
     }
 }
 
 /// The notification's document id, for logs.
 fn id_of(relative: &str) -> &str {
     relative.rsplit('/').next().unwrap_or(relative)
-}
-
-fn lease(settings: &Settings) -> chrono::Duration {
-    chrono::Duration::from_std(settings.lease).unwrap_or(chrono::Duration::seconds(60))
-}
-
-/// Every `progress_interval` (at most a third of the lease), writes progress and extends the
-/// lease. A precondition on our last write detects a takeover: then the fan-out is stopped.
-async fn renew_lease(
-    worker: Arc<Worker>,
-    name: String,
-    version: Arc<Mutex<Timestamp>>,
-    ledger: Arc<Mutex<Ledger>>,
-    fan_stop: CancellationToken,
-    lost: CancellationToken,
-    done: CancellationToken,
-) {
-    let every = worker
-        .settings
-        .progress_interval
-        .min(worker.settings.lease / 3);
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let snapshot = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
-        let mut f = progress_fields(&snapshot);
-        f.insert(
-            fields::LEASE.to_string(),
-            store::timestamp(Utc::now() + lease(&worker.settings)),
-        );
-        let current = *version.lock().unwrap_or_else(|e| e.into_inner());
-        match worker
-            .store
-            .update_fields(&name, f, &[], Some(current))
-            .await
-        {
-            Ok(t) => *version.lock().unwrap_or_else(|e| e.into_inner()) = t,
-            Err(store::Error::Conflict | store::Error::NotFound) => {
-                lost.cancel();
-                fan_stop.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "could not extend the lease; will try again"),
-        }
-    }
-}
-
-fn progress_fields(p: &Progress) -> HashMap<String, pb::Value> {
-    let t = &p.tally;
-    let mut m = HashMap::new();
-    if let Some(c) = &p.cursor {
-        m.insert("cursor".to_string(), store::string(c));
-    }
-    m.insert(
-        "beyond".to_string(),
-        store::array(p.beyond.iter().map(|b| store::string(b)).collect()),
-    );
-    for (k, v) in [
-        ("tokens", t.tokens),
-        ("sent", t.sent),
-        ("dead", t.dead),
-        ("removed", t.removed),
-        ("sender_id_mismatch", t.sender_id_mismatch),
-        ("third_party_auth", t.third_party_auth),
-        ("undelivered", t.undelivered),
-    ] {
-        m.insert(k.to_string(), store::integer(v as i64));
-    }
-    let mut f = HashMap::new();
-    f.insert(
-        fields::PROGRESS.to_string(),
-        pb::Value {
-            value_type: Some(pb::value::ValueType::MapValue(pb::MapValue { fields: m })),
-        },
-    );
-    f
-}
-
-fn read_progress(doc: &pb::Document) -> Progress {
-    let Some(pb::value::ValueType::MapValue(map)) = doc
-        .fields
-        .get(fields::PROGRESS)
-        .and_then(|v| v.value_type.as_ref())
-    else {
-        return Progress::default();
-    };
-    let wrapper = pb::Document {
-        fields: map.fields.clone(),
-        ..Default::default()
-    };
-    let n = |k: &str| store::integer_field(&wrapper, k).unwrap_or(0).max(0) as u64;
-    Progress {
-        cursor: wrapper
-            .fields
-            .get("cursor")
-            .and_then(crate::model::string_value)
-            .map(str::to_string),
-        beyond: match wrapper
-            .fields
-            .get("beyond")
-            .and_then(|v| v.value_type.as_ref())
-        {
-            Some(pb::value::ValueType::ArrayValue(a)) => a
-                .values
-                .iter()
-                .filter_map(crate::model::string_value)
-                .map(str::to_string)
-                .collect(),
-            _ => Vec::new(),
-        },
-        tally: Tally {
-            tokens: n("tokens"),
-            sent: n("sent"),
-            dead: n("dead"),
-            removed: n("removed"),
-            sender_id_mismatch: n("sender_id_mismatch"),
-            third_party_auth: n("third_party_auth"),
-            undelivered: n("undelivered"),
-        },
-    }
 }

@@ -111,11 +111,12 @@ async fn finished(store: &Store, relative: &str, every: Duration, limit: Duratio
     let deadline = Instant::now() + limit;
     loop {
         if let Some(doc) = store.get(relative).await.expect("reading a notification")
-            && let Status::Finished(status) = Status::of(&doc)
+            && let status = Status::of(&doc)
+            && status.is_finished()
         {
             assert_eq!(
                 status,
-                "succeeded",
+                Status::Succeeded,
                 "{relative}: {:?}",
                 doc.fields.get("error")
             );

@@ -29,7 +29,7 @@ mod procs;
 
 use std::time::Duration;
 
-use ffpush::firestore_emulator::FirestoreEmulator;
+use ffpush::dev::firestore_emulator::FirestoreEmulator;
 
 pub struct Options {
     pub quick: bool,

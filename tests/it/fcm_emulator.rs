@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ffpush::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tempfile::TempDir;

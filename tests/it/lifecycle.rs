@@ -5,8 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ffpush::fcm_emulator::Script;
-use ffpush::firestore_emulator::FirestoreEmulator;
+use ffpush::dev::fcm_emulator::Script;
+use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use ffpush::store;
 
 use crate::{TestApp, num, s, text, wait_until};

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use ffpush::config::Settings;
 use ffpush::daemon::{self, Daemon};
-use ffpush::fcm_emulator::{EmulatorOptions, FcmEmulator};
-use ffpush::firestore_emulator::FirestoreEmulator;
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use ffpush::model::pb;
 use ffpush::store::{self, Store};
 use tokio_util::sync::CancellationToken;
@@ -172,7 +172,7 @@ impl TestApp {
                 .await
                 .expect("reading the notification");
             if let Some(doc) = doc
-                && let ffpush::model::Status::Finished(_) = ffpush::model::Status::of(&doc)
+                && ffpush::model::Status::of(&doc).is_finished()
             {
                 return doc;
             }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use ffpush::fcm_emulator::Script;
+use ffpush::dev::fcm_emulator::Script;
 use ffpush::store;
 
 use crate::{TestApp, int, num, s, text};

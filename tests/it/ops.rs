@@ -3,8 +3,8 @@
 use std::process::Command;
 
 use ffpush::config::SettingsArgs;
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
 use ffpush::doctor;
-use ffpush::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
 use ffpush::store;
 
 use crate::{TestApp, s};

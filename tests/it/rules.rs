@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ffpush::firestore_emulator::FirestoreEmulator;
+use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
