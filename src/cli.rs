@@ -308,7 +308,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let key = dir.join("service-account.json");
     fcm.write_service_account(&key, &args.project)?;
     let mut settings =
-        Settings::for_emulators(&args.project, &firestore_host, &fcm.url(), key.clone());
+        Settings::for_emulators(&args.project, &firestore_host, &fcm.url(), key.clone())?;
     settings.port = args.port;
     if args.seed {
         let store = Store::connect(&settings).await?;

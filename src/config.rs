@@ -15,76 +15,310 @@ pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
 
-/// Raw settings as given by flags or environment. Every value is a string here on purpose.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct SettingsArgs {
-    /// Firebase/GCP project id. Falls back to `project_id` in the credentials file.
-    #[arg(long = "project", env = "GOOGLE_CLOUD_PROJECT")]
-    pub project: Option<String>,
-    /// Firestore database id.
-    #[arg(long = "database", env = "FIRESTORE_DATABASE")]
-    pub database: Option<String>,
-    /// host:port of a Firestore emulator; when set, Firestore needs no Google credentials.
-    #[arg(long = "firestore-emulator-host", env = "FIRESTORE_EMULATOR_HOST")]
-    pub firestore_emulator_host: Option<String>,
-    /// Service-account JSON key; its `token_uri` is honoured. Unset: the metadata server.
-    #[arg(long = "credentials", env = "GOOGLE_APPLICATION_CREDENTIALS")]
-    pub credentials: Option<String>,
-    /// Base URL of the FCM API.
-    #[arg(long = "fcm-endpoint", env = "FCM_ENDPOINT")]
-    pub fcm_endpoint: Option<String>,
-    /// Extra root CA certificate(s), PEM, trusted for FCM and its OAuth2 token endpoint next to
-    /// the system roots (a TLS-inspecting egress proxy, a local HTTPS emulator).
-    #[arg(long = "fcm-ca-cert", env = "FFPUSH_FCM_CA_CERT")]
-    pub fcm_ca_cert: Option<String>,
-    /// HTTP port for health and metrics.
-    #[arg(long = "port", env = "PORT")]
-    pub port: Option<String>,
-    /// Collection the console and trusted back ends write.
-    #[arg(long = "collection", env = "FFPUSH_COLLECTION")]
-    pub collection: Option<String>,
-    /// Collection app users write (never broadcast).
-    #[arg(long = "user-collection", env = "FFPUSH_USER_COLLECTION")]
-    pub user_collection: Option<String>,
-    /// Concurrent FCM requests per notification.
-    #[arg(long = "concurrency", env = "FFPUSH_CONCURRENCY")]
-    pub concurrency: Option<String>,
-    /// Attempts per token for retryable FCM answers (429/500/503/timeouts).
-    #[arg(long = "max-attempts", env = "FFPUSH_MAX_ATTEMPTS")]
-    pub max_attempts: Option<String>,
-    /// How long one token may keep being retried in all, e.g. `10m`.
-    #[arg(long = "retry-budget", env = "FFPUSH_RETRY_BUDGET")]
-    pub retry_budget: Option<String>,
-    /// How often a running fan-out writes its progress (and extends its lease).
-    #[arg(long = "progress-interval", env = "FFPUSH_PROGRESS_INTERVAL")]
-    pub progress_interval: Option<String>,
-    /// Longest backoff between two attempts, e.g. `60s`.
-    #[arg(long = "max-backoff", env = "FFPUSH_MAX_BACKOFF")]
-    pub max_backoff: Option<String>,
-    /// Timeout of one FCM request, e.g. `10s`.
-    #[arg(long = "fcm-timeout", env = "FFPUSH_FCM_TIMEOUT")]
-    pub fcm_timeout: Option<String>,
-    /// How long a claim holds a document before another worker may take it over.
-    #[arg(long = "lease", env = "FFPUSH_LEASE")]
-    pub lease: Option<String>,
-    /// Documents due longer ago than this are failed as expired instead of sent, e.g. `24h`.
-    #[arg(long = "max-lateness", env = "FFPUSH_MAX_LATENESS")]
-    pub max_lateness: Option<String>,
-    /// Least wait after FCM's 429 QUOTA_EXCEEDED, e.g. `60s`.
-    #[arg(long = "quota-backoff", env = "FFPUSH_QUOTA_BACKOFF")]
-    pub quota_backoff: Option<String>,
-    /// On SIGTERM, how long in-flight sends may take before the process exits anyway.
-    #[arg(long = "shutdown-grace", env = "FFPUSH_SHUTDOWN_GRACE")]
-    pub shutdown_grace: Option<String>,
-    /// How often to query for due or abandoned documents that no timer or listener holds.
-    #[arg(long = "sweep-interval", env = "FFPUSH_SWEEP_INTERVAL")]
-    pub sweep_interval: Option<String>,
-    /// `text` or `json` (Cloud Logging). Default: json on Cloud Run (K_SERVICE set), else text.
-    #[arg(long = "log-format", env = "LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// Set by Cloud Run; only read to pick the log format.
-    #[arg(skip = std::env::var("K_SERVICE").ok())]
-    pub k_service: Option<String>,
+/// What a setting's value is, and the values it may take. Bounds keep absurd values (a zero
+/// sweep interval, a one-millisecond lease) from starting the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Free text, checked by its own rule in [`Settings::from_args`].
+    Text,
+    /// A whole number in `min..=max`.
+    Number { min: u64, max: u64 },
+    /// A duration (`500ms`, `30s`, `5m`, `24h`) in `min..=max` milliseconds.
+    Duration { min_ms: u64, max_ms: u64 },
+}
+
+/// One setting: its environment variable, flag, default, bounds and help. [`SETTINGS`] is the
+/// one table `run`, `send`, `doctor`, `migrate`, the README and the tests all read.
+pub struct Spec {
+    pub env: &'static str,
+    /// The long flag, without `--`.
+    pub flag: &'static str,
+    pub kind: Kind,
+    /// The value used when the setting is unset, as one would type it; `""`: unset.
+    pub default: &'static str,
+    /// How the README shows the default when it is not simply [`Spec::default`].
+    pub shown_default: Option<&'static str>,
+    /// One line: the flag's help and the README's meaning column.
+    pub help: &'static str,
+    slot: fn(&SettingsArgs) -> &Option<String>,
+    slot_mut: fn(&mut SettingsArgs) -> &mut Option<String>,
+}
+
+impl Spec {
+    const BASE: Spec = Spec {
+        env: "",
+        flag: "",
+        kind: Kind::Text,
+        default: "",
+        shown_default: None,
+        help: "",
+        slot: |a| &a.k_service,
+        slot_mut: |a| &mut a.k_service,
+    };
+
+    /// The raw value given, trimmed; `None` when unset or blank.
+    pub fn raw<'a>(&self, args: &'a SettingsArgs) -> Option<&'a str> {
+        (self.slot)(args)
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The raw value given, or the default.
+    fn raw_or_default<'a>(&self, args: &'a SettingsArgs) -> &'a str {
+        self.raw(args).unwrap_or(self.default)
+    }
+
+    fn error(&self, value: &str, fix: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.env, value, fix)
+    }
+
+    fn number(&self, args: &SettingsArgs) -> Result<u64, ConfigError> {
+        let raw = self.raw_or_default(args);
+        let Kind::Number { min, max } = self.kind else {
+            return Err(self.error(raw, "not a number setting"));
+        };
+        match raw.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.error(
+                raw,
+                format!(
+                    "use a whole number from {min} to {max} (default {})",
+                    self.default
+                ),
+            )),
+        }
+    }
+
+    fn duration(&self, args: &SettingsArgs) -> Result<Duration, ConfigError> {
+        let raw = self.raw_or_default(args);
+        let Kind::Duration { min_ms, max_ms } = self.kind else {
+            return Err(self.error(raw, "not a duration setting"));
+        };
+        let (min, max) = (Duration::from_millis(min_ms), Duration::from_millis(max_ms));
+        match parse_duration(raw) {
+            Some(d) if d >= min && d <= max => Ok(d),
+            _ => Err(self.error(
+                raw,
+                format!(
+                    "use a duration from {} to {} such as 500ms, 30s, 5m or 24h (default {})",
+                    show_duration(min),
+                    show_duration(max),
+                    self.default
+                ),
+            )),
+        }
+    }
+
+    /// The README row: `| variable | flag | default | meaning |`.
+    pub fn markdown_row(&self) -> String {
+        let default = match (self.shown_default, self.default) {
+            (Some(shown), _) => shown.to_string(),
+            (None, "") => "unset".to_string(),
+            (None, value) => format!("`{value}`"),
+        };
+        format!(
+            "| `{}` | `--{}` | {} | {} |",
+            self.env, self.flag, default, self.help
+        )
+    }
+}
+
+/// Declares the raw settings struct (one `Option<String>` per setting, so callers and tests
+/// write `SettingsArgs { project: Some(..), ..Default::default() }`) and the table in one go.
+macro_rules! settings_table {
+    ($( $field:ident : $konst:ident { $($key:ident : $value:expr),* $(,)? } )*) => {
+        /// Raw settings as given by flags or environment. Every value is a string here on
+        /// purpose: [`Settings::from_args`] validates them against [`SETTINGS`].
+        #[derive(Clone, Debug, Default)]
+        pub struct SettingsArgs {
+            $( pub $field: Option<String>, )*
+            /// Set by Cloud Run; only read to pick the log format.
+            pub k_service: Option<String>,
+        }
+
+        $(
+            pub const $konst: Spec = Spec {
+                $($key: $value,)*
+                slot: |a| &a.$field,
+                slot_mut: |a| &mut a.$field,
+                ..Spec::BASE
+            };
+        )*
+
+        /// Every setting, in the README's order.
+        pub const SETTINGS: &[&Spec] = &[ $( &$konst ),* ];
+    };
+}
+
+const SECOND: u64 = 1000;
+const MINUTE: u64 = 60 * SECOND;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+settings_table! {
+    project: PROJECT {
+        env: "GOOGLE_CLOUD_PROJECT", flag: "project",
+        shown_default: Some("`project_id` of the credentials file"),
+        help: "Firebase/GCP project id",
+    }
+    database: DATABASE {
+        env: "FIRESTORE_DATABASE", flag: "database", default: "(default)",
+        help: "Firestore database id",
+    }
+    firestore_emulator_host: FIRESTORE_EMULATOR_HOST {
+        env: "FIRESTORE_EMULATOR_HOST", flag: "firestore-emulator-host",
+        help: "`host:port` of a Firestore emulator; no Google credentials are then needed for Firestore",
+    }
+    credentials: CREDENTIALS {
+        env: "GOOGLE_APPLICATION_CREDENTIALS", flag: "credentials",
+        help: "service-account JSON key (its `token_uri` is honoured); unset: the metadata server (Cloud Run)",
+    }
+    fcm_endpoint: FCM_ENDPOINT {
+        env: "FCM_ENDPOINT", flag: "fcm-endpoint", default: DEFAULT_FCM_ENDPOINT,
+        help: "base URL of the FCM API; `https://` negotiates HTTP/2 by ALPN, `http://` URLs are spoken to in h2c",
+    }
+    fcm_ca_cert: FCM_CA_CERT {
+        env: "FFPUSH_FCM_CA_CERT", flag: "fcm-ca-cert",
+        help: "PEM file of extra root certificate(s) trusted for FCM and its OAuth2 token endpoint, next to the system roots: a TLS-inspecting egress proxy's CA, or a local HTTPS FCM emulator's. Read and checked at start",
+    }
+    port: PORT {
+        env: "PORT", flag: "port", kind: Kind::Number { min: 0, max: u16::MAX as u64 }, default: "8080",
+        help: "HTTP port for `/healthz`, `/readyz`, `/metrics`",
+    }
+    collection: COLLECTION {
+        env: "FFPUSH_COLLECTION", flag: "collection", default: DEFAULT_COLLECTION,
+        help: "console / back-end collection",
+    }
+    user_collection: USER_COLLECTION {
+        env: "FFPUSH_USER_COLLECTION", flag: "user-collection", default: DEFAULT_USER_COLLECTION,
+        help: "app users' collection (never broadcast)",
+    }
+    concurrency: CONCURRENCY {
+        env: "FFPUSH_CONCURRENCY", flag: "concurrency", kind: Kind::Number { min: 1, max: 10_000 },
+        default: "256",
+        help: "concurrent FCM requests per notification (1–10000)",
+    }
+    max_attempts: MAX_ATTEMPTS {
+        env: "FFPUSH_MAX_ATTEMPTS", flag: "max-attempts", kind: Kind::Number { min: 1, max: 100 },
+        default: "10",
+        help: "attempts per token for 429/500/503/timeouts (1–100)",
+    }
+    retry_budget: RETRY_BUDGET {
+        env: "FFPUSH_RETRY_BUDGET", flag: "retry-budget",
+        kind: Kind::Duration { min_ms: SECOND, max_ms: DAY }, default: "10m",
+        help: "longest time one token keeps being retried in all (1s–24h)",
+    }
+    max_backoff: MAX_BACKOFF {
+        env: "FFPUSH_MAX_BACKOFF", flag: "max-backoff",
+        kind: Kind::Duration { min_ms: 100, max_ms: HOUR }, default: "60s",
+        help: "longest wait between attempts, unless FCM's `Retry-After` asks for more (100ms–1h)",
+    }
+    quota_backoff: QUOTA_BACKOFF {
+        env: "FFPUSH_QUOTA_BACKOFF", flag: "quota-backoff",
+        kind: Kind::Duration { min_ms: SECOND, max_ms: HOUR }, default: "60s",
+        help: "least wait after 429 QUOTA_EXCEEDED (1s–1h)",
+    }
+    fcm_timeout: FCM_TIMEOUT {
+        env: "FFPUSH_FCM_TIMEOUT", flag: "fcm-timeout",
+        kind: Kind::Duration { min_ms: 100, max_ms: 10 * MINUTE }, default: "10s",
+        help: "timeout of one FCM request (100ms–10m)",
+    }
+    lease: LEASE {
+        env: "FFPUSH_LEASE", flag: "lease",
+        kind: Kind::Duration { min_ms: 5 * SECOND, max_ms: HOUR }, default: "60s",
+        help: "how long a claim holds a document without renewal before another worker may take it over (5s–1h)",
+    }
+    progress_interval: PROGRESS_INTERVAL {
+        env: "FFPUSH_PROGRESS_INTERVAL", flag: "progress-interval",
+        kind: Kind::Duration { min_ms: 100, max_ms: 30 * MINUTE }, default: "1s",
+        help: "how often a running send writes its progress and extends its lease (100ms up to half the lease)",
+    }
+    max_lateness: MAX_LATENESS {
+        env: "FFPUSH_MAX_LATENESS", flag: "max-lateness",
+        kind: Kind::Duration { min_ms: MINUTE, max_ms: 365 * DAY }, default: "24h",
+        help: "documents due longer ago are failed as `expired` instead of sent (1m–365 days)",
+    }
+    shutdown_grace: SHUTDOWN_GRACE {
+        env: "FFPUSH_SHUTDOWN_GRACE", flag: "shutdown-grace",
+        kind: Kind::Duration { min_ms: 0, max_ms: HOUR }, default: "8s",
+        help: "on SIGTERM, time for in-flight sends before exiting; Cloud Run allows 10 s (0s–1h)",
+    }
+    sweep_interval: SWEEP_INTERVAL {
+        env: "FFPUSH_SWEEP_INTERVAL", flag: "sweep-interval",
+        kind: Kind::Duration { min_ms: SECOND, max_ms: HOUR }, default: "30s",
+        help: "how often abandoned or due documents are looked for by query (1s–1h)",
+    }
+    log_format: LOG_FORMAT {
+        env: "LOG_FORMAT", flag: "log-format",
+        shown_default: Some("`json` on Cloud Run (`K_SERVICE` set), else `text`"),
+        help: "log format: `text` or `json` (Cloud Logging)",
+    }
+}
+
+/// The README's settings table, generated from [`SETTINGS`] (a test keeps the two equal).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | flag | default | meaning |\n|---|---|---|---|\n");
+    for spec in SETTINGS {
+        out.push_str(&spec.markdown_row());
+        out.push('\n');
+    }
+    out
+}
+
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    match ms {
+        0 => "0s".to_string(),
+        ms if ms % HOUR == 0 => format!("{}h", ms / HOUR),
+        ms if ms % MINUTE == 0 => format!("{}m", ms / MINUTE),
+        ms if ms % SECOND == 0 => format!("{}s", ms / SECOND),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// Flags and environment variables from the table: each setting is `--flag` or `ENV`.
+impl clap::Args for SettingsArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        SETTINGS.iter().fold(cmd, |cmd, spec| {
+            cmd.arg(
+                clap::Arg::new(spec.env)
+                    .long(spec.flag)
+                    .env(spec.env)
+                    .help(spec.help)
+                    .value_name(match spec.kind {
+                        Kind::Text => "TEXT",
+                        Kind::Number { .. } => "N",
+                        Kind::Duration { .. } => "DURATION",
+                    })
+                    .action(clap::ArgAction::Set),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for SettingsArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = SettingsArgs {
+            k_service: std::env::var("K_SERVICE").ok(),
+            ..Default::default()
+        };
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for spec in SETTINGS {
+            if let Ok(Some(value)) = matches.try_get_one::<String>(spec.env) {
+                *(spec.slot_mut)(self) = Some(value.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,9 +420,9 @@ impl ConfigError {
 
 impl Settings {
     pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
-        let credentials = non_empty(&args.credentials).map(PathBuf::from);
+        let credentials = CREDENTIALS.raw(args).map(PathBuf::from);
         let key = credentials.as_deref().map(read_key).transpose()?;
-        let project = match (non_empty(&args.project), &key) {
+        let project = match (PROJECT.raw(args), &key) {
             (Some(p), _) => p.to_string(),
             (None, Some(key)) => key
                 .get("project_id")
@@ -202,115 +436,63 @@ impl Settings {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || c == ':')
         {
-            return Err(ConfigError::new(
-                "GOOGLE_CLOUD_PROJECT",
+            return Err(PROJECT.error(
                 &project,
                 "a project id has only letters, digits, '-', '.', ':' (see Firebase console → Project settings)",
             ));
         }
-        let fcm_endpoint = non_empty(&args.fcm_endpoint).unwrap_or(DEFAULT_FCM_ENDPOINT);
+        let fcm_endpoint = FCM_ENDPOINT.raw_or_default(args);
         if !(fcm_endpoint.starts_with("https://") || fcm_endpoint.starts_with("http://")) {
-            return Err(ConfigError::new(
-                "FCM_ENDPOINT",
-                fcm_endpoint,
-                "use a URL such as https://fcm.googleapis.com",
-            ));
+            return Err(
+                FCM_ENDPOINT.error(fcm_endpoint, "use a URL such as https://fcm.googleapis.com")
+            );
         }
-        let fcm_ca_cert = match non_empty(&args.fcm_ca_cert) {
+        let fcm_ca_cert = match FCM_CA_CERT.raw(args) {
             Some(raw) => Some(
                 CaCert::read(std::path::Path::new(raw))
-                    .map_err(|fix| ConfigError::new("FFPUSH_FCM_CA_CERT", raw, fix))?,
+                    .map_err(|fix| FCM_CA_CERT.error(raw, fix))?,
             ),
             None => None,
         };
-        let emulator = non_empty(&args.firestore_emulator_host).map(str::to_string);
+        let emulator = FIRESTORE_EMULATOR_HOST.raw(args).map(str::to_string);
         if let Some(host) = &emulator
             && (host.contains('/') || !host.contains(':'))
         {
-            return Err(ConfigError::new(
-                "FIRESTORE_EMULATOR_HOST",
-                host,
-                "use host:port, e.g. 127.0.0.1:8681",
-            ));
+            return Err(FIRESTORE_EMULATOR_HOST.error(host, "use host:port, e.g. 127.0.0.1:8681"));
         }
-        let log_format = match non_empty(&args.log_format) {
+        let log_format = match LOG_FORMAT.raw(args) {
             None if args.k_service.is_some() => LogFormat::Json,
             None => LogFormat::Text,
             Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "LOG_FORMAT",
-                    other,
-                    "use `text` or `json`",
-                ));
-            }
+            Some(other) => return Err(LOG_FORMAT.error(other, "use `text` or `json`")),
         };
         let settings = Settings {
             project,
-            database: non_empty(&args.database).unwrap_or("(default)").to_string(),
+            database: DATABASE.raw_or_default(args).to_string(),
             firestore_emulator_host: emulator,
             credentials,
             fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
             fcm_ca_cert,
-            port: parse_number(&args.port, "PORT", 8080, 0, u16::MAX as u64)? as u16,
-            collection: collection_name(&args.collection, "FFPUSH_COLLECTION", DEFAULT_COLLECTION)?,
-            user_collection: collection_name(
-                &args.user_collection,
-                "FFPUSH_USER_COLLECTION",
-                DEFAULT_USER_COLLECTION,
-            )?,
-            concurrency: parse_number(&args.concurrency, "FFPUSH_CONCURRENCY", 256, 1, 10_000)?
-                as usize,
-            max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 10, 1, 100)?
-                as u32,
-            max_backoff: parse_setting_duration(
-                &args.max_backoff,
-                "FFPUSH_MAX_BACKOFF",
-                Duration::from_secs(60),
-            )?,
-            retry_budget: parse_setting_duration(
-                &args.retry_budget,
-                "FFPUSH_RETRY_BUDGET",
-                Duration::from_secs(600),
-            )?,
-            progress_interval: parse_setting_duration(
-                &args.progress_interval,
-                "FFPUSH_PROGRESS_INTERVAL",
-                Duration::from_secs(1),
-            )?,
-            fcm_timeout: parse_setting_duration(
-                &args.fcm_timeout,
-                "FFPUSH_FCM_TIMEOUT",
-                Duration::from_secs(10),
-            )?,
-            lease: parse_setting_duration(&args.lease, "FFPUSH_LEASE", Duration::from_secs(60))?,
-            max_lateness: parse_setting_duration(
-                &args.max_lateness,
-                "FFPUSH_MAX_LATENESS",
-                Duration::from_secs(24 * 3600),
-            )?,
-            quota_floor: parse_setting_duration(
-                &args.quota_backoff,
-                "FFPUSH_QUOTA_BACKOFF",
-                Duration::from_secs(60),
-            )?,
-            shutdown_grace: parse_setting_duration(
-                &args.shutdown_grace,
-                "FFPUSH_SHUTDOWN_GRACE",
-                Duration::from_secs(8),
-            )?,
-            sweep_interval: parse_setting_duration(
-                &args.sweep_interval,
-                "FFPUSH_SWEEP_INTERVAL",
-                Duration::from_secs(30),
-            )?,
+            port: PORT.number(args)? as u16,
+            collection: collection_name(&COLLECTION, args)?,
+            user_collection: collection_name(&USER_COLLECTION, args)?,
+            concurrency: CONCURRENCY.number(args)? as usize,
+            max_attempts: MAX_ATTEMPTS.number(args)? as u32,
+            max_backoff: MAX_BACKOFF.duration(args)?,
+            retry_budget: RETRY_BUDGET.duration(args)?,
+            progress_interval: PROGRESS_INTERVAL.duration(args)?,
+            fcm_timeout: FCM_TIMEOUT.duration(args)?,
+            lease: LEASE.duration(args)?,
+            max_lateness: MAX_LATENESS.duration(args)?,
+            quota_floor: QUOTA_BACKOFF.duration(args)?,
+            shutdown_grace: SHUTDOWN_GRACE.duration(args)?,
+            sweep_interval: SWEEP_INTERVAL.duration(args)?,
             log_format,
             worker_id: default_worker_id(),
         };
         if settings.progress_interval * 2 > settings.lease {
-            return Err(ConfigError::new(
-                "FFPUSH_PROGRESS_INTERVAL",
+            return Err(PROGRESS_INTERVAL.error(
                 &format!("{:?}", settings.progress_interval),
                 format!(
                     "must be at most half of FFPUSH_LEASE ({:?}) so the lease is extended in time",
@@ -321,42 +503,26 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Settings for a local stack or a test: no process environment is read.
+    /// Settings for a local stack or a test: the production defaults, pointed at the
+    /// emulators. No process environment is read; change only what the test needs.
     pub fn for_emulators(
         project: &str,
         firestore_emulator_host: &str,
         fcm_endpoint: &str,
         credentials: PathBuf,
-    ) -> Self {
-        Settings {
-            project: project.to_string(),
-            database: "(default)".to_string(),
+    ) -> Result<Self, ConfigError> {
+        let mut settings = Settings::from_args(&SettingsArgs {
+            project: Some(project.to_string()),
             firestore_emulator_host: Some(firestore_emulator_host.to_string()),
-            credentials: Some(credentials),
-            fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
-            fcm_ca_cert: None,
-            port: 0,
-            collection: DEFAULT_COLLECTION.to_string(),
-            user_collection: DEFAULT_USER_COLLECTION.to_string(),
-            concurrency: 64,
-            max_attempts: 10,
-            max_backoff: Duration::from_secs(60),
-            retry_budget: Duration::from_secs(600),
-            progress_interval: Duration::from_secs(1),
-            fcm_timeout: Duration::from_secs(10),
-            lease: Duration::from_secs(60),
-            max_lateness: Duration::from_secs(24 * 3600),
-            quota_floor: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(8),
-            sweep_interval: Duration::from_secs(30),
-            log_format: LogFormat::Text,
-            worker_id: default_worker_id(),
-        }
+            fcm_endpoint: Some(fcm_endpoint.to_string()),
+            // Many workers share one machine: any free port for health and metrics.
+            port: Some("0".to_string()),
+            ..Default::default()
+        })?;
+        // The key may be written after the settings are made; `ffpush run` checks it at start.
+        settings.credentials = Some(credentials);
+        Ok(settings)
     }
-}
-
-fn non_empty(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
 fn default_worker_id() -> String {
@@ -371,8 +537,7 @@ fn default_worker_id() -> String {
 }
 
 fn missing_project() -> ConfigError {
-    ConfigError::new(
-        "GOOGLE_CLOUD_PROJECT",
+    PROJECT.error(
         "",
         "set GOOGLE_CLOUD_PROJECT (or --project) to your Firebase project id",
     )
@@ -382,7 +547,7 @@ fn missing_project() -> ConfigError {
 /// failure at the first send.
 fn read_key(path: &std::path::Path) -> Result<serde_json::Value, ConfigError> {
     let shown = path.display().to_string();
-    let bad = |fix: String| ConfigError::new("GOOGLE_APPLICATION_CREDENTIALS", &shown, fix);
+    let bad = |fix: String| CREDENTIALS.error(&shown, fix);
     let text = std::fs::read_to_string(path).map_err(|e| {
         bad(format!(
             "cannot read the key file ({e}); point it at a service-account JSON key"
@@ -407,60 +572,15 @@ fn read_key(path: &std::path::Path) -> Result<serde_json::Value, ConfigError> {
     Ok(key)
 }
 
-fn collection_name(
-    value: &Option<String>,
-    setting: &'static str,
-    default: &str,
-) -> Result<String, ConfigError> {
-    let name = non_empty(value).unwrap_or(default);
+fn collection_name(spec: &Spec, args: &SettingsArgs) -> Result<String, ConfigError> {
+    let name = spec.raw_or_default(args);
     if name.contains('/') || name.starts_with("__") {
-        return Err(ConfigError::new(
-            setting,
+        return Err(spec.error(
             name,
             "use a top-level collection id without '/' (e.g. ff_push_notifications)",
         ));
     }
     Ok(name.to_string())
-}
-
-fn parse_number(
-    value: &Option<String>,
-    setting: &'static str,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
-    let Some(raw) = non_empty(value) else {
-        return Ok(default);
-    };
-    match raw.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(ConfigError::new(
-            setting,
-            raw,
-            format!("use a whole number from {min} to {max} (default {default})"),
-        )),
-    }
-}
-
-fn parse_setting_duration(
-    value: &Option<String>,
-    setting: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(raw) = non_empty(value) else {
-        return Ok(default);
-    };
-    parse_duration(raw).ok_or_else(|| {
-        ConfigError::new(
-            setting,
-            raw,
-            format!(
-                "use a duration such as 500ms, 30s, 5m or 24h (default {}s)",
-                default.as_secs()
-            ),
-        )
-    })
 }
 
 /// `500ms`, `30s`, `5m`, `24h`; a bare number means seconds.
@@ -665,6 +785,93 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_readme_settings_table_is_the_table() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("| variable | flag | default | meaning |")
+            .expect("the README has a settings table");
+        let documented: Vec<&str> = readme[start..]
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let generated = markdown_table();
+        let expected: Vec<&str> = generated.lines().collect();
+        assert_eq!(
+            documented, expected,
+            "README.md's settings table differs from config::SETTINGS; replace it with:\n{generated}"
+        );
+    }
+
+    #[test]
+    fn the_table_is_consistent() {
+        let mut envs = std::collections::HashSet::new();
+        let mut flags = std::collections::HashSet::new();
+        for spec in SETTINGS {
+            assert!(envs.insert(spec.env), "{} twice", spec.env);
+            assert!(flags.insert(spec.flag), "--{} twice", spec.flag);
+            assert!(!spec.help.is_empty(), "{} has no help", spec.env);
+            // Each default is itself a valid value.
+            let args = SettingsArgs::default();
+            match spec.kind {
+                Kind::Number { .. } => assert!(spec.number(&args).is_ok(), "{}", spec.env),
+                Kind::Duration { .. } => assert!(spec.duration(&args).is_ok(), "{}", spec.env),
+                Kind::Text => {}
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_one_line() {
+        for (spec, value) in [
+            (&SWEEP_INTERVAL, "0s"),
+            (&FCM_TIMEOUT, "0s"),
+            (&FCM_TIMEOUT, "5ms"),
+            (&LEASE, "1s"),
+            (&PROGRESS_INTERVAL, "0ms"),
+            (&RETRY_BUDGET, "0s"),
+            (&MAX_LATENESS, "1s"),
+            (&QUOTA_BACKOFF, "100ms"),
+            (&MAX_BACKOFF, "0s"),
+            (&LEASE, "30d"),
+            (&CONCURRENCY, "0"),
+            (&MAX_ATTEMPTS, "1000"),
+        ] {
+            let mut a = args();
+            *(spec.slot_mut)(&mut a) = Some(value.to_string());
+            let err = Settings::from_args(&a).unwrap_err();
+            assert_eq!(err.setting, spec.env, "{value}");
+            let line = err.to_string();
+            assert!(line.contains(spec.env) && !line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn flags_and_environment_come_from_the_table() {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = SettingsArgs::augment_args(clap::Command::new("t"));
+        let matches = cmd
+            .try_get_matches_from(["t", "--project", "p1", "--lease", "90s"])
+            .unwrap();
+        let a = SettingsArgs::from_arg_matches(&matches).unwrap();
+        assert_eq!(a.project.as_deref(), Some("p1"));
+        assert_eq!(a.lease.as_deref(), Some("90s"));
+        let s = Settings::from_args(&a).unwrap();
+        assert_eq!(s.lease, Duration::from_secs(90));
+        assert_eq!(s.concurrency, 256);
+    }
+
+    #[test]
+    fn emulator_settings_are_the_production_defaults() {
+        let s = Settings::for_emulators("p", "127.0.0.1:1", "http://127.0.0.1:2", "k.json".into())
+            .unwrap();
+        let production = Settings::from_args(&args()).unwrap();
+        assert_eq!(s.concurrency, production.concurrency);
+        assert_eq!(s.lease, production.lease);
+        assert_eq!(s.max_lateness, production.max_lateness);
+        assert_eq!(s.port, 0);
     }
 
     #[test]

@@ -71,7 +71,8 @@ impl Target {
         ca: Option<&std::path::Path>,
     ) -> Target {
         let mut settings =
-            Settings::for_emulators(project, firestore_host, &fcm.url, fcm.key.clone());
+            Settings::for_emulators(project, firestore_host, &fcm.url, fcm.key.clone())
+                .expect("emulator settings");
         settings.fcm_ca_cert = ca.map(|p| CaCert::read(p).expect("reading the bench CA"));
         Target { fcm, settings }
     }

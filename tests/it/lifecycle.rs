@@ -355,7 +355,8 @@ async fn the_worker_waits_for_firestore_at_start_and_then_works() {
     let key = dir.path().join("key.json");
     let project = format!("it-wait-{:08x}", rand::random::<u32>());
     shared.fcm.write_service_account(&key, &project).unwrap();
-    let settings = ffpush::config::Settings::for_emulators(&project, &host, &shared.fcm.url(), key);
+    let settings = ffpush::config::Settings::for_emulators(&project, &host, &shared.fcm.url(), key)
+        .expect("emulator settings");
     // Nothing listens on the port yet: start-up must wait, not fail.
     let starting = tokio::spawn(ffpush::daemon::start(
         settings.clone(),

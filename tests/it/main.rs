@@ -77,7 +77,8 @@ impl TestApp {
             .write_service_account(&key, &project)
             .expect("writing the service-account key");
         let mut settings =
-            Settings::for_emulators(&project, &shared.firestore_host, &shared.fcm.url(), key);
+            Settings::for_emulators(&project, &shared.firestore_host, &shared.fcm.url(), key)
+                .expect("emulator settings");
         settings.quota_floor = Duration::from_millis(200);
         settings.max_backoff = Duration::from_secs(1);
         settings.sweep_interval = Duration::from_secs(2);
