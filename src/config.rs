@@ -226,8 +226,8 @@ settings_table! {
     }
     lease: LEASE {
         env: "FFPUSH_LEASE", flag: "lease",
-        kind: Kind::Duration { min_ms: 5 * SECOND, max_ms: HOUR }, default: "60s",
-        help: "how long a claim holds a document without renewal before another worker may take it over (5s–1h)",
+        kind: Kind::Duration { min_ms: 3 * SECOND, max_ms: HOUR }, default: "60s",
+        help: "how long a claim holds a document without renewal before another worker may take it over (3s–1h)",
     }
     progress_interval: PROGRESS_INTERVAL {
         env: "FFPUSH_PROGRESS_INTERVAL", flag: "progress-interval",
