@@ -110,14 +110,58 @@ async fn read_users(
     Ok(())
 }
 
+/// Reads a broadcast as one streamed query cut into pages of [`PAGE_SIZE`]; the bounded
+/// channel paces the stream. A transient error resumes the query after the last token read,
+/// so nothing is read twice or skipped.
 async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(), store::Error> {
     let mut after: Option<String> = None;
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
     loop {
-        let page = page_with_retry(store, query, after.as_deref()).await?;
-        let done = page.len() < query.page_size;
-        after = page.last().map(|t| t.doc_name.clone());
-        if tx.send(Ok(page)).await.is_err() || done {
-            return Ok(());
+        let failure = match stream_pages(store, query, &mut after, tx, &mut attempt).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !failure.is_transient() || attempt >= 8 {
+            return Err(failure);
+        }
+        tracing::warn!(error = %failure, retry_in_ms = delay.as_millis() as u64, resume_after = ?after,
+            "reading tokens failed; resuming the query");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+        attempt += 1;
+    }
+}
+
+/// One streamed query from `after` to the end, sent on in pages; `after` follows the last
+/// token handed on. A full page resets `attempt`: the stream made progress.
+async fn stream_pages(
+    store: &Store,
+    query: &TokenQuery,
+    after: &mut Option<String>,
+    tx: &Pages,
+    attempt: &mut u32,
+) -> Result<(), store::Error> {
+    let tokens = store.token_stream(query, after.as_deref()).await?;
+    futures::pin_mut!(tokens);
+    let mut page = Vec::with_capacity(PAGE_SIZE);
+    loop {
+        let (token, end) = match tokens.next().await {
+            Some(Ok(token)) => (Some(token), None),
+            Some(Err(e)) => (None, Some(Err(e))),
+            None => (None, Some(Ok(()))),
+        };
+        page.extend(token);
+        if page.len() == PAGE_SIZE || (end.is_some() && !page.is_empty()) {
+            *after = page.last().map(|t| t.doc_name.clone());
+            *attempt = 0;
+            let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE_SIZE));
+            if tx.send(Ok(full)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if let Some(result) = end {
+            return result;
         }
     }
 }
