@@ -1,26 +1,46 @@
 //! `migrations/firestore.rules` as app clients meet it: a Firestore emulator of its own,
 //! started with the rules (the shared one runs without), driven over REST the way a
 //! FlutterFlow app's SDK does, with Firebase Auth ID tokens the emulator accepts unsigned.
-//! Also the structural check of `migrations/firestore.indexes.json` against `src/store.rs`.
+//! First what FlutterFlow apps write, which must pass; then each restriction, shown with the
+//! write it stops. Also the structural check of `migrations/firestore.indexes.json` against
+//! `src/store.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+// The limits `migrations/firestore.rules` sets at its top (checked against the file by
+// `the_limits_these_tests_assume_are_the_rules_files`).
+const MAX_RECIPIENTS: usize = 100;
+const SCHEDULE_HORIZON_DAYS: i64 = 30;
+const MAX_TITLE: usize = 1024;
+const MAX_TEXT: usize = 4096;
+const MAX_PARAMETER_DATA: usize = 4096;
+const MAX_URL: usize = 2048;
+const MAX_NAME: usize = 256;
+const MAX_USER_ID: usize = 128;
+const MAX_TOKEN: usize = 4096;
+const MAX_CLOCK_SKEW_MINUTES: i64 = 5;
+
 fn migrations_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")
+}
+
+fn rules_file() -> PathBuf {
+    migrations_dir().join("firestore.rules")
 }
 
 fn rules_emulator() -> &'static str {
     static EMULATOR: OnceLock<FirestoreEmulator> = OnceLock::new();
     EMULATOR
         .get_or_init(|| {
-            FirestoreEmulator::start_with_rules(None, &migrations_dir().join("firestore.rules"))
+            FirestoreEmulator::start_with_rules(None, &rules_file())
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .host_port()
@@ -31,13 +51,15 @@ fn rules_emulator() -> &'static str {
 enum As<'a> {
     /// A signed-in app user with this uid.
     User(&'a str),
+    /// A user signed in with Firebase Auth's anonymous provider.
+    Anonymous(&'a str),
     /// No `Authorization` header.
     Nobody,
     /// The emulator's owner token: bypasses the rules, like ffpush's service account.
     Server,
 }
 
-/// One project on the rules emulator.
+/// One project on a rules emulator.
 struct Client {
     project: String,
     base: String,
@@ -46,7 +68,10 @@ struct Client {
 
 impl Client {
     fn new() -> Client {
-        let host = rules_emulator();
+        Client::on(rules_emulator())
+    }
+
+    fn on(host: &str) -> Client {
         let project = format!("rules-{:016x}", rand::random::<u64>());
         Client {
             base: format!("http://{host}/v1/projects/{project}/databases/(default)/documents"),
@@ -56,29 +81,37 @@ impl Client {
     }
 
     /// An unsigned (`alg: none`) Firebase Auth ID token, as the emulator accepts.
-    fn id_token(&self, uid: &str) -> String {
-        let now = chrono::Utc::now().timestamp();
+    fn id_token(&self, uid: &str, provider: &str) -> String {
+        let now = Utc::now().timestamp();
         let header = json!({"alg": "none", "typ": "JWT"});
         let claims = json!({
             "sub": uid, "user_id": uid, "aud": self.project,
             "iss": format!("https://securetoken.google.com/{}", self.project),
             "iat": now, "exp": now + 3600, "auth_time": now,
-            "firebase": {"sign_in_provider": "custom", "identities": {}},
+            "firebase": {"sign_in_provider": provider, "identities": {}},
         });
         let part = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
         format!("{}.{}.", part(&header), part(&claims))
     }
 
+    /// The full resource name of `path` in this project.
+    fn name(&self, path: &str) -> String {
+        format!(
+            "projects/{}/databases/(default)/documents/{path}",
+            self.project
+        )
+    }
+
     /// A reference value to `path` in this project, as the SDKs write references.
     fn reference(&self, path: &str) -> Value {
-        json!({"referenceValue":
-            format!("projects/{}/databases/(default)/documents/{path}", self.project)})
+        json!({ "referenceValue": self.name(path) })
     }
 
     async fn call(&self, who: As<'_>, method: Method, url: String, body: Option<Value>) -> Answer {
         let mut request = self.http.request(method, url);
         match who {
-            As::User(uid) => request = request.bearer_auth(self.id_token(uid)),
+            As::User(uid) => request = request.bearer_auth(self.id_token(uid, "custom")),
+            As::Anonymous(uid) => request = request.bearer_auth(self.id_token(uid, "anonymous")),
             As::Server => request = request.bearer_auth("owner"),
             As::Nobody => {}
         }
@@ -112,6 +145,19 @@ impl Client {
             .await
     }
 
+    /// One atomic commit of `writes` (REST `Write`s): how the SDKs send `set`, `add` and
+    /// batched writes.
+    async fn commit(&self, who: As<'_>, writes: Vec<Value>) -> Answer {
+        let url = format!("{}:commit", self.base);
+        self.call(who, Method::POST, url, Some(json!({ "writes": writes })))
+            .await
+    }
+
+    /// The write `doc(path).set(fields)` sends: the whole document, no precondition.
+    fn set(&self, path: &str, fields: &Value) -> Value {
+        json!({"update": {"name": self.name(path), "fields": fields}})
+    }
+
     async fn get(&self, who: As<'_>, path: &str) -> Answer {
         self.call(who, Method::GET, format!("{}/{path}", self.base), None)
             .await
@@ -139,7 +185,20 @@ impl Client {
         .await
     }
 
-    /// What an app writes to send a push: to `to`, from `sender`, plus `extra` fields.
+    /// How many documents `collection` holds (read past the rules).
+    async fn stored(&self, collection: &str) -> usize {
+        let answer = self.query(As::Server, collection, None).await;
+        allowed(&answer, "the server listing a collection");
+        answer
+            .body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|row| row.get("document").is_some())
+            .count()
+    }
+
+    /// A minimal app notification: to `to`, from `sender`, plus `extra` fields.
     fn app_notification(&self, sender: &str, to: Value, extra: Value) -> Value {
         let mut fields = json!({
             "notification_title": {"stringValue": "Hi"},
@@ -150,11 +209,41 @@ impl Client {
         if !to.is_null() {
             fields["user_refs"] = to;
         }
-        for (k, v) in extra.as_object().into_iter().flatten() {
-            fields[k] = v.clone();
-        }
+        merge(&mut fields, extra);
         fields
     }
+
+    /// What FlutterFlow's "Trigger Push Notification" action writes (its generated
+    /// `triggerPushNotification`): title, text, `user_refs` (the recipients' paths joined
+    /// with ","), `initial_page_name`, `parameter_data` (JSON text), `sender` (the current
+    /// user's reference) and `timestamp` (the device's `DateTime.now()`); the image, sound
+    /// and `scheduled_time` only when set (`extra`, which also overrides).
+    fn flutterflow_action(&self, sender: &str, user_refs: &str, extra: Value) -> Value {
+        let mut fields = json!({
+            "notification_title": s("New comment"),
+            "notification_text": s("Ana commented on your post"),
+            "user_refs": s(user_refs),
+            "initial_page_name": s("PostPage"),
+            "parameter_data": s("{\"postRef\":\"posts/p7\"}"),
+            "sender": self.reference(sender),
+            "timestamp": ts(Utc::now()),
+        });
+        merge(&mut fields, extra);
+        fields
+    }
+}
+
+fn merge(fields: &mut Value, extra: Value) {
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        fields[k] = v.clone();
+    }
+}
+
+fn without(mut fields: Value, field: &str) -> Value {
+    if let Some(f) = fields.as_object_mut() {
+        f.remove(field);
+    }
+    fields
 }
 
 struct Answer {
@@ -182,8 +271,655 @@ fn denied(answer: &Answer, what: &str) {
     );
 }
 
-fn refs(s: &str) -> Value {
-    json!({ "stringValue": s })
+fn s(v: &str) -> Value {
+    json!({ "stringValue": v })
+}
+
+fn refs(v: &str) -> Value {
+    s(v)
+}
+
+fn ts(t: DateTime<Utc>) -> Value {
+    json!({ "timestampValue": t.to_rfc3339_opts(SecondsFormat::Micros, true) })
+}
+
+fn int(n: i64) -> Value {
+    json!({ "integerValue": n.to_string() })
+}
+
+/// `users/u0,users/u1,…`: `n` recipients as FlutterFlow joins them.
+fn user_refs(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("users/u{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test]
+async fn documents_and_tokens_as_flutterflow_apps_write_them_are_allowed() {
+    let c = Client::new();
+    // The action's `doc().set(…)`, without and with the optional fields.
+    let plain = c.flutterflow_action("users/alice", "users/u1", json!({}));
+    allowed(
+        &c.commit(
+            As::User("alice"),
+            vec![c.set("ff_user_push_notifications/plain", &plain)],
+        )
+        .await,
+        "the action's document",
+    );
+    let full = c.flutterflow_action(
+        "users/alice",
+        "users/u1,users/u2",
+        json!({
+            "notification_image_url": s("https://example.com/banner.png"),
+            "notification_sound": s("default"),
+            "scheduled_time": ts(Utc::now() + Duration::hours(2)),
+            "initial_page_name": s(""),
+            "parameter_data": s("{}"),
+        }),
+    );
+    allowed(
+        &c.commit(
+            As::User("alice"),
+            vec![c.set("ff_user_push_notifications/full", &full)],
+        )
+        .await,
+        "the action's document with an image, a sound and a schedule",
+    );
+    // As many recipients, as far ahead and texts as long as the rules allow.
+    let most = c.flutterflow_action(
+        "users/alice",
+        &user_refs(MAX_RECIPIENTS),
+        json!({
+            "scheduled_time": ts(Utc::now() + Duration::days(SCHEDULE_HORIZON_DAYS)
+                - Duration::hours(1)),
+            "notification_title": s(&"t".repeat(MAX_TITLE)),
+            "notification_text": s(&"x".repeat(MAX_TEXT)),
+            "parameter_data": s(&"p".repeat(MAX_PARAMETER_DATA)),
+            "notification_image_url": s(&"u".repeat(MAX_URL)),
+            "initial_page_name": s(&"P".repeat(MAX_NAME)),
+            "notification_sound": s(&"S".repeat(MAX_NAME)),
+        }),
+    );
+    allowed(
+        &c.create(As::User("alice"), "ff_user_push_notifications/most", most)
+            .await,
+        "a document at every limit",
+    );
+    let id_at_limit = format!("users/{}", "i".repeat(MAX_USER_ID));
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/long_id",
+            c.flutterflow_action("users/alice", &id_at_limit, json!({})),
+        )
+        .await,
+        "a recipient id of 128 characters",
+    );
+    assert_eq!(c.stored("ff_user_push_notifications").await, 4);
+    let stored = c
+        .get(As::Server, "ff_user_push_notifications/plain")
+        .await
+        .body;
+    assert_eq!(stored["fields"], plain);
+
+    // Device tokens as FlutterFlow's `addFcmToken` and app code add them: `created_at` from
+    // the server's clock (`FieldValue.serverTimestamp()`), or from the device's.
+    let mut add = c.set(
+        "users/alice/fcm_tokens/t1",
+        &json!({"fcm_token": s("tok-alice-ios"), "device_type": s("iOS")}),
+    );
+    add["updateTransforms"] =
+        json!([{"fieldPath": "created_at", "setToServerValue": "REQUEST_TIME"}]);
+    add["currentDocument"] = json!({"exists": false});
+    allowed(
+        &c.commit(As::User("alice"), vec![add]).await,
+        "a token with a server timestamp",
+    );
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "users/alice/fcm_tokens/t2",
+            json!({
+                "fcm_token": s("tok-alice-android"),
+                "device_type": s("Android"),
+                "created_at": ts(Utc::now()),
+            }),
+        )
+        .await,
+        "a token with the device's time",
+    );
+    // A refreshed token is updated in place; signing out deletes it.
+    allowed(
+        &c.patch(
+            As::User("alice"),
+            "users/alice/fcm_tokens/t1",
+            json!({"fcm_token": s("tok-alice-ios-2"), "device_type": s("iOS")}),
+        )
+        .await,
+        "updating one's token",
+    );
+    let t1 = c.get(As::User("alice"), "users/alice/fcm_tokens/t1").await;
+    allowed(&t1, "reading one's token");
+    assert_eq!(
+        t1.body["fields"]["fcm_token"]["stringValue"],
+        "tok-alice-ios-2"
+    );
+    assert!(t1.body["fields"]["created_at"]["timestampValue"].is_string());
+    allowed(
+        &c.delete(As::User("alice"), "users/alice/fcm_tokens/t2")
+            .await,
+        "deleting one's token",
+    );
+}
+
+#[tokio::test]
+async fn one_commit_cannot_name_more_recipients_than_the_limit() {
+    let c = Client::new();
+    // 500 documents (a commit's most) naming one user too many each: 50 500 token reads.
+    let one_too_many =
+        c.flutterflow_action("users/alice", &user_refs(MAX_RECIPIENTS + 1), json!({}));
+    let writes = (0..500)
+        .map(|i| c.set(&format!("ff_user_push_notifications/n{i}"), &one_too_many))
+        .collect();
+    denied(
+        &c.commit(As::User("alice"), writes).await,
+        "a commit of 500 documents naming 101 users each",
+    );
+    // One document naming 29 000 users.
+    let huge = c.flutterflow_action("users/alice", &user_refs(29_000), json!({}));
+    denied(
+        &c.create(As::User("alice"), "ff_user_push_notifications/huge", huge)
+            .await,
+        "a document naming 29 000 users",
+    );
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+#[tokio::test]
+async fn user_refs_is_a_list_of_user_document_paths_as_flutterflow_joins_them() {
+    let c = Client::new();
+    let cases = [
+        (
+            "a path outside the users collection",
+            s("users/bob,posts/p1"),
+        ),
+        ("a path below a user document", s("users/bob/fcm_tokens/t1")),
+        ("an empty entry", s("users/bob,,users/carol")),
+        ("a trailing comma", s("users/bob,")),
+        ("spaces around entries", s("users/bob, users/carol")),
+        ("a leading slash", s("/users/bob")),
+        (
+            "a user id longer than Firebase Auth's 128 characters",
+            s(&format!("users/{}", "i".repeat(MAX_USER_ID + 1))),
+        ),
+        (
+            "an array of references",
+            json!({"arrayValue": {"values": [c.reference("users/bob")]}}),
+        ),
+        (
+            "an array of paths",
+            json!({"arrayValue": {"values": [s("users/bob")]}}),
+        ),
+        ("a single reference", c.reference("users/bob")),
+    ];
+    for (i, (what, user_refs)) in cases.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "", json!({ "user_refs": user_refs }));
+        let path = format!("ff_user_push_notifications/bad{i}");
+        denied(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+#[tokio::test]
+async fn scheduled_time_is_at_most_the_horizon_ahead() {
+    let c = Client::new();
+    let past_horizon = Utc::now() + Duration::days(SCHEDULE_HORIZON_DAYS) + Duration::hours(1);
+    let cases = [
+        (
+            "the year 9999",
+            json!({"timestampValue": "9999-12-31T23:59:59Z"}),
+        ),
+        ("an hour past the horizon", ts(past_horizon)),
+        ("a string", s("2030-01-01T00:00:00Z")),
+        ("null", json!({"nullValue": null})),
+    ];
+    for (i, (what, at)) in cases.into_iter().enumerate() {
+        let fields =
+            c.flutterflow_action("users/alice", "users/bob", json!({ "scheduled_time": at }));
+        let path = format!("ff_user_push_notifications/bad{i}");
+        denied(
+            &c.create(As::User("alice"), &path, fields).await,
+            &format!("scheduled_time {what}"),
+        );
+    }
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+    // A time already past is fine: ffpush sends it at once (or fails it as expired).
+    let fields = c.flutterflow_action(
+        "users/alice",
+        "users/bob",
+        json!({ "scheduled_time": ts(Utc::now() - Duration::hours(1)) }),
+    );
+    allowed(
+        &c.create(As::User("alice"), "ff_user_push_notifications/past", fields)
+            .await,
+        "scheduled_time in the past",
+    );
+}
+
+#[tokio::test]
+async fn text_fields_have_their_types_and_bounded_sizes() {
+    let c = Client::new();
+    let long = |n: usize| s(&"x".repeat(n));
+    let cases = [
+        ("a 1 MB title", "notification_title", long(1_000_000)),
+        (
+            "a title over the limit",
+            "notification_title",
+            long(MAX_TITLE + 1),
+        ),
+        (
+            "a text over the limit",
+            "notification_text",
+            long(MAX_TEXT + 1),
+        ),
+        (
+            "parameter_data over the limit",
+            "parameter_data",
+            long(MAX_PARAMETER_DATA + 1),
+        ),
+        (
+            "an image URL over the limit",
+            "notification_image_url",
+            long(MAX_URL + 1),
+        ),
+        (
+            "a page name over the limit",
+            "initial_page_name",
+            long(MAX_NAME + 1),
+        ),
+        (
+            "a sound over the limit",
+            "notification_sound",
+            long(MAX_NAME + 1),
+        ),
+        ("an empty title", "notification_title", s("")),
+        ("an empty text", "notification_text", s("")),
+        ("a title that is a number", "notification_title", int(1)),
+        (
+            "parameter_data as a map, not JSON text",
+            "parameter_data",
+            json!({"mapValue": {"fields": {"a": s("b")}}}),
+        ),
+        (
+            "a null image URL",
+            "notification_image_url",
+            json!({"nullValue": null}),
+        ),
+        ("timestamp as a string", "timestamp", s("now")),
+    ];
+    for (i, (what, field, value)) in cases.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "users/bob", json!({ field: value }));
+        let path = format!("ff_user_push_notifications/bad{i}");
+        denied(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+    for required in ["notification_title", "notification_text"] {
+        let fields = without(
+            c.flutterflow_action("users/alice", "users/bob", json!({})),
+            required,
+        );
+        let path = format!("ff_user_push_notifications/without_{required}");
+        denied(
+            &c.create(As::User("alice"), &path, fields).await,
+            &format!("a notification without `{required}`"),
+        );
+    }
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+#[tokio::test]
+async fn fields_flutterflow_does_not_write_are_denied() {
+    let c = Client::new();
+    let unknown = [
+        ("target_audience", s("All")),
+        ("batch_index", int(0)),
+        ("num_batches", int(10)),
+        ("not_ffpush_", s("x")),
+        ("priority", s("high")),
+        (
+            "data",
+            json!({"mapValue": {"fields": {"a": s(&"x".repeat(100_000))}}}),
+        ),
+    ];
+    for (field, value) in unknown {
+        let fields = c.flutterflow_action("users/alice", "users/bob", json!({ field: value }));
+        let path = format!("ff_user_push_notifications/with_{field}");
+        denied(
+            &c.create(As::User("alice"), &path, fields).await,
+            &format!("a notification carrying `{field}`"),
+        );
+    }
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+#[tokio::test]
+async fn token_documents_hold_a_token_a_device_type_and_a_past_creation_time_only() {
+    let c = Client::new();
+    let token = |extra: Value| {
+        let mut fields = json!({
+            "fcm_token": s("tok-alice"),
+            "device_type": s("iOS"),
+            "created_at": ts(Utc::now() - Duration::days(1)),
+        });
+        merge(&mut fields, extra);
+        fields
+    };
+    let cases = [
+        ("an unknown field", token(json!({"owner": s("mallory")}))),
+        ("an empty token", token(json!({"fcm_token": s("")}))),
+        ("no token", without(token(json!({})), "fcm_token")),
+        (
+            "a token that is a number",
+            token(json!({"fcm_token": int(1)})),
+        ),
+        (
+            "a token over the size limit",
+            token(json!({"fcm_token": s(&"t".repeat(MAX_TOKEN + 1))})),
+        ),
+        (
+            "a device type that is a number",
+            token(json!({"device_type": int(1)})),
+        ),
+        (
+            "a device type over the size limit",
+            token(json!({"device_type": s(&"d".repeat(MAX_NAME + 1))})),
+        ),
+        (
+            "created_at in the year 9999",
+            token(json!({"created_at": {"timestampValue": "9999-12-31T23:59:59Z"}})),
+        ),
+        (
+            "created_at past the allowed clock skew",
+            token(json!({"created_at": ts(Utc::now()
+                + Duration::minutes(MAX_CLOCK_SKEW_MINUTES) + Duration::minutes(10))})),
+        ),
+        (
+            "created_at as a string",
+            token(json!({"created_at": s("2024-05-01")})),
+        ),
+    ];
+    for (i, (what, fields)) in cases.into_iter().enumerate() {
+        let path = format!("users/alice/fcm_tokens/bad{i}");
+        denied(&c.create(As::User("alice"), &path, fields).await, what);
+        assert_eq!(
+            c.get(As::Server, &path).await.status,
+            StatusCode::NOT_FOUND,
+            "{what}"
+        );
+    }
+
+    // A device whose clock runs a little fast still registers.
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "users/alice/fcm_tokens/t1",
+            token(json!({"created_at": ts(Utc::now() + Duration::minutes(1))})),
+        )
+        .await,
+        "created_at a minute ahead",
+    );
+    let updates = [
+        (
+            "moving created_at to 9999",
+            json!({"created_at": {"timestampValue": "9999-12-31T23:59:59Z"}}),
+        ),
+        ("adding a field", json!({"owner": s("mallory")})),
+        ("emptying the token", json!({"fcm_token": s("")})),
+    ];
+    for (what, fields) in updates {
+        denied(
+            &c.patch(As::User("alice"), "users/alice/fcm_tokens/t1", fields)
+                .await,
+            what,
+        );
+    }
+    let stored = c.get(As::Server, "users/alice/fcm_tokens/t1").await.body;
+    assert_eq!(stored["fields"]["fcm_token"]["stringValue"], "tok-alice");
+    assert!(stored["fields"].get("owner").is_none());
+}
+
+#[tokio::test]
+async fn anonymous_users_may_register_tokens_but_not_send() {
+    let c = Client::new();
+    denied(
+        &c.create(
+            As::Anonymous("anon"),
+            "ff_user_push_notifications/n1",
+            c.flutterflow_action("users/anon", "users/bob", json!({})),
+        )
+        .await,
+        "a notification from an anonymous user",
+    );
+    allowed(
+        &c.create(
+            As::Anonymous("anon"),
+            "users/anon/fcm_tokens/t1",
+            json!({"fcm_token": s("tok-anon"), "device_type": s("Android"), "created_at": ts(Utc::now())}),
+        )
+        .await,
+        "an anonymous user registering their device",
+    );
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+#[tokio::test]
+async fn the_users_collection_and_anonymous_senders_are_set_at_the_top_of_the_rules() {
+    // A project whose users collection is `Users`, letting anonymous users send: the two
+    // one-line changes the rules file's header describes.
+    let rules = std::fs::read_to_string(rules_file()).expect("migrations/firestore.rules");
+    let edits = [
+        (
+            "function usersCollection() { return 'users'; }",
+            "function usersCollection() { return 'Users'; }",
+        ),
+        (
+            "function allowAnonymousSenders() { return false; }",
+            "function allowAnonymousSenders() { return true; }",
+        ),
+    ];
+    let mut adapted = rules.clone();
+    for (from, to) in edits {
+        assert!(
+            adapted.contains(from),
+            "the rules file should define `{from}`"
+        );
+        adapted = adapted.replacen(from, to, 1);
+    }
+    let dir = std::env::temp_dir().join(format!("ffpush-rules-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("firestore.rules");
+    std::fs::write(&file, adapted).unwrap();
+    let emulator =
+        FirestoreEmulator::start_with_rules(None, &file).unwrap_or_else(|e| panic!("{e}"));
+    let c = Client::on(emulator.host_port());
+
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/n1",
+            c.flutterflow_action("Users/alice", "Users/u1,Users/u2", json!({})),
+        )
+        .await,
+        "a notification within `Users`",
+    );
+    denied(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/n2",
+            c.flutterflow_action("Users/alice", "users/u1", json!({})),
+        )
+        .await,
+        "recipients in `users`",
+    );
+    denied(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/n3",
+            c.flutterflow_action("users/alice", "Users/u1", json!({})),
+        )
+        .await,
+        "a sender in `users`",
+    );
+    let token =
+        json!({"fcm_token": s("tok"), "device_type": s("iOS"), "created_at": ts(Utc::now())});
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "Users/alice/fcm_tokens/t1",
+            token.clone(),
+        )
+        .await,
+        "a token under `Users`",
+    );
+    denied(
+        &c.create(As::User("alice"), "users/alice/fcm_tokens/t1", token)
+            .await,
+        "a token under `users`",
+    );
+    allowed(
+        &c.create(
+            As::Anonymous("anon"),
+            "ff_user_push_notifications/n4",
+            c.flutterflow_action("Users/anon", "Users/u1", json!({})),
+        )
+        .await,
+        "an anonymous sender, once allowed",
+    );
+    drop(emulator);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_limits_these_tests_assume_are_the_rules_files() {
+    let rules = std::fs::read_to_string(rules_file()).expect("migrations/firestore.rules");
+    let limits = [
+        ("maxRecipients", MAX_RECIPIENTS.to_string()),
+        ("scheduleHorizonDays", SCHEDULE_HORIZON_DAYS.to_string()),
+        ("maxTitleLength", MAX_TITLE.to_string()),
+        ("maxTextLength", MAX_TEXT.to_string()),
+        ("maxParameterDataLength", MAX_PARAMETER_DATA.to_string()),
+        ("maxUrlLength", MAX_URL.to_string()),
+        ("maxNameLength", MAX_NAME.to_string()),
+        ("maxUserIdLength", MAX_USER_ID.to_string()),
+        ("maxTokenLength", MAX_TOKEN.to_string()),
+        (
+            "maxClockSkew",
+            format!("duration.value({MAX_CLOCK_SKEW_MINUTES}, 'm')"),
+        ),
+    ];
+    for (function, value) in limits {
+        let line = format!("function {function}() {{ return {value}; }}");
+        assert!(
+            rules.contains(&line),
+            "migrations/firestore.rules should define `{line}`"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sender_may_cancel_their_notification_before_it_starts_and_change_nothing_else() {
+    let c = Client::new();
+    let path = "ff_user_push_notifications/n1";
+    let scheduled = json!({ "scheduled_time": ts(Utc::now() + Duration::days(1)) });
+    allowed(
+        &c.create(
+            As::User("alice"),
+            path,
+            c.flutterflow_action("users/alice", "users/bob", scheduled.clone()),
+        )
+        .await,
+        "creating it",
+    );
+    let cancel = json!({"status": s("cancelled")});
+    denied(
+        &c.patch(As::User("bob"), path, cancel.clone()).await,
+        "another user cancelling it",
+    );
+    let edits = [
+        ("setting another status", json!({"status": s("succeeded")})),
+        ("setting an empty status", json!({"status": s("")})),
+        (
+            "cancelling and editing at once",
+            json!({"status": s("cancelled"), "notification_text": s("edited")}),
+        ),
+        (
+            "editing the text",
+            json!({"notification_text": s("edited")}),
+        ),
+        (
+            "changing the recipients",
+            json!({"user_refs": s("users/carol")}),
+        ),
+        (
+            "moving the schedule",
+            json!({"scheduled_time": ts(Utc::now() + Duration::days(2))}),
+        ),
+        ("writing an outcome field", json!({"num_sent": int(0)})),
+    ];
+    for (what, fields) in edits {
+        denied(
+            &c.patch(As::User("alice"), path, fields).await,
+            &format!("the sender {what}"),
+        );
+    }
+    denied(
+        &c.delete(As::User("alice"), path).await,
+        "the sender deleting it",
+    );
+    denied(
+        &c.delete(As::User("bob"), path).await,
+        "a recipient deleting it",
+    );
+
+    allowed(
+        &c.patch(As::User("alice"), path, cancel.clone()).await,
+        "the sender cancelling it",
+    );
+    let stored = c.get(As::Server, path).await.body;
+    assert_eq!(stored["fields"]["status"]["stringValue"], "cancelled");
+    assert_eq!(
+        stored["fields"]["notification_text"]["stringValue"],
+        "Ana commented on your post"
+    );
+    denied(
+        &c.patch(As::User("alice"), path, json!({"status": s("")}))
+            .await,
+        "the sender undoing the cancel",
+    );
+
+    // Once ffpush has started or finished it, it is too late.
+    for status in ["started", "succeeded", "failed"] {
+        let path = format!("ff_user_push_notifications/{status}");
+        allowed(
+            &c.create(
+                As::User("alice"),
+                &path,
+                c.flutterflow_action("users/alice", "users/bob", scheduled.clone()),
+            )
+            .await,
+            "creating it",
+        );
+        allowed(
+            &c.patch(As::Server, &path, json!({"status": s(status)}))
+                .await,
+            "ffpush writing a status",
+        );
+        denied(
+            &c.patch(As::User("alice"), &path, cancel.clone()).await,
+            &format!("cancelling a {status} notification"),
+        );
+    }
 }
 
 #[tokio::test]
@@ -199,15 +935,19 @@ async fn an_app_user_may_send_to_named_users_as_themselves_and_read_it_back() {
         .await,
         "a notification with user_refs, sent as oneself",
     );
-    let as_array = c.app_notification(
+    let scheduled = c.app_notification(
         "alice",
-        json!({"arrayValue": {"values": [c.reference("users/bob")]}}),
-        json!({"scheduled_time": {"timestampValue": "2030-01-01T00:00:00Z"}}),
+        refs("users/bob"),
+        json!({"scheduled_time": ts(Utc::now() + Duration::days(1))}),
     );
     allowed(
-        &c.create(As::User("alice"), "ff_user_push_notifications/n2", as_array)
-            .await,
-        "user_refs as an array of references, scheduled",
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/n2",
+            scheduled,
+        )
+        .await,
+        "a scheduled notification",
     );
 
     let stored = c
@@ -343,54 +1083,7 @@ async fn an_app_user_may_not_write_the_fields_ffpush_writes() {
             &format!("a notification carrying `{field}`"),
         );
     }
-    // Only a prefix is reserved, not every name containing it.
-    let fields = c.app_notification(
-        "alice",
-        refs("users/bob"),
-        json!({"not_ffpush_": {"stringValue": "x"}}),
-    );
-    allowed(
-        &c.create(As::User("alice"), "ff_user_push_notifications/ok", fields)
-            .await,
-        "a field that merely contains `ffpush_`",
-    );
-}
-
-#[tokio::test]
-async fn an_app_user_may_not_change_or_delete_a_notification() {
-    let c = Client::new();
-    let path = "ff_user_push_notifications/n1";
-    let fields = c.app_notification("alice", refs("users/bob"), json!({}));
-    allowed(
-        &c.create(As::User("alice"), path, fields).await,
-        "creating it",
-    );
-
-    let edits = [
-        ("status", json!({"stringValue": "cancelled"})),
-        ("notification_text", json!({"stringValue": "edited"})),
-        ("user_refs", refs("users/everyone")),
-    ];
-    for (field, value) in edits {
-        denied(
-            &c.patch(As::User("alice"), path, json!({ field: value }))
-                .await,
-            &format!("the sender updating `{field}`"),
-        );
-    }
-    denied(
-        &c.delete(As::User("alice"), path).await,
-        "the sender deleting it",
-    );
-    denied(
-        &c.delete(As::User("bob"), path).await,
-        "a recipient deleting it",
-    );
-    let stored = c.get(As::Server, path).await;
-    assert_eq!(
-        stored.body["fields"]["notification_text"]["stringValue"],
-        "From the app"
-    );
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
 }
 
 #[tokio::test]
