@@ -16,9 +16,10 @@
 //! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port;
 //!   [`logging`]: text, or Cloud Logging JSON on Cloud Run.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
-//! - [`cli`]: subcommands `run`, `dev`, `send`, `doctor`, `fcm-emulator`; [`doctor`]: the
+//! - [`cli`]: subcommands `run`, `dev`, `send`, `status`, `doctor`, `fcm-emulator`; [`doctor`]: the
 //!   operator's checks; [`seed`]: demo data for `dev`.
 //! - [`migrate`]: versioned data migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
+//! - [`recent`]: `ffpush status`, the latest notifications of both collections.
 //! - [`fcm_emulator`]: our FCM HTTP v1 + OAuth2 emulator; [`firestore_emulator`]: runs
 //!   Google's Firestore emulator as a child process.
 #![forbid(unsafe_code)]
@@ -37,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod recent;
 pub mod report;
 pub mod schedule;
 pub mod seed;
