@@ -113,7 +113,8 @@ fi
 [[ "$FUNCTIONS_REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "--functions-region $FUNCTIONS_REGION is not a region"
 [[ "$TAG" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "--tag $TAG is not a valid image tag"
 channels_json=""
-for channel in "${CHANNELS[@]}"; do
+# (The ${a[@]+…} form: an empty array under `set -u` in the bash 3 macOS ships.)
+for channel in ${CHANNELS[@]+"${CHANNELS[@]}"}; do
   [[ "$channel" =~ ^projects/[a-z0-9-]+/notificationChannels/[0-9]+$ ]] ||
     die "--alert-channel $channel: give projects/PROJECT/notificationChannels/ID"
   channels_json+="${channels_json:+, }\"$channel\""
