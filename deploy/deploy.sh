@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Builds ffpush with Cloud Build and deploys it to Cloud Run; optionally deletes the Cloud
-# Functions FlutterFlow generated for push notifications. Run `deploy/deploy.sh --help`.
+# Builds ffpush with Cloud Build and deploys it to Cloud Run with its metrics collector, its
+# Cloud Monitoring dashboard and alert policies; optionally deletes the Cloud Functions
+# FlutterFlow generated for push notifications. Run `deploy/deploy.sh --help`.
 set -euo pipefail
 
 SERVICE=ffpush
 REPOSITORY=ffpush
+# The RunMonitoring config of the metrics collector (deploy/gmp-config.yaml) lives here;
+# deploy/service.yaml mounts it.
+GMP_SECRET=ffpush-gmp-config
+# deploy/dashboard.json's id (its "name" ends in it).
+DASHBOARD=ffpush
 # The names FlutterFlow gives its generated push-notification functions.
 FUNCTIONS=(sendPushNotificationsTrigger sendUserPushNotificationsTrigger sendScheduledPushNotifications)
 ROLES=(
   roles/datastore.user                  # read/write Firestore documents
   roles/firebasecloudmessaging.admin    # cloudmessaging.messages.create: send through FCM
   roles/logging.logWriter
-  roles/monitoring.metricWriter
+  roles/monitoring.metricWriter         # the metrics collector writes to Cloud Monitoring
 )
 APIS=(
   run.googleapis.com
@@ -20,6 +26,8 @@ APIS=(
   firestore.googleapis.com
   fcm.googleapis.com
   iam.googleapis.com
+  monitoring.googleapis.com
+  secretmanager.googleapis.com
 )
 
 usage() {
@@ -28,8 +36,12 @@ Usage: deploy/deploy.sh [options] [PROJECT_ID [REGION]]
 
 Builds the Dockerfile with Cloud Build, pushes it to Artifact Registry and deploys
 deploy/service.yaml to Cloud Run as service "ffpush", running as the service account
-ffpush@PROJECT_ID.iam.gserviceaccount.com. PROJECT_ID and REGION come from the arguments or
-from the environment variables of the same names. Safe to run again: what exists is kept.
+ffpush@PROJECT_ID.iam.gserviceaccount.com, next to Google's Managed Service for Prometheus
+sidecar (its scrape config, deploy/gmp-config.yaml, goes to Secret Manager as
+ffpush-gmp-config). Creates or updates the Cloud Monitoring dashboard deploy/dashboard.json
+and the alert policies deploy/alerts/*.json. PROJECT_ID and REGION come from the arguments
+or from the environment variables of the same names. Safe to run again: what exists is kept
+or brought up to date.
 
 Options:
   --tag TAG                image tag (default: git commit and UTC time)
@@ -38,6 +50,10 @@ Options:
                            sendUserPushNotificationsTrigger, sendScheduledPushNotifications
                            (destructive; without it they keep running next to ffpush)
   --functions-region R     region of those functions (default: us-central1, FlutterFlow's)
+  --alert-channel NAME     notify this channel (projects/P/notificationChannels/ID) when an
+                           alert fires; repeat for more. Without it the alerts only open
+                           incidents in the console. List channels with
+                           gcloud beta monitoring channels list --project PROJECT_ID
   --dry-run                print the commands instead of running them
   -h, --help               this text
 
@@ -46,6 +62,10 @@ Verify:
         --format='value(status.url)')
   curl -H "Authorization: Bearer $(gcloud auth print-identity-token)" "$URL/readyz"
   gcloud logging read 'resource.labels.service_name="ffpush"' --project PROJECT_ID --limit 20
+  Metrics: Cloud Monitoring → Dashboards → ffpush (a minute after the first scrape)
+
+Needs the Google Cloud CLI with its alpha commands (alert policies):
+  gcloud components install alpha   (or the google-cloud-cli package from apt/yum)
 
 Roll back to an earlier revision (deploy/rollback.sh does the same):
   gcloud run revisions list --service ffpush --project PROJECT_ID --region REGION
@@ -63,12 +83,14 @@ DRY_RUN=false
 DELETE_FUNCTIONS=false
 FUNCTIONS_REGION=us-central1
 TAG=""
+CHANNELS=()
 positional=()
 while (($#)); do
   case "$1" in
     --tag) TAG="${2:?--tag needs a value}"; shift 2 ;;
     --delete-functions) DELETE_FUNCTIONS=true; shift ;;
     --functions-region) FUNCTIONS_REGION="${2:?--functions-region needs a value}"; shift 2 ;;
+    --alert-channel) CHANNELS+=("${2:?--alert-channel needs a value}"); shift 2 ;;
     --dry-run) DRY_RUN=true; shift ;;
     -h | --help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option $1" ;;
@@ -90,6 +112,17 @@ fi
 [[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "REGION=$REGION is not a region such as europe-west1"
 [[ "$FUNCTIONS_REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "--functions-region $FUNCTIONS_REGION is not a region"
 [[ "$TAG" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "--tag $TAG is not a valid image tag"
+channels_json=""
+# (The ${a[@]+…} form: an empty array under `set -u` in the bash 3 macOS ships.)
+for channel in ${CHANNELS[@]+"${CHANNELS[@]}"}; do
+  [[ "$channel" =~ ^projects/[a-z0-9-]+/notificationChannels/[0-9]+$ ]] ||
+    die "--alert-channel $channel: give projects/PROJECT/notificationChannels/ID"
+  channels_json+="${channels_json:+, }\"$channel\""
+done
+
+if ! $DRY_RUN && ! gcloud alpha monitoring policies list --help >/dev/null 2>&1; then
+  die "the alert policies need gcloud's alpha commands: gcloud components install alpha"
+fi
 
 SA="$SERVICE@$PROJECT_ID.iam.gserviceaccount.com"
 IMAGE="$REGION-docker.pkg.dev/$PROJECT_ID/$REPOSITORY/$SERVICE:$TAG"
@@ -118,6 +151,10 @@ step() {
   echo "== $*"
 }
 
+# Files with the placeholders filled in go here.
+rendered="$(mktemp -d)"
+trap 'rm -rf "$rendered"' EXIT
+
 step "Enabling APIs"
 run gcloud services enable "${APIS[@]}" --project "$PROJECT_ID"
 
@@ -133,6 +170,26 @@ for role in "${ROLES[@]}"; do
     --member "serviceAccount:$SA" --role "$role" --condition None --quiet --format none
 done
 
+step "Metrics collector config: secret $GMP_SECRET (deploy/gmp-config.yaml)"
+if exists gcloud secrets describe "$GMP_SECRET" --project "$PROJECT_ID"; then
+  current="$(gcloud secrets versions access latest --secret "$GMP_SECRET" --project "$PROJECT_ID" 2>/dev/null || true)"
+  if [[ "$current" == "$(cat deploy/gmp-config.yaml)" ]]; then
+    echo "exists, up to date"
+  else
+    run gcloud secrets versions add "$GMP_SECRET" --project "$PROJECT_ID" \
+      --data-file deploy/gmp-config.yaml
+  fi
+else
+  if $DRY_RUN; then
+    echo "# if it exists and its latest version differs: gcloud secrets versions add $GMP_SECRET --data-file deploy/gmp-config.yaml"
+  fi
+  run gcloud secrets create "$GMP_SECRET" --project "$PROJECT_ID" \
+    --replication-policy automatic --data-file deploy/gmp-config.yaml
+fi
+# Only this secret, not every secret in the project.
+run gcloud secrets add-iam-policy-binding "$GMP_SECRET" --project "$PROJECT_ID" \
+  --member "serviceAccount:$SA" --role roles/secretmanager.secretAccessor --format none
+
 step "Artifact Registry repository $REPOSITORY in $REGION"
 if exists gcloud artifacts repositories describe "$REPOSITORY" --location "$REGION" --project "$PROJECT_ID"; then
   echo "exists"
@@ -146,9 +203,7 @@ step "Building $IMAGE"
 run gcloud builds submit --tag "$IMAGE" --project "$PROJECT_ID" \
   --machine-type e2-highcpu-8 --timeout 1800s .
 
-step "Deploying service $SERVICE"
-rendered="$(mktemp -d)"
-trap 'rm -rf "$rendered"' EXIT
+step "Deploying service $SERVICE (with its metrics collector)"
 manifest="$rendered/service.yaml"
 sed -e "s/PROJECT_ID/$PROJECT_ID/g" -e "s/REGION/$REGION/g" -e "s/TAG/$TAG/g" \
   deploy/service.yaml >"$manifest"
@@ -157,6 +212,62 @@ if $DRY_RUN; then
   sed 's/^/#   /' "$manifest"
 fi
 run gcloud run services replace "$manifest" --project "$PROJECT_ID" --region "$REGION"
+
+step "Dashboard $DASHBOARD (deploy/dashboard.json)"
+dashboard="$rendered/dashboard.json"
+sed -e "s/PROJECT_ID/$PROJECT_ID/g" deploy/dashboard.json >"$dashboard"
+if $DRY_RUN; then
+  echo "# if it exists: the same file with its current etag added (gcloud monitoring dashboards describe $DASHBOARD):"
+  run gcloud monitoring dashboards update "$DASHBOARD" --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
+  echo "# else:"
+  run gcloud monitoring dashboards create --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
+elif etag="$(gcloud monitoring dashboards describe "$DASHBOARD" --project "$PROJECT_ID" \
+  --format 'value(etag)' 2>/dev/null)" && [[ -n "$etag" ]]; then
+  [[ "$etag" =~ ^[A-Za-z0-9_-]+$ ]] || die "dashboard $DASHBOARD has an unexpected etag $etag"
+  # The file starts with a line holding only "{"; the etag says which version is replaced.
+  { printf '{\n  "etag": "%s",\n' "$etag"; tail -n +2 "$dashboard"; } >"$dashboard.update"
+  run gcloud monitoring dashboards update "$DASHBOARD" --project "$PROJECT_ID" \
+    --config-from-file "$dashboard.update" --format none
+else
+  run gcloud monitoring dashboards create --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
+fi
+
+step "Alert policies (deploy/alerts)"
+for file in deploy/alerts/*.json; do
+  id="$(basename "$file" .json)"
+  policy="$rendered/alert-$id.json"
+  sed -e "s|\"notificationChannels\": \[\]|\"notificationChannels\": [$channels_json]|" "$file" >"$policy"
+  # Each file's userLabels carry app=ffpush and policy=<file name>: how it is found again.
+  if $DRY_RUN; then
+    echo "# $id: if gcloud alpha monitoring policies list --filter 'userLabels.app=ffpush AND userLabels.policy=$id' finds NAME:"
+    run gcloud alpha monitoring policies update NAME --project "$PROJECT_ID" --policy-from-file "$policy" \
+      --format none
+    echo "# else:"
+    run gcloud alpha monitoring policies create --project "$PROJECT_ID" --policy-from-file "$policy" \
+      --format none
+    echo "# rendered $file:"
+    sed 's/^/#   /' "$policy"
+    continue
+  fi
+  existing="$(gcloud alpha monitoring policies list --project "$PROJECT_ID" \
+    --filter "userLabels.app=ffpush AND userLabels.policy=$id" --format 'value(name)')"
+  if [[ -n "$existing" ]]; then
+    if (($(wc -l <<<"$existing") > 1)); then
+      echo "$id: several policies carry its labels; updating the first, delete the others:" >&2
+      echo "$existing" >&2
+    fi
+    echo "$id: updating $(head -n 1 <<<"$existing")"
+    run gcloud alpha monitoring policies update "$(head -n 1 <<<"$existing")" \
+      --project "$PROJECT_ID" --policy-from-file "$policy" --format none
+  else
+    echo "$id: creating"
+    run gcloud alpha monitoring policies create --project "$PROJECT_ID" --policy-from-file "$policy" \
+      --format none
+  fi
+done
+if ((${#CHANNELS[@]} == 0)); then
+  echo "No --alert-channel: the policies open incidents in the console but notify nobody."
+fi
 
 step "Checking /readyz"
 if $DRY_RUN; then

@@ -28,7 +28,8 @@
 //!   [`logging`]: text, or Cloud Logging JSON on Cloud Run.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
 //! - [`cli`]: the subcommands; [`doctor`]: the operator's checks; [`migrate`]: versioned data
-//!   migrations (`ffpush migrate`), recorded in `ffpush_migrations`.
+//!   migrations (`ffpush migrate`), recorded in `ffpush_migrations`; [`recent`]: `ffpush
+//!   status`, the latest notifications of both collections.
 //!
 //! Local tooling, never on the production path, sits apart in [`dev`]: the FCM emulator, the
 //! Firestore emulator runner and the demo seed.
@@ -48,6 +49,7 @@ pub(crate) mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod recent;
 pub(crate) mod report;
 pub(crate) mod schedule;
 pub(crate) mod server;

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub documents_scheduled: Gauge,
     pub documents_in_progress: Gauge,
+    /// 1 when `/readyz` would answer 200; set when `/metrics` is scraped, so that an alert can
+    /// watch readiness without anything calling `/readyz` from outside.
+    pub ready: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
     /// Observations per bucket, not cumulative (see [`Metrics::observe_fcm`]).
@@ -185,6 +188,12 @@ impl Metrics {
             "ffpush_documents_waiting{{state=\"in_progress\"}} {}",
             self.documents_in_progress.get()
         )?;
+        writeln!(
+            out,
+            "# HELP ffpush_ready 1 when this instance is ready (listening, FCM token obtainable: what /readyz says), else 0."
+        )?;
+        writeln!(out, "# TYPE ffpush_ready gauge")?;
+        writeln!(out, "ffpush_ready {}", self.ready.get())?;
         writeln!(
             out,
             "# HELP ffpush_fanout_token_wait_seconds_total Time fan-outs had free send slots but no token: waiting on Firestore reads."

@@ -1,5 +1,5 @@
 //! The operator's HTTP port: `/healthz` (alive), `/readyz` (listening and able to get an FCM
-//! token), `/metrics` (Prometheus text).
+//! token), `/metrics` (Prometheus text, with the readiness as `ffpush_ready`).
 
 use std::sync::Arc;
 
@@ -29,27 +29,35 @@ pub fn router(health: Health) -> Router {
         .with_state(health)
 }
 
-async fn ready(State(h): State<Health>) -> Response {
+/// What `/readyz` checks: both listen streams up, and an FCM access token obtainable.
+async fn readiness(h: &Health) -> Result<(), String> {
     if !h.listen.all_up() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(
-                json!({"ready": false, "reason": "the Firestore listen stream is not up yet"}),
-            ),
-        )
-            .into_response();
+        return Err("the Firestore listen stream is not up yet".to_string());
     }
-    if let Err(e) = h.sender.access_token().await {
-        return (
+    h.sender
+        .access_token()
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn ready(State(h): State<Health>) -> Response {
+    match readiness(&h).await {
+        Ok(()) => axum::Json(json!({"ready": true})).into_response(),
+        Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"ready": false, "reason": e.to_string()})),
+            axum::Json(json!({"ready": false, "reason": reason})),
         )
-            .into_response();
+            .into_response(),
     }
-    axum::Json(json!({"ready": true})).into_response()
 }
 
 async fn metrics(State(h): State<Health>) -> Response {
+    // Bounded so that a hanging token endpoint cannot stall the scrape: that counts as not ready.
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(5), readiness(&h))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    h.metrics.ready.set(u64::from(ready));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         h.metrics.render(),

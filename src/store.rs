@@ -504,6 +504,115 @@ impl Store {
     }
 }
 
+// --- `ffpush status` (src/recent.rs) ---------------------------------------------------------
+
+/// One of the reads `ffpush status` makes per collection (see [`Store::recent`]). Firestore
+/// cannot order by creation time, and console documents carry no time field of their own, so
+/// "the latest" is the union of these, each served by an index in
+/// `migrations/firestore.indexes.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recent {
+    /// Finished by ffpush (`completed_at`, written on every outcome), newest first; with
+    /// `failed_only`, `status == "failed"` too (the composite index `status`, `completed_at`).
+    Finished { failed_only: bool },
+    /// Claimed and not finished: `status == "started"`.
+    Started,
+    /// Waiting for their time: `scheduled_time` after now, soonest first.
+    Scheduled,
+    /// Written with a `timestamp` (the app's "Trigger Push Notification" action, `ffpush
+    /// send`), newest first: finds documents no worker has touched.
+    Stamped,
+}
+
+/// The fields `ffpush status` shows; nothing else (titles, recipients) is read.
+const RECENT_FIELDS: [&str; 13] = [
+    "status",
+    "num_sent",
+    "num_tokens",
+    "num_failed",
+    "num_tokens_removed",
+    "error",
+    "warning",
+    "started_at",
+    "completed_at",
+    "scheduled_time",
+    "timestamp",
+    "ffpush_progress",
+    "ffpush_worker",
+];
+
+impl Store {
+    /// Up to `limit` documents of `collection` of one [`Recent`] kind. `since` bounds the
+    /// time field the kind is ordered by (not for [`Recent::Scheduled`], which is in the future).
+    pub async fn recent(
+        &self,
+        collection: &str,
+        kind: Recent,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Document>, Error> {
+        use sq::field_filter::Operator;
+        let (filters, order): (Vec<Option<sq::Filter>>, Option<(&str, sq::Direction)>) = match kind
+        {
+            Recent::Finished { failed_only } => (
+                vec![
+                    failed_only.then(|| field_filter("status", Operator::Equal, string("failed"))),
+                    since.map(|t| {
+                        field_filter("completed_at", Operator::GreaterThanOrEqual, timestamp(t))
+                    }),
+                ],
+                Some(("completed_at", sq::Direction::Descending)),
+            ),
+            Recent::Started => (
+                vec![Some(field_filter(
+                    "status",
+                    Operator::Equal,
+                    string("started"),
+                ))],
+                None,
+            ),
+            Recent::Scheduled => (
+                vec![Some(field_filter(
+                    "scheduled_time",
+                    Operator::GreaterThan,
+                    timestamp(now),
+                ))],
+                Some(("scheduled_time", sq::Direction::Ascending)),
+            ),
+            Recent::Stamped => (
+                vec![since.map(|t| {
+                    field_filter("timestamp", Operator::GreaterThanOrEqual, timestamp(t))
+                })],
+                Some(("timestamp", sq::Direction::Descending)),
+            ),
+        };
+        let query = StructuredQuery {
+            select: Some(sq::Projection {
+                fields: RECENT_FIELDS.iter().map(|f| field_ref(f)).collect(),
+            }),
+            from: vec![sq::CollectionSelector {
+                collection_id: collection.to_string(),
+                all_descendants: false,
+            }],
+            r#where: and(filters.into_iter().flatten().collect()),
+            order_by: order
+                .map(|(field, direction)| sq::Order {
+                    field: Some(field_ref(field)),
+                    direction: direction as i32,
+                })
+                .into_iter()
+                .collect(),
+            limit: Some(limit.min(i32::MAX as usize) as i32),
+            ..Default::default()
+        };
+        self.run_query(self.documents_path().to_string(), query)
+            .await
+    }
+}
+
+// --- end of `ffpush status` -------------------------------------------------------------------
+
 /// The prost timestamp type Firestore uses.
 pub mod prost_types_timestamp {
     pub use firestore::gcloud_sdk::prost_types::Timestamp;

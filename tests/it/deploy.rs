@@ -1,6 +1,8 @@
 //! The deployment files checked against the code: `deploy/service.yaml` sets only settings
-//! `ffpush run` knows, with values it accepts; the Dockerfile runs `ffpush run` as non-root;
-//! the scripts parse and `deploy.sh --dry-run` renders a complete manifest.
+//! `ffpush run` knows, with values it accepts, and wires the metrics collector to the port and
+//! path ffpush serves; the Dockerfile runs `ffpush run` as non-root; the scripts parse and
+//! `deploy.sh --dry-run` renders a complete manifest and every monitoring step; `firebase.json`
+//! points the Firebase CLI at `migrations/`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,12 +63,31 @@ fn settings_from(env: &[(String, String)]) -> Result<Settings, ConfigError> {
     Settings::from_args(&args)
 }
 
-fn container(manifest: &Value) -> &Value {
-    let containers = manifest["spec"]["template"]["spec"]["containers"]
+/// The containers by name.
+fn containers(manifest: &Value) -> BTreeMap<String, &Value> {
+    manifest["spec"]["template"]["spec"]["containers"]
         .as_sequence()
-        .expect("spec.template.spec.containers");
-    assert_eq!(containers.len(), 1, "one container");
-    &containers[0]
+        .expect("spec.template.spec.containers")
+        .iter()
+        .map(|c| (c["name"].as_str().expect("container name").to_string(), c))
+        .collect()
+}
+
+/// The ingress container: ffpush.
+fn container(manifest: &Value) -> &Value {
+    containers(manifest)
+        .remove("ffpush")
+        .expect("a container named ffpush")
+}
+
+/// `512Mi`, `1Gi` → MiB.
+fn mebibytes(quantity: &Value) -> u64 {
+    let q = quantity.as_str().expect("a quoted quantity such as 512Mi");
+    match (q.strip_suffix("Mi"), q.strip_suffix("Gi")) {
+        (Some(n), _) => n.parse().expect("MiB"),
+        (_, Some(n)) => n.parse::<u64>().expect("GiB") * 1024,
+        _ => panic!("{q}: give Mi or Gi"),
+    }
 }
 
 fn manifest_env(manifest: &Value) -> Vec<(String, String)> {
@@ -149,6 +170,20 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
         "{account}"
     );
 
+    assert_eq!(
+        annotations["run.googleapis.com/execution-environment"], "gen2",
+        "the execution environment is pinned"
+    );
+    let total: u64 = containers(&m)
+        .values()
+        .map(|c| mebibytes(&c["resources"]["limits"]["memory"]))
+        .sum();
+    let ffpush = mebibytes(&container(&m)["resources"]["limits"]["memory"]);
+    assert!(
+        ffpush >= 512 && total >= 512,
+        "gen2 needs at least 512 MiB (ffpush {ffpush}, all {total})"
+    );
+
     let c = container(&m);
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     for probe in ["startupProbe", "livenessProbe"] {
@@ -164,6 +199,185 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
         c["args"].as_sequence().is_none_or(|a| a.is_empty()),
         "no args after `ffpush run`: settings are env vars"
     );
+}
+
+#[test]
+fn the_metrics_collector_scrapes_what_ffpush_serves() {
+    let m = manifest();
+    let all = containers(&m);
+    assert_eq!(
+        all.keys().collect::<Vec<_>>(),
+        ["collector", "ffpush"],
+        "ffpush and the collector, nothing else"
+    );
+    let collector = all["collector"];
+    let image = collector["image"].as_str().expect("collector image");
+    let (repository, version) = image.rsplit_once(':').expect("a tagged image");
+    assert_eq!(
+        repository,
+        "us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar",
+        "Google's Managed Service for Prometheus sidecar"
+    );
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "pin a release (x.y.z), not {version}"
+    );
+    assert!(
+        collector["ports"].is_null(),
+        "only the ingress container may have a port"
+    );
+
+    // The collector starts after ffpush is up, so its first scrape finds /metrics.
+    let annotations = &m["spec"]["template"]["metadata"]["annotations"];
+    let dependencies: serde_json::Value = serde_json::from_str(
+        annotations["run.googleapis.com/container-dependencies"]
+            .as_str()
+            .expect("run.googleapis.com/container-dependencies, a JSON string"),
+    )
+    .expect("container-dependencies is JSON");
+    assert_eq!(dependencies, serde_json::json!({"collector": ["ffpush"]}));
+    let ffpush = &all["ffpush"];
+    assert_eq!(
+        ffpush["startupProbe"]["httpGet"]["path"], "/healthz",
+        "the dependency waits for this probe"
+    );
+
+    // The collector's own health port: probed, and not ffpush's.
+    let health = collector["startupProbe"]["tcpSocket"]["port"]
+        .as_u64()
+        .expect("a TCP startup probe on the collector's health port");
+    assert_eq!(health, 13133);
+    assert_ne!(Some(health), ffpush["ports"][0]["containerPort"].as_u64());
+    let liveness = &collector["livenessProbe"];
+    assert_eq!(liveness["httpGet"]["path"], "/liveness");
+    assert_eq!(liveness["httpGet"]["port"], 13133);
+    // Its /liveness answers after a deliberate 5 s delay.
+    let timeout = liveness["timeoutSeconds"].as_u64().expect("timeoutSeconds");
+    let period = liveness["periodSeconds"].as_u64().expect("periodSeconds");
+    assert!(
+        timeout > 5 && timeout <= period,
+        "timeout {timeout}, period {period}"
+    );
+
+    // The RunMonitoring config reaches /etc/rungmp/config.yaml from the secret deploy.sh fills.
+    let mount = collector["volumeMounts"][0].clone();
+    assert_eq!(mount["mountPath"], "/etc/rungmp/");
+    let volume = m["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert_eq!(volume["secret"]["items"][0]["path"], "config.yaml");
+    assert_eq!(volume["secret"]["items"][0]["key"], "latest");
+    let secret = volume["secret"]["secretName"].as_str().expect("secretName");
+    let script = read("deploy/deploy.sh");
+    assert!(
+        script.contains(&format!("GMP_SECRET={secret}\n")),
+        "deploy.sh stores the config in {secret}"
+    );
+
+    // And the config scrapes ffpush's port and metrics path.
+    let config: Value = serde_yaml_ng::from_str(&read("deploy/gmp-config.yaml"))
+        .expect("deploy/gmp-config.yaml is YAML");
+    assert_eq!(config["apiVersion"], "monitoring.googleapis.com/v1beta");
+    assert_eq!(config["kind"], "RunMonitoring");
+    let endpoints = config["spec"]["endpoints"]
+        .as_sequence()
+        .expect("endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let endpoint = &endpoints[0];
+    assert_eq!(
+        endpoint["port"].as_u64(),
+        ffpush["ports"][0]["containerPort"].as_u64(),
+        "the port Cloud Run gives ffpush as PORT"
+    );
+    assert_eq!(endpoint["path"], "/metrics");
+    let seconds = |v: &Value| {
+        ffpush::config::parse_duration(v.as_str().expect("a duration such as 30s"))
+            .expect("a duration")
+    };
+    assert!(seconds(&endpoint["timeout"]) <= seconds(&endpoint["interval"]));
+    assert!(seconds(&endpoint["interval"]) <= Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn ffpush_serves_metrics_where_the_collector_looks() {
+    let config: Value = serde_yaml_ng::from_str(&read("deploy/gmp-config.yaml")).unwrap();
+    let path = config["spec"]["endpoints"][0]["path"].as_str().unwrap();
+    let app = crate::TestApp::new().await;
+    let (worker, _) = app.start_worker().await;
+    let url = format!("http://127.0.0.1:{}{path}", worker.http_addr.port());
+    let response = reqwest::get(&url).await.expect("GET /metrics");
+    assert_eq!(response.status().as_u16(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("# TYPE ffpush_notifications_total counter"),
+        "{body}"
+    );
+    worker.stop().await;
+}
+
+#[test]
+fn firebase_json_points_the_firebase_cli_at_migrations() {
+    let text = read("firebase.json");
+    let file: serde_json::Value = serde_json::from_str(&text).expect("firebase.json is JSON");
+    // Keys the Firebase CLI's schema (firebase-tools schema/firebase-config.json) allows there.
+    let allowed = |object: &serde_json::Value, keys: &[&str], at: &str| {
+        for key in object
+            .as_object()
+            .unwrap_or_else(|| panic!("{at} is an object"))
+            .keys()
+        {
+            assert!(
+                keys.contains(&key.as_str()),
+                "{at}.{key} is not a firebase.json key"
+            );
+        }
+    };
+    allowed(&file, &["firestore", "emulators"], "firebase.json");
+    let firestore = &file["firestore"];
+    allowed(
+        firestore,
+        &[
+            "rules",
+            "indexes",
+            "database",
+            "location",
+            "edition",
+            "predeploy",
+            "postdeploy",
+        ],
+        "firestore",
+    );
+    assert_eq!(firestore["rules"], "migrations/firestore.rules");
+    assert_eq!(firestore["indexes"], "migrations/firestore.indexes.json");
+    for key in ["rules", "indexes"] {
+        let relative = firestore[key].as_str().unwrap();
+        assert!(path(relative).is_file(), "{relative} does not exist");
+    }
+    let emulators = &file["emulators"];
+    allowed(
+        emulators,
+        &["firestore", "ui", "singleProjectMode"],
+        "emulators",
+    );
+    allowed(
+        &emulators["firestore"],
+        &["host", "port", "websocketPort", "edition"],
+        "emulators.firestore",
+    );
+    // The port `ffpush dev` expects an already running emulator on (its --firestore-port).
+    assert_eq!(emulators["firestore"]["port"], 8681);
+    assert_eq!(emulators["firestore"]["host"], "127.0.0.1");
 }
 
 #[test]
@@ -200,6 +414,10 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
     let out = Command::new("bash")
         .arg(path("deploy/deploy.sh"))
         .args(["--dry-run", "--tag", "t1", "--delete-functions"])
+        .args([
+            "--alert-channel",
+            "projects/demo-project/notificationChannels/42",
+        ])
         .args(["demo-project", "europe-west1"])
         .output()
         .expect("running deploy.sh --dry-run");
@@ -214,14 +432,85 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
         "gcloud run services replace",
         "gcloud functions delete sendScheduledPushNotifications",
         "serviceAccountName: ffpush@demo-project.iam.gserviceaccount.com",
+        // The collector: its API, its permission, its config.
+        "monitoring.googleapis.com",
+        "--role roles/monitoring.metricWriter",
+        "gcloud secrets create ffpush-gmp-config --project demo-project --replication-policy automatic --data-file deploy/gmp-config.yaml",
+        "gcloud secrets add-iam-policy-binding ffpush-gmp-config --project demo-project --member serviceAccount:ffpush@demo-project.iam.gserviceaccount.com --role roles/secretmanager.secretAccessor",
+        "cloud-run-gmp-sidecar",
+        // The dashboard and every alert policy, with the channel.
+        "gcloud monitoring dashboards create --project demo-project --config-from-file",
+        "gcloud monitoring dashboards update ffpush --project demo-project --config-from-file",
+        "\"notificationChannels\": [\"projects/demo-project/notificationChannels/42\"]",
     ] {
         assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
     }
+    for file in std::fs::read_dir(path("deploy/alerts")).expect("deploy/alerts") {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        let id = name.strip_suffix(".json").expect("only .json files");
+        for verb in ["create", "update NAME"] {
+            let command = format!(
+                "gcloud alpha monitoring policies {verb} --project demo-project --policy-from-file"
+            );
+            assert!(
+                stdout.lines().any(|l| l.starts_with(&command)
+                    && l.ends_with(&format!("alert-{id}.json --format none"))),
+                "{command} … {id} not in\n{stdout}"
+            );
+        }
+    }
+    // The secret is written before the service that mounts it is deployed.
+    let at = |s: &str| {
+        stdout
+            .find(s)
+            .unwrap_or_else(|| panic!("{s} not in\n{stdout}"))
+    };
+    assert!(at("gcloud secrets create") < at("gcloud run services replace"));
     let rendered: String = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("#   "))
         .collect();
     for placeholder in ["PROJECT_ID", "REGION", "TAG"] {
         assert!(!rendered.contains(placeholder), "{placeholder} left in");
+    }
+
+    let bad = Command::new("bash")
+        .arg(path("deploy/deploy.sh"))
+        .args([
+            "--dry-run",
+            "--alert-channel",
+            "my-email",
+            "demo-project",
+            "europe-west1",
+        ])
+        .output()
+        .expect("running deploy.sh");
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--alert-channel my-email"));
+}
+
+#[test]
+fn the_dashboard_file_is_what_deploy_sh_expects() {
+    let text = read("deploy/dashboard.json");
+    // deploy.sh adds the etag for an update by replacing the first line.
+    assert_eq!(text.lines().next(), Some("{"));
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard.json is JSON");
+    // deploy.sh creates it under this id and finds it again by it.
+    assert_eq!(dashboard["name"], "projects/PROJECT_ID/dashboards/ffpush");
+    assert!(read("deploy/deploy.sh").contains("DASHBOARD=ffpush\n"));
+    for file in std::fs::read_dir(path("deploy/alerts")).unwrap() {
+        let file = file.unwrap().path();
+        let text = std::fs::read_to_string(&file).unwrap();
+        // deploy.sh puts the channels in with sed, and finds the policy again by its labels.
+        assert_eq!(
+            text.matches("\"notificationChannels\": []").count(),
+            1,
+            "{}",
+            file.display()
+        );
+        let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let id = file.file_stem().unwrap().to_string_lossy();
+        assert_eq!(policy["userLabels"]["app"], "ffpush", "{id}");
+        assert_eq!(policy["userLabels"]["policy"], *id, "{id}");
     }
 }

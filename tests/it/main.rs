@@ -7,10 +7,12 @@ mod deploy;
 mod fcm_emulator;
 mod lifecycle;
 mod migrate;
+mod monitoring;
 mod notifications;
 mod ops;
 mod resilience;
 mod rules;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -46,6 +46,7 @@ async fn health_readiness_and_metrics_over_http() {
         "ffpush_tokens_removed_total 1",
         "ffpush_documents_waiting{state=\"in_progress\"} 0",
         "ffpush_fcm_request_duration_seconds_count 2",
+        "ffpush_ready 1",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
@@ -84,6 +85,13 @@ async fn not_ready_when_no_fcm_token_can_be_obtained() {
             .contains("access token"),
         "{body}"
     );
+    // The same answer on /metrics, where the alert on readiness reads it.
+    let (_, metrics) = get(format!(
+        "http://127.0.0.1:{}/metrics",
+        worker.http_addr.port()
+    ))
+    .await;
+    assert!(metrics.lines().any(|l| l == "ffpush_ready 0"), "{metrics}");
     worker.stop().await;
 }
 

@@ -1280,6 +1280,31 @@ const QUERY_SHAPES: &[(&str, &str, &str, &str)] = &[
         "COLLECTION",
         "due scheduled documents",
     ),
+    // `ffpush status` (Store::recent).
+    (
+        "ff_push_notifications",
+        "completed_at",
+        "COLLECTION",
+        "status: finished, newest first",
+    ),
+    (
+        "ff_user_push_notifications",
+        "completed_at",
+        "COLLECTION",
+        "status: finished, newest first",
+    ),
+    (
+        "ff_push_notifications",
+        "timestamp",
+        "COLLECTION",
+        "status: written with a timestamp, newest first",
+    ),
+    (
+        "ff_user_push_notifications",
+        "timestamp",
+        "COLLECTION",
+        "status: written with a timestamp, newest first",
+    ),
 ];
 
 #[test]
@@ -1322,6 +1347,22 @@ fn the_index_file_serves_every_query_in_the_store() {
         assert!(
             served,
             "no {scope} ascending index on {group}.{field} ({why})"
+        );
+    }
+
+    // `ffpush status --failed`: status == "failed" ordered by completed_at, newest first.
+    for group in ["ff_push_notifications", "ff_user_push_notifications"] {
+        let composite = serde_json::json!({
+            "collectionGroup": group,
+            "queryScope": "COLLECTION",
+            "fields": [
+                {"fieldPath": "status", "order": "ASCENDING"},
+                {"fieldPath": "completed_at", "order": "DESCENDING"},
+            ],
+        });
+        assert!(
+            file["indexes"].as_array().unwrap().contains(&composite),
+            "no composite index (status, completed_at desc) on {group}"
         );
     }
 
