@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::model::Audience;
 use crate::store::{self, DeviceToken, Store, TokenQuery};
@@ -34,7 +35,7 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
     let (tx, pages) = mpsc::channel(4);
     let without_tokens = Arc::new(Mutex::new(UsersWithoutTokens::default()));
     let missing = without_tokens.clone();
-    tokio::spawn(async move {
+    let reader = async move {
         let result = match audience {
             Audience::Users(ids) => read_users(&store, ids, &tx, &missing).await,
             Audience::Broadcast { device_type, slice } => {
@@ -53,7 +54,9 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
         if let Err(e) = result {
             let _ = tx.send(Err(e)).await;
         }
-    });
+    };
+    // In the notification's span: its page reads and retries are logged as its own.
+    tokio::spawn(reader.in_current_span());
     TokenPages {
         pages,
         without_tokens,
@@ -122,23 +125,19 @@ async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(),
     }
 }
 
-/// Reads one page, riding out short Firestore outages.
+/// Reads one page, riding out short Firestore outages (about half a minute in all).
 async fn page_with_retry(
     store: &Store,
     query: &TokenQuery,
     after: Option<&str>,
 ) -> Result<Vec<DeviceToken>, store::Error> {
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 0;
-    loop {
-        match store.token_page(query, after).await {
-            Err(e) if e.is_transient() && attempt < 8 => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reading tokens failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    let policy = store::backoff(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        Some(Duration::from_secs(30)),
+    );
+    store::retry("reading tokens failed", policy, None, || {
+        store.token_page(query, after)
+    })
+    .await
 }

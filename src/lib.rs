@@ -41,6 +41,7 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod doctor;
+pub(crate) mod errors;
 pub mod fanout;
 pub mod fcm;
 pub(crate) mod intake;

@@ -42,7 +42,7 @@ async fn ready(State(h): State<Health>) -> Response {
     if let Err(e) = h.sender.access_token().await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"ready": false, "reason": e.to_string()})),
+            axum::Json(json!({"ready": false, "reason": crate::errors::Chain(&e).to_string()})),
         )
             .into_response();
     }
