@@ -4,8 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backoff::backoff::Backoff as _;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::model::Audience;
 use crate::store::{self, DeviceToken, Store, TokenQuery};
@@ -34,7 +36,7 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
     let (tx, pages) = mpsc::channel(4);
     let without_tokens = Arc::new(Mutex::new(UsersWithoutTokens::default()));
     let missing = without_tokens.clone();
-    tokio::spawn(async move {
+    let reader = async move {
         let result = match audience {
             Audience::Users(ids) => read_users(&store, ids, &tx, &missing).await,
             Audience::Broadcast { device_type, slice } => {
@@ -53,7 +55,9 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
         if let Err(e) = result {
             let _ = tx.send(Err(e)).await;
         }
-    });
+    };
+    // In the notification's span: its page reads and retries are logged as its own.
+    tokio::spawn(reader.in_current_span());
     TokenPages {
         pages,
         without_tokens,
@@ -115,32 +119,38 @@ async fn read_users(
 /// so nothing is read twice or skipped.
 async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(), store::Error> {
     let mut after: Option<String> = None;
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 0;
+    // The same budget as a page read; it starts anew whenever the stream made progress.
+    let mut policy = store::backoff(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        Some(Duration::from_secs(30)),
+    );
     loop {
-        let failure = match stream_pages(store, query, &mut after, tx, &mut attempt).await {
+        let resumed_from = after.clone();
+        let failure = match stream_pages(store, query, &mut after, tx).await {
             Ok(()) => return Ok(()),
-            Err(e) => e,
+            Err(e) if e.is_transient() => e,
+            Err(e) => return Err(e),
         };
-        if !failure.is_transient() || attempt >= 8 {
-            return Err(failure);
+        if after != resumed_from {
+            policy.reset();
         }
-        tracing::warn!(error = %failure, retry_in_ms = delay.as_millis() as u64, resume_after = ?after,
-            "reading tokens failed; resuming the query");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-        attempt += 1;
+        let Some(wait) = policy.next_backoff() else {
+            return Err(failure);
+        };
+        tracing::warn!(error = %crate::errors::Chain(&failure), retry_in_ms = wait.as_millis() as u64,
+            resume_after = ?after, "reading tokens failed; resuming the query");
+        tokio::time::sleep(wait).await;
     }
 }
 
 /// One streamed query from `after` to the end, sent on in pages; `after` follows the last
-/// token handed on. A full page resets `attempt`: the stream made progress.
+/// token handed on.
 async fn stream_pages(
     store: &Store,
     query: &TokenQuery,
     after: &mut Option<String>,
     tx: &Pages,
-    attempt: &mut u32,
 ) -> Result<(), store::Error> {
     let tokens = store.token_stream(query, after.as_deref()).await?;
     futures::pin_mut!(tokens);
@@ -154,7 +164,6 @@ async fn stream_pages(
         page.extend(token);
         if page.len() == PAGE_SIZE || (end.is_some() && !page.is_empty()) {
             *after = page.last().map(|t| t.doc_name.clone());
-            *attempt = 0;
             let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE_SIZE));
             if tx.send(Ok(full)).await.is_err() {
                 return Ok(());
@@ -166,23 +175,19 @@ async fn stream_pages(
     }
 }
 
-/// Reads one page, riding out short Firestore outages.
+/// Reads one page, riding out short Firestore outages (about half a minute in all).
 async fn page_with_retry(
     store: &Store,
     query: &TokenQuery,
     after: Option<&str>,
 ) -> Result<Vec<DeviceToken>, store::Error> {
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 0;
-    loop {
-        match store.token_page(query, after).await {
-            Err(e) if e.is_transient() && attempt < 8 => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reading tokens failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    let policy = store::backoff(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        Some(Duration::from_secs(30)),
+    );
+    store::retry("reading tokens failed", policy, None, || {
+        store.token_page(query, after)
+    })
+    .await
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::fanout::{Ledger, Progress, Tally};
 use crate::model::{Status, pb};
@@ -101,16 +102,19 @@ impl Claim {
     pub fn renew(&self, ledger: Arc<Mutex<Ledger>>, fan_stop: CancellationToken) -> Renewal {
         let stop = CancellationToken::new();
         let lost = CancellationToken::new();
-        let task = tokio::spawn(renew_lease(
-            self.store.clone(),
-            self.name.clone(),
-            self.terms,
-            self.version.clone(),
-            ledger,
-            fan_stop,
-            lost.clone(),
-            stop.clone(),
-        ));
+        let task = tokio::spawn(
+            renew_lease(
+                self.store.clone(),
+                self.name.clone(),
+                self.terms,
+                self.version.clone(),
+                ledger,
+                fan_stop,
+                lost.clone(),
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
         Renewal { stop, lost, task }
     }
 
@@ -175,7 +179,9 @@ async fn renew_lease(
                 fan_stop.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "could not extend the lease; will try again"),
+            Err(e) => {
+                tracing::warn!(error = %crate::errors::Chain(&e), "could not extend the lease; will try again")
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::fmt;
 use chrono::Utc;
 
 use crate::config::{Settings, SettingsArgs};
+use crate::errors::Chain;
 use crate::fcm::{self, Outcome, Sender, redact};
 use crate::model::{pb, user_id_of};
 use crate::store::{self, Store, TokenQuery};
@@ -111,7 +112,7 @@ async fn check_fcm_token(settings: &Settings, checks: &mut Vec<Check>) -> Option
         Err(e) => {
             checks.push(Check::fail(
                 "FCM credentials",
-                format!("{credentials}: {e}"),
+                format!("{credentials}: {}", Chain(&e)),
                 fix,
             ));
             return None;
@@ -128,7 +129,7 @@ async fn check_fcm_token(settings: &Settings, checks: &mut Vec<Check>) -> Option
         Err(e) => {
             checks.push(Check::fail(
                 "FCM credentials",
-                format!("{credentials}: {e}"),
+                format!("{credentials}: {}", Chain(&e)),
                 fix,
             ));
             None
@@ -145,7 +146,11 @@ async fn check_firestore(settings: &Settings, checks: &mut Vec<Check>) -> Option
     let store = match Store::connect(settings).await {
         Ok(store) => store,
         Err(e) => {
-            checks.push(Check::fail("Firestore read/write", e.to_string(), fix));
+            checks.push(Check::fail(
+                "Firestore read/write",
+                Chain(&e).to_string(),
+                fix,
+            ));
             return None;
         }
     };
@@ -176,7 +181,11 @@ async fn check_firestore(settings: &Settings, checks: &mut Vec<Check>) -> Option
             None
         }
         Err(e) => {
-            checks.push(Check::fail("Firestore read/write", e.to_string(), fix));
+            checks.push(Check::fail(
+                "Firestore read/write",
+                Chain(&e).to_string(),
+                fix,
+            ));
             None
         }
     }
@@ -193,7 +202,7 @@ async fn check_send_permission(sender: &Sender) -> Check {
         Ok(_) => Check::pass("FCM send permission", "a validate_only send was accepted"),
         Err(e) => Check::fail(
             "FCM send permission",
-            e.to_string(),
+            Chain(&e).to_string(),
             "enable the Firebase Cloud Messaging API and grant the service account roles/firebasecloudmessaging.admin",
         ),
     }
@@ -229,7 +238,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
         Err(e) => {
             checks.push(Check::fail(
                 "user document",
-                e.to_string(),
+                Chain(&e).to_string(),
                 "retry; check Firestore",
             ));
             return;
@@ -264,7 +273,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
         Err(e) => {
             checks.push(Check::fail(
                 "device tokens",
-                e.to_string(),
+                Chain(&e).to_string(),
                 "retry; check Firestore",
             ));
             return;

@@ -12,7 +12,8 @@ use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::audience::TokenPages;
-use crate::fcm::{self, MessageTemplate, Outcome, Sender, redact};
+use crate::errors::Chain;
+use crate::fcm::{self, Action, MessageTemplate, Outcome, Sender, redact};
 use crate::metrics::Metrics;
 use crate::store::{DeviceToken, Store};
 
@@ -154,18 +155,19 @@ impl Ledger {
     }
 }
 
-/// Why a fan-out stopped before the end.
+/// Why a fan-out stopped before the end. Sends already in flight were let finish (and are
+/// counted) in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum Abort {
     /// The notification is at fault (FCM's 400 on the payload).
-    #[error("{0}")]
-    Payload(String),
+    #[error(transparent)]
+    Payload(fcm::Error),
     /// Permissions, project or credentials: no token can be sent.
-    #[error("{0}")]
-    Fatal(String),
+    #[error(transparent)]
+    Fatal(fcm::Error),
     /// Reading the audience failed (after retries for transient errors).
-    #[error("reading device tokens failed: {0}")]
-    Store(crate::store::Error),
+    #[error("reading device tokens failed")]
+    Store(#[source] crate::store::Error),
     /// Shutdown or a lost lease: stop without a verdict; in-flight sends were let finish.
     #[error("interrupted")]
     Interrupted,
@@ -225,7 +227,8 @@ struct TokenResult {
 
 /// Sends the template to every unique token of `pages`. Tokens the `ledger` says an earlier
 /// run finished are only remembered (for de-duplication), not sent. The ledger is kept current
-/// for whoever persists it.
+/// for whoever persists it. However it ends, it returns only when no send is in flight: a send
+/// FCM may have delivered is always in the ledger, so a resumed run never repeats it.
 pub async fn fan_out(
     ctx: &Context<'_>,
     template: &MessageTemplate,
@@ -242,6 +245,11 @@ pub async fn fan_out(
     let mut next_seq = 0u64;
     let mut reading = true;
     let mut stopping = false;
+    // Why the fan-out stops early; it returns once the sends in flight have finished.
+    let mut failure: Option<Abort> = None;
+    // Cancelled on stop or failure: a token waiting to be retried is left for a resumed run,
+    // while requests already on the wire finish.
+    let drain = stop.child_token();
     // Since when send slots are free but no token is at hand: the wait on Firestore reads.
     let mut starved_since: Option<std::time::Instant> = None;
     // A send that finished in the last round, recorded together with the next starts so the
@@ -267,7 +275,7 @@ pub async fn fan_out(
                 let seq = next_seq;
                 next_seq += 1;
                 ledger.start(seq, doc_name);
-                in_flight.push(send_one(ctx, template, token, seq, stop.clone()));
+                in_flight.push(send_one(ctx, template, token, seq, drain.clone()));
             }
         }
         let want_page =
@@ -289,7 +297,11 @@ pub async fn fan_out(
                     Ok(result) => finished = Some(result),
                     // Its seq stays unfinished, so it will be sent by whoever resumes.
                     Err(Abort::Interrupted) => stopping = true,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                        stopping = true;
+                        drain.cancel();
+                    }
                 }
             }
             page = pages.pages.recv(), if want_page => {
@@ -297,8 +309,15 @@ pub async fn fan_out(
                     ctx.metrics.token_wait_micros.inc_by(since.elapsed().as_micros() as u64);
                 }
                 match page {
-                    Some(Ok(page)) => buffer.extend(page),
-                    Some(Err(e)) => return Err(Abort::Store(e)),
+                    Some(Ok(page)) => {
+                        tracing::debug!(tokens = page.len(), "token page read");
+                        buffer.extend(page);
+                    }
+                    Some(Err(e)) => {
+                        failure.get_or_insert(Abort::Store(e));
+                        stopping = true;
+                        drain.cancel();
+                    }
                     None => reading = false,
                 }
             }
@@ -311,12 +330,15 @@ pub async fn fan_out(
         }
         ledger.tally
     };
-    if stopping {
-        return Err(Abort::Interrupted);
-    }
     ctx.metrics
         .tokens_removed
         .inc_by(tally.removed.saturating_sub(removed_before));
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    if stopping {
+        return Err(Abort::Interrupted);
+    }
     Ok(tally)
 }
 
@@ -357,7 +379,7 @@ async fn send_one(
         let started = std::time::Instant::now();
         let answer = ctx.sender.send(body.clone()).await;
         ctx.metrics.observe_fcm(&answer, started.elapsed());
-        let (retry_after, quota, reason) = match answer {
+        let (retry_after, quota, fatal_when_exhausted, error) = match answer {
             Ok(Outcome::Dead) => {
                 let removed = remove_dead(ctx.store, &token).await;
                 return Ok(TokenResult {
@@ -373,24 +395,23 @@ async fn send_one(
                     removed: 0,
                 });
             }
-            Err(fcm::Error::Payload(m)) => return Err(Abort::Payload(m)),
-            Err(e @ (fcm::Error::Fatal(_) | fcm::Error::Unauthenticated(_))) => {
-                return Err(Abort::Fatal(e.to_string()));
-            }
-            Err(fcm::Error::Retryable {
-                reason,
-                retry_after,
-                quota,
-            }) => (retry_after, quota, reason),
-            Err(e @ fcm::Error::Auth(_)) => (None, false, e.to_string()),
+            Err(e) => match e.action() {
+                Action::FailNotification => return Err(Abort::Payload(e)),
+                Action::Fatal => return Err(Abort::Fatal(e)),
+                Action::Retry {
+                    retry_after,
+                    quota,
+                    fatal_when_exhausted,
+                } => (retry_after, quota, fatal_when_exhausted, e),
+            },
         };
         let wait = ctx
             .retry
             .backoff(attempt, retry_after, quota, rand::random::<f64>());
         if attempt >= ctx.retry.max_attempts || first_try.elapsed() + wait > ctx.retry.budget {
-            tracing::warn!(token = %redact(&token), attempts = attempt, %reason, "giving up on token");
-            if reason.starts_with("cannot get an FCM access token") {
-                return Err(Abort::Fatal(reason));
+            tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token");
+            if fatal_when_exhausted {
+                return Err(Abort::Fatal(error));
             }
             return Ok(TokenResult {
                 seq,
@@ -398,11 +419,12 @@ async fn send_one(
                 removed: 0,
             });
         }
-        tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, %reason, "retrying");
+        tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, error = %Chain(&error), "retrying");
         ctx.metrics.retries.inc();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            // On shutdown a token waiting for a retry is not in flight: leave it for the next run.
+            // On shutdown (or when the fan-out fails) a token waiting for a retry is not in
+            // flight: leave it for the next run.
             _ = stop.cancelled() => return Err(Abort::Interrupted),
         }
         attempt += 1;
@@ -414,7 +436,7 @@ async fn remove_dead(store: &Store, token: &str) -> u64 {
     let names = match store.token_docs_with(token).await {
         Ok(names) => names,
         Err(e) => {
-            tracing::warn!(token = %redact(token), error = %e, "could not look up a dead token's documents");
+            tracing::warn!(token = %redact(token), error = %Chain(&e), "could not look up a dead token's documents");
             return 0;
         }
     };
@@ -423,10 +445,11 @@ async fn remove_dead(store: &Store, token: &str) -> u64 {
         match store.delete(&name).await {
             Ok(()) => removed += 1,
             Err(e) => {
-                tracing::warn!(doc = %store.relative(&name), error = %e, "could not delete a dead token")
+                tracing::warn!(token_doc = %store.relative(&name), error = %Chain(&e), "could not delete a dead token")
             }
         }
     }
+    tracing::debug!(token = %redact(token), removed, "dead token: its documents removed");
     removed
 }
 

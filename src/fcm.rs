@@ -1,7 +1,7 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
 //! answer means (DESIGN.md §1, seed 003).
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
@@ -28,29 +28,177 @@ pub enum Outcome {
     ThirdPartyAuth,
 }
 
-/// An answer that is not about the token.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+/// An answer that is not about the token. [`Error::action`] says what to do about it.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
-    /// 429/500/503, timeouts, resets: back off and try again.
-    #[error("FCM is unavailable ({reason})")]
+    /// 429/500/502/503/504: back off and try again.
+    #[error("FCM is unavailable: {answer}")]
     Retryable {
-        reason: String,
+        answer: Answer,
         retry_after: Option<Duration>,
         /// 429: the project quota; wait at least the quota floor.
         quota: bool,
     },
+    /// Timeouts, refused connections, resets: back off and try again.
+    #[error("FCM request failed ({})", transport_kind(.0))]
+    Transport(#[source] Arc<reqwest::Error>),
     /// 401 for our own OAuth token: refresh once.
     #[error("FCM rejected our access token: {0}")]
-    Unauthenticated(String),
+    Unauthenticated(Answer),
     /// 400 about the message itself: the notification is at fault. Never retried.
     #[error("FCM rejected the message: {0}")]
-    Payload(String),
-    /// Anything else that no retry will fix (permissions, wrong project).
-    #[error("FCM refused the request: {0}")]
-    Fatal(String),
+    Payload(Rejection),
+    /// Anything else that no retry will fix (permissions, wrong project), with the fix.
+    #[error("FCM refused the request: {answer}{}", fix_suffix(fix))]
+    Refused { answer: Answer, fix: &'static str },
     /// No access token could be obtained.
-    #[error("cannot get an FCM access token: {0}")]
-    Auth(String),
+    #[error("cannot get an FCM access token")]
+    Auth(#[source] Arc<AuthError>),
+    /// The client could not be built (CA certificate, endpoint URL, TLS).
+    #[error("setting up the FCM client: {what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// FCM's error answer: the HTTP status and the `error` object of its body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub http: u16,
+    /// The google.rpc status name (`UNAVAILABLE`, `PERMISSION_DENIED`, …), if the body had one.
+    pub status: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "HTTP {} {}", self.http, self.status)
+        } else {
+            write!(f, "{} {}: {}", self.http, self.status, self.message)
+        }
+    }
+}
+
+/// What FCM found wrong with the message (a 400 not about the token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// A field violation: the field's path and FCM's description.
+    Field { field: String, description: String },
+    /// No field named: FCM's answer as it is.
+    Answer(Answer),
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Field { field, description } => write!(f, "{field}: {description}"),
+            Rejection::Answer(answer) => answer.fmt(f),
+        }
+    }
+}
+
+/// Why no access token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading the service-account key {}", path.display())]
+    Key {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up the OAuth2 client")]
+    Setup(#[source] std::io::Error),
+    #[error("the token request failed")]
+    Token(#[source] yup_oauth2::Error),
+    #[error("the token endpoint returned no access_token")]
+    NoToken,
+    #[error("the access token is not a valid header value")]
+    BadHeader,
+}
+
+impl From<AuthError> for Error {
+    fn from(e: AuthError) -> Error {
+        Error::Auth(Arc::new(e))
+    }
+}
+
+/// What the fan-out does about an [`Error`] (README, "Errors").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send to the token again after a backoff of at least `retry_after` (and at least the
+    /// quota floor when `quota`). When the retries run out the token is left undelivered, or,
+    /// with `fatal_when_exhausted`, the notification fails (no token could be sent anyway).
+    Retry {
+        retry_after: Option<Duration>,
+        quota: bool,
+        fatal_when_exhausted: bool,
+    },
+    /// The message is at fault: the notification fails; every token would get the same answer.
+    FailNotification,
+    /// Credentials, permissions or project: no token can be sent; the notification fails with
+    /// the fix in its `error`.
+    Fatal,
+}
+
+impl Error {
+    pub fn action(&self) -> Action {
+        match self {
+            Error::Retryable {
+                retry_after, quota, ..
+            } => Action::Retry {
+                retry_after: *retry_after,
+                quota: *quota,
+                fatal_when_exhausted: false,
+            },
+            Error::Transport(_) => Action::Retry {
+                retry_after: None,
+                quota: false,
+                fatal_when_exhausted: false,
+            },
+            // The token endpoint may be down for a moment; if it stays down nothing can be sent.
+            Error::Auth(_) => Action::Retry {
+                retry_after: None,
+                quota: false,
+                fatal_when_exhausted: true,
+            },
+            Error::Payload(_) => Action::FailNotification,
+            // `Sender::send` already refreshed the token once: a second 401 is not transient.
+            Error::Unauthenticated(_) | Error::Refused { .. } | Error::Setup { .. } => {
+                Action::Fatal
+            }
+        }
+    }
+
+    fn setup(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Setup {
+            what: what.into(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+fn fix_suffix(fix: &str) -> String {
+    if fix.is_empty() {
+        String::new()
+    } else {
+        format!("; {fix}")
+    }
+}
+
+fn transport_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "connection error"
+    }
 }
 
 /// The request body for one notification, built once; the token is spliced in per send.
@@ -143,11 +291,14 @@ impl Sender {
             Some(path) => {
                 let key = yup_oauth2::read_service_account_key(path)
                     .await
-                    .map_err(|e| Error::Auth(format!("reading {}: {e}", path.display())))?;
+                    .map_err(|source| AuthError::Key {
+                        path: path.clone(),
+                        source,
+                    })?;
                 yup_oauth2::ServiceAccountAuthenticator::with_client(key, oauth_client)
                     .build()
                     .await
-                    .map_err(|e| Error::Auth(e.to_string()))?
+                    .map_err(AuthError::Setup)?
             }
             None => {
                 let opts = yup_oauth2::ApplicationDefaultCredentialsFlowOpts::default();
@@ -160,7 +311,7 @@ impl Sender {
                     yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes::InstanceMetadata(b) => b.build().await,
                     yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes::ServiceAccount(b) => b.build().await,
                 }
-                .map_err(|e| Error::Auth(e.to_string()))?
+                .map_err(AuthError::Setup)?
             }
         };
         // rustls (aws-lc-rs) explicitly: reqwest would pick native-tls (OpenSSL) because a
@@ -178,7 +329,7 @@ impl Sender {
             .tcp_nodelay(true);
         if let Some(ca) = &settings.fcm_ca_cert {
             let roots = reqwest::Certificate::from_pem_bundle(&ca.pem).map_err(|e| {
-                Error::Fatal(format!("FFPUSH_FCM_CA_CERT {}: {e}", ca.path.display()))
+                Error::setup(format!("FFPUSH_FCM_CA_CERT {}", ca.path.display()), e)
             })?;
             for root in roots {
                 http = http.add_root_certificate(root);
@@ -193,14 +344,13 @@ impl Sender {
         };
         let http = http
             .build()
-            .map_err(|e| Error::Fatal(format!("building the HTTP client: {e}")))?;
+            .map_err(|e| Error::setup("building the HTTP client", e))?;
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             settings.fcm_endpoint, settings.project
         );
-        let send_url = reqwest::Url::parse(&send_url).map_err(|e| {
-            Error::Fatal(format!("FCM_ENDPOINT gives no valid URL {send_url}: {e}"))
-        })?;
+        let send_url = reqwest::Url::parse(&send_url)
+            .map_err(|e| Error::setup(format!("FCM_ENDPOINT gives no valid URL {send_url}"), e))?;
         Ok(Sender {
             http,
             send_url,
@@ -218,19 +368,14 @@ impl Sender {
         {
             return Ok(cached.header.clone());
         }
-        let token = self
-            .auth
-            .token(&[SCOPE])
-            .await
-            .map_err(|e| Error::Auth(e.to_string()))?;
+        let token = self.auth.token(&[SCOPE]).await.map_err(AuthError::Token)?;
         self.store_token(token.token())
     }
 
     fn store_token(&self, token: Option<&str>) -> Result<HeaderValue, Error> {
-        let token = token
-            .ok_or_else(|| Error::Auth("the token endpoint returned no access_token".into()))?;
-        let header = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| Error::Auth("the access token is not a valid header value".into()))?;
+        let token = token.ok_or(AuthError::NoToken)?;
+        let header =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| AuthError::BadHeader)?;
         if let Ok(mut guard) = self.token.write() {
             *guard = Some(CachedToken {
                 header: header.clone(),
@@ -252,7 +397,7 @@ impl Sender {
             .auth
             .force_refreshed_token(&[SCOPE])
             .await
-            .map_err(|e| Error::Auth(e.to_string()))?;
+            .map_err(AuthError::Token)?;
         self.store_token(token.token())
     }
 
@@ -291,11 +436,7 @@ impl Sender {
             .body(body)
             .send()
             .await
-            .map_err(|e| Error::Retryable {
-                reason: transport_reason(&e),
-                retry_after: None,
-                quota: false,
-            })?;
+            .map_err(|e| Error::Transport(Arc::new(e)))?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -303,11 +444,10 @@ impl Sender {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = response.bytes().await.map_err(|e| Error::Retryable {
-            reason: transport_reason(&e),
-            retry_after,
-            quota: false,
-        })?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Error::Transport(Arc::new(e)))?;
         classify(status, &body, retry_after)
     }
 }
@@ -329,18 +469,15 @@ fn oauth_client(
     roots.add_parsable_certificates(native.certs);
     if let Some(ca) = extra {
         for cert in CertificateDer::pem_slice_iter(&ca.pem) {
-            let added = cert
-                .map_err(|e| e.to_string())
-                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()));
-            added.map_err(|e| {
-                Error::Fatal(format!("FFPUSH_FCM_CA_CERT {}: {e}", ca.path.display()))
-            })?;
+            let what = || format!("FFPUSH_FCM_CA_CERT {}", ca.path.display());
+            let cert = cert.map_err(|e| Error::setup(what(), e))?;
+            roots.add(cert).map_err(|e| Error::setup(what(), e))?;
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Fatal(format!("TLS setup: {e}")))?
+        .map_err(|e| Error::setup("TLS", e))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -353,16 +490,6 @@ fn oauth_client(
         .pool_max_idle_per_host(0)
         .build::<_, String>(connector);
     Ok(yup_oauth2::CustomHyperClientBuilder::from(client))
-}
-
-fn transport_reason(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "request timed out".into()
-    } else if e.is_connect() {
-        format!("cannot connect: {e}")
-    } else {
-        format!("connection error: {e}")
-    }
 }
 
 /// What an FCM answer means (DESIGN.md §1).
@@ -396,49 +523,55 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
             )
         })
         .collect();
-    let described = || {
-        if message.is_empty() {
-            format!("HTTP {status} {status_name}")
-        } else {
-            format!("{status} {status_name}: {message}")
-        }
+    let answer = || Answer {
+        http: status,
+        status: status_name.to_string(),
+        message: message.clone(),
     };
     match status {
         400 => {
             let token_violation = violations.iter().any(|(f, _)| f == "message.token");
             let payload_violation = violations.iter().find(|(f, _)| f != "message.token");
             if let Some((field, description)) = payload_violation {
-                Err(Error::Payload(format!("{field}: {description}")))
+                Err(Error::Payload(Rejection::Field {
+                    field: field.clone(),
+                    description: description.clone(),
+                }))
+            // FCM says "not a valid FCM registration token" with no field violation: its
+            // message is the only sign that the token, not the payload, is at fault.
             } else if token_violation || message.to_ascii_lowercase().contains("registration token")
             {
                 Ok(Outcome::Dead)
             } else {
-                Err(Error::Payload(described()))
+                Err(Error::Payload(Rejection::Answer(answer())))
             }
         }
         404 if fcm_code == "UNREGISTERED" => Ok(Outcome::Dead),
         403 if fcm_code == "SENDER_ID_MISMATCH" => Ok(Outcome::SenderIdMismatch),
         401 if fcm_code == "THIRD_PARTY_AUTH_ERROR" => Ok(Outcome::ThirdPartyAuth),
-        401 => Err(Error::Unauthenticated(described())),
+        401 => Err(Error::Unauthenticated(answer())),
         429 => Err(Error::Retryable {
-            reason: described(),
+            answer: answer(),
             retry_after,
             quota: true,
         }),
         500 | 502 | 503 | 504 => Err(Error::Retryable {
-            reason: described(),
+            answer: answer(),
             retry_after,
             quota: false,
         }),
-        403 => Err(Error::Fatal(format!(
-            "{}; grant the service account the Firebase Cloud Messaging API Admin role and enable the FCM API",
-            described()
-        ))),
-        404 => Err(Error::Fatal(format!(
-            "{}; check the project id",
-            described()
-        ))),
-        _ => Err(Error::Fatal(described())),
+        403 => Err(Error::Refused {
+            answer: answer(),
+            fix: "grant the service account the Firebase Cloud Messaging API Admin role and enable the FCM API",
+        }),
+        404 => Err(Error::Refused {
+            answer: answer(),
+            fix: "check the project id",
+        }),
+        _ => Err(Error::Refused {
+            answer: answer(),
+            fix: "",
+        }),
     }
 }
 
@@ -471,42 +604,51 @@ mod tests {
 
     #[test]
     fn every_fixture_is_classified_as_the_design_says() {
-        assert_eq!(classify_fixture("success"), Ok(Outcome::Sent));
-        assert_eq!(classify_fixture("UNREGISTERED"), Ok(Outcome::Dead));
+        assert_eq!(classify_fixture("success").ok(), Some(Outcome::Sent));
+        assert_eq!(classify_fixture("UNREGISTERED").ok(), Some(Outcome::Dead));
         assert_eq!(
-            classify_fixture("INVALID_ARGUMENT_bad_token"),
-            Ok(Outcome::Dead)
+            classify_fixture("INVALID_ARGUMENT_bad_token").ok(),
+            Some(Outcome::Dead)
         );
         assert_eq!(
-            classify_fixture("SENDER_ID_MISMATCH"),
-            Ok(Outcome::SenderIdMismatch)
+            classify_fixture("SENDER_ID_MISMATCH").ok(),
+            Some(Outcome::SenderIdMismatch)
         );
         assert_eq!(
-            classify_fixture("THIRD_PARTY_AUTH_ERROR"),
-            Ok(Outcome::ThirdPartyAuth)
+            classify_fixture("THIRD_PARTY_AUTH_ERROR").ok(),
+            Some(Outcome::ThirdPartyAuth)
         );
-        assert_eq!(
-            classify_fixture("INVALID_ARGUMENT_bad_value"),
-            Err(Error::Payload(
-                "message.data[0].value: Invalid value at 'message.data[0].value' (TYPE_STRING), 12"
-                    .into()
-            ))
-        );
-        match classify_fixture("QUOTA_EXCEEDED") {
-            Err(Error::Retryable {
-                retry_after, quota, ..
-            }) => {
-                assert_eq!(retry_after, Some(Duration::from_secs(60)));
-                assert!(quota);
+        match classify_fixture("INVALID_ARGUMENT_bad_value") {
+            Err(e @ Error::Payload(Rejection::Field { .. })) => {
+                assert_eq!(e.action(), Action::FailNotification);
+                assert_eq!(
+                    e.to_string(),
+                    "FCM rejected the message: message.data[0].value: Invalid value at 'message.data[0].value' (TYPE_STRING), 12"
+                );
             }
             other => panic!("{other:?}"),
         }
+        let action = |name| classify_fixture(name).map_err(|e| e.action()).err();
+        assert_eq!(
+            action("QUOTA_EXCEEDED"),
+            Some(Action::Retry {
+                retry_after: Some(Duration::from_secs(60)),
+                quota: true,
+                fatal_when_exhausted: false
+            })
+        );
+        assert_eq!(
+            action("UNAVAILABLE"),
+            Some(Action::Retry {
+                retry_after: Some(Duration::from_secs(5)),
+                quota: false,
+                fatal_when_exhausted: false
+            })
+        );
         match classify_fixture("UNAVAILABLE") {
-            Err(Error::Retryable {
-                retry_after, quota, ..
-            }) => {
-                assert_eq!(retry_after, Some(Duration::from_secs(5)));
-                assert!(!quota);
+            Err(Error::Retryable { answer, .. }) => {
+                assert_eq!(answer.http, 503);
+                assert_eq!(answer.status, "UNAVAILABLE");
             }
             other => panic!("{other:?}"),
         }
@@ -518,7 +660,17 @@ mod tests {
             classify_fixture("UNAUTHENTICATED_bad_oauth_token"),
             Err(Error::Unauthenticated(_))
         ));
-        assert!(matches!(classify(403, b"{}", None), Err(Error::Fatal(_))));
+        assert_eq!(
+            action("UNAUTHENTICATED_bad_oauth_token"),
+            Some(Action::Fatal)
+        );
+        match classify(403, b"{}", None) {
+            Err(e @ Error::Refused { .. }) => {
+                assert_eq!(e.action(), Action::Fatal);
+                assert!(e.to_string().ends_with("enable the FCM API"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             classify(502, b"<html>", None),
             Err(Error::Retryable { .. })

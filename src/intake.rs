@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
+use backoff::backoff::Backoff as _;
+use chrono::{DateTime, Utc};
 use firestore::gcloud_sdk::google::firestore::v1::{
     ListenRequest, StructuredQuery, Target, listen_request, listen_response,
     structured_query as sq, target, target_change::TargetChangeType,
 };
 use futures::StreamExt;
 
+use crate::errors::Chain;
 use crate::store;
 use crate::worker::Worker;
 
@@ -33,7 +35,7 @@ const TARGET_ID: i32 = 1;
 /// Listens to `collection` until the worker stops.
 pub async fn listen(worker: Arc<Worker>, collection: String, state: Arc<ListenState>, slot: usize) {
     let mut resume_token: Vec<u8> = Vec::new();
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = store::backoff(Duration::from_millis(100), Duration::from_secs(30), None);
     loop {
         let result = listen_once(
             &worker,
@@ -41,7 +43,7 @@ pub async fn listen(worker: Arc<Worker>, collection: String, state: Arc<ListenSt
             &mut resume_token,
             &state,
             slot,
-            &mut delay,
+            &mut backoff,
         )
         .await;
         state.up[slot].store(false, Ordering::Relaxed);
@@ -53,17 +55,17 @@ pub async fn listen(worker: Arc<Worker>, collection: String, state: Arc<ListenSt
             let worker = worker.clone();
             async move { sweep_once(&worker).await }
         });
+        let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
         match result {
             Ok(()) => tracing::warn!(collection, "listen stream ended; reopening"),
             Err(e) => {
-                tracing::warn!(collection, error = %e, retry_in_ms = delay.as_millis() as u64, "listen stream failed; reopening")
+                tracing::warn!(collection, error = %Chain(&e), retry_in_ms = delay.as_millis() as u64, "listen stream failed; reopening")
             }
         }
         tokio::select! {
             _ = worker.stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -73,7 +75,7 @@ async fn listen_once(
     resume_token: &mut Vec<u8>,
     state: &ListenState,
     slot: usize,
-    delay: &mut Duration,
+    backoff: &mut backoff::ExponentialBackoff,
 ) -> Result<(), store::Error> {
     let store = &worker.store;
     let request = ListenRequest {
@@ -113,15 +115,20 @@ async fn listen_once(
         match event {
             listen_response::ResponseType::TargetChange(change) => {
                 if change.target_change_type == TargetChangeType::Remove as i32 {
-                    let cause = change.cause.map(|c| c.message).unwrap_or_default();
-                    return Err(store::Error::Unavailable {
-                        code: firestore::gcloud_sdk::tonic::Code::Aborted,
-                        message: format!("target removed: {cause}"),
-                    });
+                    use firestore::gcloud_sdk::tonic::{Code, Status};
+                    // Firestore's own status for the removal, when it gives one.
+                    let status = match change.cause {
+                        Some(c) => Status::new(
+                            Code::from_i32(c.code),
+                            format!("target removed: {}", c.message),
+                        ),
+                        None => Status::aborted("target removed"),
+                    };
+                    return Err(store::Error::Unavailable(store::Grpc(status)));
                 }
                 if change.target_change_type == TargetChangeType::Current as i32 {
                     state.up[slot].store(true, Ordering::Relaxed);
-                    *delay = Duration::from_millis(100);
+                    backoff.reset();
                     tracing::debug!(collection, "listening");
                 }
                 if !change.resume_token.is_empty() && change.target_ids.is_empty() {
@@ -146,35 +153,57 @@ async fn listen_once(
 
 /// Every `sweep_interval`: documents claimed but abandoned, and documents whose schedule is
 /// due, are offered again. The worker ignores what it already holds.
+///
+/// Firestore cannot query for a missing field, and FlutterFlow writes no `status` until the
+/// document is processed, so the due query cannot leave finished documents out. It leaves out
+/// what earlier passes read instead: each pass's window starts where the last complete pass
+/// ended (less one interval of overlap), so a pass reads the documents that came due since,
+/// not a whole `FFPUSH_MAX_LATENESS` of finished ones. The first pass, and the pass after a
+/// listen stream reconnects ([`sweep_once`]), read the whole window.
 pub async fn sweep(worker: Arc<Worker>) {
+    let mut swept_until = None;
     loop {
         tokio::select! {
             _ = worker.stop.cancelled() => return,
             _ = tokio::time::sleep(worker.settings.sweep_interval) => {}
         }
-        sweep_once(&worker).await;
+        swept_until = sweep_from(&worker, swept_until).await;
     }
 }
 
-/// One sweep: also run after a listen stream reconnects, to catch up on what it missed.
+/// One sweep over the whole window: also run after a listen stream reconnects, to catch up on
+/// what it missed.
 pub async fn sweep_once(worker: &Arc<Worker>) {
-    {
-        for collection in [
-            &worker.settings.collection,
-            &worker.settings.user_collection,
-        ] {
-            match worker.store.with_status(collection, &["started"]).await {
-                Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
-                Err(e) => tracing::warn!(collection, error = %e, "sweep query failed"),
-            }
-            let now = Utc::now();
-            let since = now
-                - chrono::Duration::from_std(worker.settings.max_lateness)
-                    .unwrap_or(chrono::Duration::days(1));
-            match worker.store.due_between(collection, since, now).await {
-                Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
-                Err(e) => tracing::warn!(collection, error = %e, "sweep query failed"),
-            }
+    sweep_from(worker, None).await;
+}
+
+/// Offers documents claimed but abandoned, and documents due since `since` (less one interval;
+/// `None`: the whole lateness window). Returns where the next pass may start: now, or `since`
+/// again if a due query failed.
+async fn sweep_from(worker: &Arc<Worker>, since: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    let now = Utc::now();
+    let oldest = now
+        - chrono::Duration::from_std(worker.settings.max_lateness)
+            .unwrap_or(chrono::Duration::days(1));
+    let overlap = chrono::Duration::from_std(worker.settings.sweep_interval).unwrap_or_default();
+    let from = since.map_or(oldest, |s| (s - overlap).max(oldest));
+    let mut complete = true;
+    for collection in [
+        &worker.settings.collection,
+        &worker.settings.user_collection,
+    ] {
+        match worker.store.with_status(collection, &["started"]).await {
+            Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
+            Err(e) => tracing::warn!(collection, error = %Chain(&e), "sweep query failed"),
+        }
+        let due = worker
+            .store
+            .due_between(collection, from, now, |d| worker.offer(d))
+            .await;
+        if let Err(e) = due {
+            complete = false;
+            tracing::warn!(collection, error = %Chain(&e), "sweep query failed");
         }
     }
+    if complete { Some(now) } else { since }
 }

@@ -7,25 +7,26 @@
 //! intake ─► claim ─► audience ─► fanout ─► report
 //! ```
 //!
-//! - [`intake`]: the Firestore listen streams and the periodic sweep; documents are offered to
+//! - `intake`: the Firestore listen streams and the periodic sweep; documents are offered to
 //!   the worker.
-//! - [`claim`]: the precondition write that makes a document ours, the lease renewed with
+//! - `claim`: the precondition write that makes a document ours, the lease renewed with
 //!   progress while sending, and its release.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress ledger.
-//! - [`report`]: the outcome fields written back, and what counts as succeeded.
+//! - `report`: the outcome fields written back, and what counts as succeeded.
 //!
 //! Around the pipeline:
-//! - [`worker`]: orchestrates one document through the stages (status, schedule, lateness,
-//!   then claim → fan-out → report) and returns an [`worker::Outcome`].
-//! - [`schedule`]: one timer per document waiting for its time or for another worker's lease.
+//! - `worker`: orchestrates one document through the stages (status, schedule, lateness,
+//!   then claim → fan-out → report) and returns an `worker::Outcome`.
+//! - `schedule`: one timer per document waiting for its time or for another worker's lease.
+//! - `errors`: how an error and its causes are shown (README, "Errors": what each leads to).
 //! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`,
 //!   `Status`, batch slices).
 //! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
 //! - [`fcm`]: OAuth2 tokens, the message template, one send, and what FCM's answer means.
 //! - [`config`]: settings from environment and flags, validated once at start.
-//! - [`metrics`], [`server`]: Prometheus counters and the health/metrics HTTP port;
-//!   [`logging`]: text, or Cloud Logging JSON on Cloud Run.
+//! - [`metrics`], `server`: Prometheus counters and the health/metrics HTTP port;
+//!   `logging`: text, or Cloud Logging JSON on Cloud Run.
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
 //! - [`cli`]: the subcommands; [`doctor`]: the operator's checks; [`migrate`]: versioned data
 //!   migrations (`ffpush migrate`), recorded in `ffpush_migrations`; [`recent`]: `ffpush
@@ -42,6 +43,7 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod doctor;
+pub(crate) mod errors;
 pub mod fanout;
 pub mod fcm;
 pub(crate) mod intake;

@@ -87,10 +87,10 @@ impl Metrics {
             Ok(Outcome::Dead) => 1,
             Ok(Outcome::SenderIdMismatch) => 2,
             Ok(Outcome::ThirdPartyAuth) => 3,
-            Err(fcm::Error::Retryable { .. }) => 4,
+            Err(fcm::Error::Retryable { .. } | fcm::Error::Transport(_)) => 4,
             Err(fcm::Error::Unauthenticated(_)) => 5,
             Err(fcm::Error::Payload(_)) => 6,
-            Err(fcm::Error::Fatal(_)) => 7,
+            Err(fcm::Error::Refused { .. } | fcm::Error::Setup { .. }) => 7,
             Err(fcm::Error::Auth(_)) => 8,
         };
         self.fcm_outcomes[class].inc();

@@ -113,7 +113,7 @@ pub enum Error {
         "migration {0}: Firestore refused its query for lack of an index; deploy migrations/firestore.indexes.json (firebase deploy --only firestore:indexes) and run it again"
     )]
     IndexMissing(&'static str),
-    #[error("migration {id}: {source}")]
+    #[error("migration {id}")]
     Store {
         id: &'static str,
         #[source]

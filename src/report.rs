@@ -98,7 +98,7 @@ impl Report {
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,
-            error: Some(e.to_string()),
+            error: Some(crate::errors::Chain(e).to_string()),
             warning: None,
             tally: *t,
             without: Default::default(),

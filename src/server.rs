@@ -38,7 +38,7 @@ async fn readiness(h: &Health) -> Result<(), String> {
         .access_token()
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| crate::errors::Chain(&e).to_string())
 }
 
 async fn ready(State(h): State<Health>) -> Response {

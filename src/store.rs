@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff as _;
 use chrono::{DateTime, Utc};
 use firestore::gcloud_sdk::google::firestore::v1::firestore_client::FirestoreClient;
 use firestore::gcloud_sdk::google::firestore::v1::{
@@ -28,40 +30,115 @@ pub type Client = FirestoreClient<GoogleAuthMiddleware>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Firestore is unreachable or overloaded: wait and try again.
-    #[error("Firestore is unavailable ({code:?}): {message}")]
-    Unavailable { code: Code, message: String },
+    #[error("Firestore is unavailable")]
+    Unavailable(#[source] Grpc),
     /// A precondition failed: someone else changed (or claimed) the document first.
     #[error("the document changed underneath us")]
     Conflict,
     #[error("document not found")]
     NotFound,
     /// Misconfiguration or a bug: retrying will not help.
-    #[error("Firestore refused the request ({code:?}): {message}")]
-    Rejected { code: Code, message: String },
-    #[error("cannot connect to Firestore: {0}")]
-    Connect(String),
+    #[error("Firestore refused the request")]
+    Rejected(#[source] Grpc),
+    /// Firestore answered without a part it always sends.
+    #[error("Firestore's answer has no {0}")]
+    Incomplete(&'static str),
+    #[error("cannot connect to Firestore")]
+    Connect(#[source] firestore::errors::FirestoreError),
+    /// Shutdown came while waiting for Firestore.
+    #[error("cancelled while waiting for Firestore")]
+    Cancelled,
 }
 
 impl Error {
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Connect(_))
+        matches!(self, Error::Unavailable(_) | Error::Connect(_))
+    }
+}
+
+/// A gRPC status from Firestore: its code and message; its source is the transport error
+/// behind it, if there was one.
+#[derive(Clone, Debug)]
+pub struct Grpc(pub tonic::Status);
+
+impl Grpc {
+    pub fn code(&self) -> Code {
+        self.0.code()
+    }
+}
+
+impl std::fmt::Display for Grpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.message() {
+            "" => write!(f, "{:?}", self.0.code()),
+            message => write!(f, "{:?}: {message}", self.0.code()),
+        }
+    }
+}
+
+impl std::error::Error for Grpc {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
     }
 }
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        let message = status.message().to_string();
         match status.code() {
             Code::FailedPrecondition | Code::AlreadyExists => Error::Conflict,
             Code::NotFound => Error::NotFound,
-            code @ (Code::Unavailable
+            Code::Unavailable
             | Code::DeadlineExceeded
             | Code::Internal
             | Code::Aborted
             | Code::ResourceExhausted
             | Code::Unknown
-            | Code::Cancelled) => Error::Unavailable { code, message },
-            code => Error::Rejected { code, message },
+            | Code::Cancelled => Error::Unavailable(Grpc(status)),
+            _ => Error::Rejected(Grpc(status)),
+        }
+    }
+}
+
+/// Exponential backoff with jitter for Firestore retries: from `initial`, doubling, each wait
+/// drawn from ±50 % of the step (so many workers retrying at once spread out), steps capped at
+/// `max`, giving up after `give_up` in all (`None`: never).
+pub fn backoff(initial: Duration, max: Duration, give_up: Option<Duration>) -> ExponentialBackoff {
+    backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(initial)
+        .with_multiplier(2.0)
+        .with_randomization_factor(0.5)
+        .with_max_interval(max)
+        .with_max_elapsed_time(give_up)
+        .build()
+}
+
+/// Runs `op` until it succeeds or fails for good: transient errors ([`Error::is_transient`])
+/// are retried on `policy` (logged with `what`), until it gives up or `cancel` fires.
+pub async fn retry<T, F, Fut>(
+    what: &str,
+    mut policy: ExponentialBackoff,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
+    mut op: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    loop {
+        let e = match op().await {
+            Err(e) if e.is_transient() => e,
+            other => return other,
+        };
+        let Some(wait) = policy.next_backoff() else {
+            return Err(e);
+        };
+        tracing::warn!(error = %crate::errors::Chain(&e), retry_in_ms = wait.as_millis() as u64, "{what}; retrying");
+        match cancel {
+            Some(cancel) => tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+                _ = tokio::time::sleep(wait) => {}
+            },
+            None => tokio::time::sleep(wait).await,
         }
     }
 }
@@ -139,7 +216,7 @@ impl Store {
         } else {
             FirestoreDb::with_options(options).await
         }
-        .map_err(|e| Error::Connect(e.to_string()))?;
+        .map_err(Error::Connect)?;
         let store = Store { db };
         // Construction may succeed lazily; one cheap read proves the channel works.
         store
@@ -162,22 +239,14 @@ impl Store {
             .firestore_emulator_host
             .clone()
             .unwrap_or_else(|| "firestore.googleapis.com".to_string());
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match Store::connect(settings).await {
-                Ok(store) => return Ok(store),
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(target_host = %target, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "waiting for Firestore");
-                }
-                Err(e) => return Err(e),
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(Error::Connect("cancelled while waiting for Firestore".into())),
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
+        let policy = backoff(Duration::from_millis(200), Duration::from_secs(10), None);
+        retry(
+            &format!("waiting for Firestore at {target}"),
+            policy,
+            Some(cancel),
+            || Store::connect(settings),
+        )
+        .await
     }
 
     pub fn client(&self) -> Client {
@@ -250,10 +319,7 @@ impl Store {
             ..Default::default()
         };
         let doc = self.client().update_document(request).await?.into_inner();
-        doc.update_time.ok_or(Error::Rejected {
-            code: Code::Internal,
-            message: "update returned no update_time".into(),
-        })
+        doc.update_time.ok_or(Error::Incomplete("update_time"))
     }
 
     /// Creates a document with an automatic id; returns its full name.
@@ -471,36 +537,67 @@ impl Store {
     }
 }
 
+/// Documents read per page of [`Store::due_between`].
+const DUE_PAGE: i32 = 300;
+
 impl Store {
-    /// Documents of `collection` whose `scheduled_time` is in `[since, at]`.
+    /// Hands every document of `collection` whose `scheduled_time` is in `[since, at]` to
+    /// `each`, in `scheduled_time` order, a page at a time: however many documents the window
+    /// holds, none is cut off by a limit. Returns how many there were.
     pub async fn due_between(
         &self,
         collection: &str,
         since: DateTime<Utc>,
         at: DateTime<Utc>,
-    ) -> Result<Vec<Document>, Error> {
-        let query = StructuredQuery {
-            from: vec![sq::CollectionSelector {
-                collection_id: collection.to_string(),
-                all_descendants: false,
-            }],
-            r#where: and(vec![
-                field_filter(
-                    "scheduled_time",
-                    sq::field_filter::Operator::GreaterThanOrEqual,
-                    timestamp(since),
-                ),
-                field_filter(
-                    "scheduled_time",
-                    sq::field_filter::Operator::LessThanOrEqual,
-                    timestamp(at),
-                ),
-            ]),
-            limit: Some(1000),
-            ..Default::default()
-        };
-        self.run_query(self.documents_path().to_string(), query)
-            .await
+        mut each: impl FnMut(Document),
+    ) -> Result<u64, Error> {
+        let mut after: Option<pb::Cursor> = None;
+        let mut seen = 0;
+        loop {
+            let query = StructuredQuery {
+                from: vec![sq::CollectionSelector {
+                    collection_id: collection.to_string(),
+                    all_descendants: false,
+                }],
+                r#where: and(vec![
+                    field_filter(
+                        "scheduled_time",
+                        sq::field_filter::Operator::GreaterThanOrEqual,
+                        timestamp(since),
+                    ),
+                    field_filter(
+                        "scheduled_time",
+                        sq::field_filter::Operator::LessThanOrEqual,
+                        timestamp(at),
+                    ),
+                ]),
+                order_by: ["scheduled_time", "__name__"]
+                    .into_iter()
+                    .map(|f| sq::Order {
+                        field: Some(field_ref(f)),
+                        direction: sq::Direction::Ascending as i32,
+                    })
+                    .collect(),
+                start_at: after.take(),
+                limit: Some(DUE_PAGE),
+                ..Default::default()
+            };
+            let page = self
+                .run_query(self.documents_path().to_string(), query)
+                .await?;
+            let full = page.len() == DUE_PAGE as usize;
+            if let Some(last) = page.last() {
+                after = last.fields.get("scheduled_time").map(|t| pb::Cursor {
+                    values: vec![t.clone(), reference(last.name.clone())],
+                    before: false,
+                });
+            }
+            seen += page.len() as u64;
+            page.into_iter().for_each(&mut each);
+            if !full || after.is_none() {
+                return Ok(seen);
+            }
+        }
     }
 }
 

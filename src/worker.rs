@@ -10,10 +10,12 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::audience;
 use crate::claim::{Claim, LeaseTerms, fields};
 use crate::config::Settings;
+use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
 use crate::metrics::Metrics;
@@ -46,7 +48,7 @@ pub struct Worker {
     pub sender: Arc<Sender>,
     pub metrics: Arc<Metrics>,
     /// Documents being processed here right now.
-    running: Mutex<HashSet<String>>,
+    running: Arc<Running>,
     timers: Timers,
     /// Fan-outs; awaited on shutdown.
     pub tasks: TaskTracker,
@@ -69,7 +71,7 @@ impl Worker {
             store,
             sender,
             metrics,
-            running: Mutex::new(HashSet::new()),
+            running: Arc::default(),
             timers,
             tasks: TaskTracker::new(),
             stop,
@@ -89,8 +91,11 @@ impl Worker {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    /// The span of every log line about the notification `name`: its path and id. The Cloud
+    /// Logging writer also makes the id the entry's operation, which groups its lines.
+    fn span(&self, name: &str) -> tracing::Span {
+        let relative = self.store.relative(name);
+        tracing::info_span!("notification", doc = %relative, notification_id = %id_of(relative))
     }
 
     /// Reads each document whose timer fired and offers it again, until shutdown.
@@ -108,8 +113,10 @@ impl Worker {
             match self.store.get(&relative).await {
                 Ok(Some(doc)) => self.offer(doc),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(doc = %relative, error = %e,
-                    "could not re-read a due document; the sweep will retry"),
+                Err(e) => self.span(&name).in_scope(|| {
+                    tracing::warn!(error = %Chain(&e),
+                        "could not re-read a due document; the sweep will retry")
+                }),
             }
         }
     }
@@ -122,7 +129,7 @@ impl Worker {
             self.forget(&doc.name);
             return;
         }
-        if self.stop.is_cancelled() || self.running().contains(&doc.name) {
+        if self.stop.is_cancelled() || self.running.contains(&doc.name) {
             return;
         }
         let Some(source) = self.source_of(&doc.name) else {
@@ -176,36 +183,53 @@ impl Worker {
             self.spawn_failure(doc, reason);
             return;
         }
-        self.running().insert(doc.name.clone());
+        // The check above only saves work: entering is what decides, in one step, so of two
+        // offers racing here one goes on.
+        let Some(running) = self.running.enter(&doc.name) else {
+            return;
+        };
         self.metrics.documents_in_progress.add(1);
         let this = self.clone();
-        self.tasks.spawn(async move {
+        let span = self.span(&doc.name);
+        let task = async move {
             let name = doc.name.clone();
-            let relative = this.store.relative(&name).to_string();
             match this.process(doc, n, template).await {
                 Ok(Outcome::ClaimedElsewhere) => {
-                    tracing::debug!(doc = %relative, "claimed by someone else first")
+                    tracing::debug!("claimed by someone else first")
                 }
                 Ok(Outcome::LeaseLost) => {
-                    tracing::warn!(doc = %relative, "lost the lease to another worker; stopped")
+                    tracing::warn!("lost the lease to another worker; stopped")
                 }
                 Ok(Outcome::Interrupted) => {
-                    tracing::info!(doc = %relative, "interrupted; progress saved, lease released")
+                    tracing::info!("interrupted; progress saved, lease released")
                 }
-                Ok(Outcome::Released(e)) => tracing::warn!(doc = %relative, error = %e,
+                Ok(Outcome::Released(e)) => tracing::warn!(error = %Chain(&e),
                     "Firestore failed mid-send; progress saved and the lease released, to be resumed"),
-                Ok(Outcome::ChangedBeforeReport) => tracing::warn!(doc = %relative,
-                    "the document changed before the report; leaving it"),
+                Ok(Outcome::ChangedBeforeReport) => {
+                    tracing::warn!("the document changed before the report; leaving it")
+                }
                 Ok(Outcome::Reported(Status::Succeeded)) => {
                     this.metrics.notifications_succeeded.inc()
                 }
                 Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
-                Err(e) => tracing::warn!(doc = %relative, error = %e,
-                    "processing stopped; the document will be taken up again when its lease expires"),
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e),
+                        "processing stopped; the document will be read again and taken up");
+                    this.look_again_later(&name);
+                }
             }
             this.metrics.documents_in_progress.add(-1);
-            this.running().remove(&name);
-        });
+            drop(running);
+        };
+        self.tasks.spawn(task.instrument(span));
+    }
+
+    /// After Firestore failed on a document: read it again in a while (by its timer) and offer
+    /// it then, whatever state it was left in.
+    fn look_again_later(&self, name: &str) {
+        let retry = chrono::Duration::from_std(self.settings.sweep_interval)
+            .unwrap_or(chrono::Duration::seconds(60));
+        self.timers.set(name, Utc::now() + retry, Wait::Lease);
     }
 
     /// The document was deleted, cancelled or finished: drop any timer for it.
@@ -218,12 +242,16 @@ impl Worker {
     }
 
     fn spawn_failure(self: &Arc<Self>, doc: pb::Document, reason: String) {
-        self.running().insert(doc.name.clone());
+        let Some(running) = self.running.enter(&doc.name) else {
+            return;
+        };
         let this = self.clone();
-        self.tasks.spawn(async move {
+        let span = self.span(&doc.name);
+        let task = async move {
             this.fail_unclaimed(&doc, &reason).await;
-            this.running().remove(&doc.name);
-        });
+            drop(running);
+        };
+        self.tasks.spawn(task.instrument(span));
     }
 
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile.
@@ -240,11 +268,12 @@ impl Worker {
         {
             Ok(_) => {
                 self.metrics.notifications_failed.inc();
-                tracing::info!(doc = %self.store.relative(&doc.name), error = reason, "notification failed");
+                tracing::info!(error = reason, "notification failed");
             }
             Err(store::Error::Conflict | store::Error::NotFound) => {}
             Err(e) => {
-                tracing::warn!(doc = %self.store.relative(&doc.name), error = %e, "could not write the failure")
+                tracing::warn!(error = %Chain(&e), "could not write the failure; will read it again");
+                self.look_again_later(&doc.name);
             }
         }
     }
@@ -256,13 +285,12 @@ impl Worker {
         n: Notification,
         template: MessageTemplate,
     ) -> Result<Outcome, store::Error> {
-        let relative = self.store.relative(&doc.name).to_string();
         let terms = LeaseTerms::new(self.settings.lease, self.settings.progress_interval);
         let Some(claim) = Claim::take(&self.store, terms, &self.settings.worker_id, &doc).await?
         else {
             return Ok(Outcome::ClaimedElsewhere);
         };
-        tracing::info!(doc = %relative, notification_id = id_of(&relative), resumed_at = ?claim.resume.cursor, "claimed");
+        tracing::info!(resumed_at = ?claim.resume.cursor, "claimed");
 
         let ledger = Arc::new(Mutex::new(Ledger::resume(&claim.resume)));
         let fan_stop = self.stop.child_token();
@@ -312,7 +340,7 @@ impl Worker {
             Err(store::Error::Conflict) => return Ok(Outcome::ChangedBeforeReport),
             Err(e) => return Err(e),
         }
-        tracing::info!(doc = %relative, notification_id = id_of(&relative), status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
+        tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(Outcome::Reported(status))
     }
 }
@@ -320,4 +348,88 @@ impl Worker {
 /// The notification's document id, for logs.
 fn id_of(relative: &str) -> &str {
     relative.rsplit('/').next().unwrap_or(relative)
+}
+
+/// The documents being processed here. Entering is one step under one lock, and only the
+/// [`Entered`] guard of the one who entered removes the entry: a duplicate offer that lost the
+/// race can never take the winner's entry away.
+#[derive(Default)]
+pub(crate) struct Running(Mutex<HashSet<String>>);
+
+impl Running {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `name` as processed here; `None` if it already is.
+    pub fn enter(self: &Arc<Self>, name: &str) -> Option<Entered> {
+        self.set().insert(name.to_string()).then(|| Entered {
+            running: self.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.set().contains(name)
+    }
+}
+
+/// A document entered into [`Running`]; dropping it leaves.
+pub(crate) struct Entered {
+    running: Arc<Running>,
+    name: String,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.running.set().remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_one_who_entered_leaves() {
+        let running = Arc::new(Running::default());
+        let winner = running.enter("a").expect("first entry");
+        let loser = running.enter("a");
+        assert!(loser.is_none(), "a second entry while the first is in");
+        drop(loser);
+        assert!(
+            running.contains("a"),
+            "the loser must not remove the winner's entry"
+        );
+        drop(winner);
+        assert!(!running.contains("a"));
+        assert!(
+            running.enter("a").is_some(),
+            "free again once the winner left"
+        );
+    }
+
+    #[test]
+    fn racing_entries_let_exactly_one_in() {
+        for round in 0..200 {
+            let running = Arc::new(Running::default());
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let winners: usize = (0..4)
+                .map(|_| {
+                    let (running, barrier) = (running.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        // Held until every thread tried.
+                        let entered = running.enter("doc");
+                        barrier.wait();
+                        usize::from(entered.is_some())
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap_or(0))
+                .sum();
+            assert_eq!(winners, 1, "round {round}");
+        }
+    }
 }

@@ -21,6 +21,7 @@
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
 //! fan-out matrix), `--transport h2c,tls`, `--rss-sizes 10000,…`, `--pin` (this process on
 //! CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing two builds).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a harness: a panic stops the run with its reason
 
 mod ceiling;
 mod fanout;

@@ -1,15 +1,18 @@
 //! The one integration-test binary. The Firestore emulator (Google's, as a child process) and
 //! the FCM emulator (ours, on its own thread) start once for the whole binary; every test gets
 //! its own project id on them, so tests never see each other's data.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed check
 
 mod cli;
 mod deploy;
 mod fcm_emulator;
 mod lifecycle;
+mod logs;
 mod migrate;
 mod monitoring;
 mod notifications;
 mod ops;
+mod reliability;
 mod resilience;
 mod rules;
 mod status;
