@@ -40,14 +40,17 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
             Audience::Broadcast { device_type, slice } => {
                 let (start, end) = slice.map(|s| s.user_id_range()).unwrap_or_default();
                 let query = TokenQuery {
-                    user_id: None,
+                    user: None,
                     device_type,
                     user_id_start: start,
                     user_id_end: end,
                     page_size: PAGE_SIZE,
                     ..Default::default()
                 };
-                read_query(&store, &query, &tx).await
+                // A batch covers the users collection only, as FlutterFlow's bounds do; its
+                // first and last slices are open-ended, so tokens elsewhere are skipped.
+                let users = slice.map(|_| format!("{}/", store.users_collection()));
+                read_query(&store, &query, users.as_deref(), &tx).await
             }
         };
         if let Err(e) = result {
@@ -64,29 +67,29 @@ type Pages = mpsc::Sender<Result<Vec<DeviceToken>, store::Error>>;
 
 async fn read_users(
     store: &Store,
-    ids: Vec<String>,
+    paths: Vec<String>,
     tx: &Pages,
     missing: &Mutex<UsersWithoutTokens>,
 ) -> Result<(), store::Error> {
-    let mut users = futures::stream::iter(ids)
-        .map(|uid| async move {
+    let mut users = futures::stream::iter(paths)
+        .map(|user| async move {
             let query = TokenQuery {
-                user_id: Some(uid.clone()),
+                user: Some(user.clone()),
                 page_size: PAGE_SIZE,
                 ..Default::default()
             };
             let first = page_with_retry(store, &query, None).await;
-            (uid, query, first)
+            (user, query, first)
         })
         .buffered(USER_READ_AHEAD);
-    while let Some((uid, query, first)) = users.next().await {
+    while let Some((user, query, first)) = users.next().await {
         let first = first?;
         if first.is_empty()
             && let Ok(mut m) = missing.lock()
         {
             m.count += 1;
             if m.listed.len() < MAX_LISTED_USERS_WITHOUT_TOKENS {
-                m.listed.push(format!("users/{uid}"));
+                m.listed.push(user);
             }
         }
         let mut last = first.last().map(|t| t.doc_name.clone());
@@ -110,12 +113,21 @@ async fn read_users(
     Ok(())
 }
 
-async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(), store::Error> {
+/// Pages of `query`; with `under`, only the tokens whose path starts with it.
+async fn read_query(
+    store: &Store,
+    query: &TokenQuery,
+    under: Option<&str>,
+    tx: &Pages,
+) -> Result<(), store::Error> {
     let mut after: Option<String> = None;
     loop {
-        let page = page_with_retry(store, query, after.as_deref()).await?;
+        let mut page = page_with_retry(store, query, after.as_deref()).await?;
         let done = page.len() < query.page_size;
         after = page.last().map(|t| t.doc_name.clone());
+        if let Some(prefix) = under {
+            page.retain(|t| store.relative(&t.doc_name).starts_with(prefix));
+        }
         if tx.send(Ok(page)).await.is_err() || done {
             return Ok(());
         }

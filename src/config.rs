@@ -14,6 +14,7 @@ pub const EXIT_INVALID_SETTINGS: i32 = 64;
 pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
+pub const DEFAULT_USERS_COLLECTION: &str = "users";
 
 /// Raw settings as given by flags or environment. Every value is a string here on purpose.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -46,6 +47,12 @@ pub struct SettingsArgs {
     /// Collection app users write (never broadcast).
     #[arg(long = "user-collection", env = "FFPUSH_USER_COLLECTION")]
     pub user_collection: Option<String>,
+    // -- users collection (begin) --
+    /// The project's users collection (`users`, `Users`, `user_data`, …): FlutterFlow's batch
+    /// bounds, and where a bare user id is looked for.
+    #[arg(long = "users-collection", env = "FFPUSH_USERS_COLLECTION")]
+    pub users_collection: Option<String>,
+    // -- users collection (end) --
     /// Concurrent FCM requests per notification.
     #[arg(long = "concurrency", env = "FFPUSH_CONCURRENCY")]
     pub concurrency: Option<String>,
@@ -108,6 +115,8 @@ pub struct Settings {
     pub port: u16,
     pub collection: String,
     pub user_collection: String,
+    /// The project's users collection (`FFPUSH_USERS_COLLECTION`, default `users`).
+    pub users_collection: String,
     pub concurrency: usize,
     pub max_attempts: u32,
     pub max_backoff: Duration,
@@ -260,6 +269,11 @@ impl Settings {
                 "FFPUSH_USER_COLLECTION",
                 DEFAULT_USER_COLLECTION,
             )?,
+            users_collection: collection_name(
+                &args.users_collection,
+                "FFPUSH_USERS_COLLECTION",
+                DEFAULT_USERS_COLLECTION,
+            )?,
             concurrency: parse_number(&args.concurrency, "FFPUSH_CONCURRENCY", 256, 1, 10_000)?
                 as usize,
             max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 10, 1, 100)?
@@ -338,6 +352,7 @@ impl Settings {
             port: 0,
             collection: DEFAULT_COLLECTION.to_string(),
             user_collection: DEFAULT_USER_COLLECTION.to_string(),
+            users_collection: DEFAULT_USERS_COLLECTION.to_string(),
             concurrency: 64,
             max_attempts: 10,
             max_backoff: Duration::from_secs(60),
@@ -407,7 +422,7 @@ fn read_key(path: &std::path::Path) -> Result<serde_json::Value, ConfigError> {
     Ok(key)
 }
 
-fn collection_name(
+pub(crate) fn collection_name(
     value: &Option<String>,
     setting: &'static str,
     default: &str,
@@ -498,6 +513,7 @@ mod tests {
         assert_eq!(s.port, 8080);
         assert_eq!(s.collection, "ff_push_notifications");
         assert_eq!(s.user_collection, "ff_user_push_notifications");
+        assert_eq!(s.users_collection, "users");
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.firestore_emulator_host.is_none());
     }
@@ -610,6 +626,13 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    users_collection: Some("tenants/t1/users".into()),
+                    ..args()
+                },
+                "FFPUSH_USERS_COLLECTION",
             ),
         ];
         for (a, setting) in cases {

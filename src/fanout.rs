@@ -359,7 +359,7 @@ async fn send_one(
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, reason) = match answer {
             Ok(Outcome::Dead) => {
-                let removed = remove_dead(ctx.store, &token).await;
+                let removed = remove_dead(ctx.store, &token).await?;
                 return Ok(TokenResult {
                     seq,
                     outcome: Some(Outcome::Dead),
@@ -409,13 +409,17 @@ async fn send_one(
     }
 }
 
-/// Deletes every token document holding `token`; returns how many went.
-async fn remove_dead(store: &Store, token: &str) -> u64 {
+/// Deletes every token document holding `token`; returns how many went. A missing index
+/// fails the notification with Firestore's fix: no dead token could ever be removed.
+async fn remove_dead(store: &Store, token: &str) -> Result<u64, Abort> {
     let names = match store.token_docs_with(token).await {
         Ok(names) => names,
+        Err(e @ crate::store::Error::MissingIndex { .. }) => {
+            return Err(Abort::Fatal(format!("removing dead tokens failed: {e}")));
+        }
         Err(e) => {
             tracing::warn!(token = %redact(token), error = %e, "could not look up a dead token's documents");
-            return 0;
+            return Ok(0);
         }
     };
     let mut removed = 0;
@@ -427,7 +431,7 @@ async fn remove_dead(store: &Store, token: &str) -> u64 {
             }
         }
     }
-    removed
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 mod cli;
 mod deploy;
 mod fcm_emulator;
+mod fidelity;
 mod lifecycle;
 mod migrate;
 mod notifications;
@@ -116,14 +117,17 @@ impl TestApp {
             store::timestamp(chrono::Utc::now()),
         );
         self.store
-            .set(&format!("users/{user}/fcm_tokens/{id}"), f)
+            .set(
+                &format!("{}/{user}/fcm_tokens/{id}", self.settings.users_collection),
+                f,
+            )
             .await
             .expect("writing a token");
     }
 
     pub async fn token_docs(&self, user: &str) -> Vec<String> {
         let q = store::TokenQuery {
-            user_id: Some(user.to_string()),
+            user: Some(format!("{}/{user}", self.settings.users_collection)),
             page_size: 1000,
             ..Default::default()
         };
