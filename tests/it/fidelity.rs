@@ -541,3 +541,77 @@ async fn lateness_of_an_unscheduled_started_document_is_judged_by_its_create_tim
     assert!(app.fcm().attempts(&p).is_empty());
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn send_doctor_seed_and_migrations_use_the_users_collection() {
+    let app = TestApp::with(|s| s.users_collection = "Users".into()).await;
+    // `ffpush dev --seed`
+    ffpush::dev::seed::demo(&app.store).await.expect("seeding");
+    assert!(app.store.get("Users/alice").await.unwrap().is_some());
+    assert!(app.store.get("users/alice").await.unwrap().is_none());
+    assert_eq!(app.token_docs("alice").await.len(), 2);
+
+    // `ffpush doctor --users-collection Users --user alice`
+    let settings = &app.settings;
+    let args = ffpush::config::SettingsArgs {
+        project: Some(settings.project.clone()),
+        firestore_emulator_host: settings.firestore_emulator_host.clone(),
+        credentials: settings
+            .credentials
+            .as_ref()
+            .map(|c| c.display().to_string()),
+        fcm_endpoint: Some(settings.fcm_endpoint.clone()),
+        users_collection: Some("Users".into()),
+        ..Default::default()
+    };
+    let checks = ffpush::doctor::run(&args, Some("alice")).await;
+    for name in ["user document", "device tokens"] {
+        let check = checks.iter().find(|c| c.name == name).expect(name);
+        assert!(check.passed, "{check}");
+        assert!(check.detail.contains("Users/alice"), "{check}");
+    }
+
+    // `ffpush migrate --only 001`: a legacy `tokens` array on a user of `Users`.
+    let mut legacy = HashMap::new();
+    legacy.insert("tokens".to_string(), store::array(vec![s("legacy-token")]));
+    app.store.set("Users/legacy", legacy).await.unwrap();
+    let options = ffpush::migrate::MigrateOptions {
+        only: Some("001".into()),
+        ..Default::default()
+    };
+    let reports = ffpush::migrate::run(&app.store, &options).await.unwrap();
+    assert_eq!(reports[0].created, 1, "{}", reports[0]);
+    assert_eq!(app.token_docs("legacy").await, vec!["legacy-token"]);
+
+    // `ffpush send --users-collection Users --user bob`
+    let (project, host) = (
+        settings.project.clone(),
+        settings.firestore_emulator_host.clone(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ffpush"))
+            .args(["send", "--title", "Hi", "--text", "x", "--user", "bob"])
+            .args(["--users-collection", "Users"])
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("FCM_ENDPOINT")
+            .env("GOOGLE_CLOUD_PROJECT", project)
+            .env("FIRESTORE_EMULATOR_HOST", host.unwrap_or_default())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = app
+        .store
+        .get(stdout.lines().next().unwrap_or_default())
+        .await
+        .unwrap()
+        .expect("the written notification");
+    assert_eq!(text(&doc, "user_refs").as_deref(), Some("Users/bob"));
+}
