@@ -11,8 +11,11 @@ REPOSITORY=ffpush
 GMP_SECRET=ffpush-gmp-config
 # deploy/dashboard.json's id (its "name" ends in it).
 DASHBOARD=ffpush
-# The names FlutterFlow gives its generated push-notification functions.
+# The names FlutterFlow gives its generated push-notification send functions.
 FUNCTIONS=(sendPushNotificationsTrigger sendUserPushNotificationsTrigger sendScheduledPushNotifications)
+# FlutterFlow functions that must stay deployed: the app calls addFcmToken to register its
+# device tokens (ffpush only reads them). Never deleted, whatever FUNCTIONS says.
+KEEP=(addFcmToken)
 ROLES=(
   roles/datastore.user                  # read/write Firestore documents
   roles/firebasecloudmessaging.admin    # cloudmessaging.messages.create: send through FCM
@@ -48,7 +51,9 @@ Options:
   --delete-functions       once ffpush answers ready, delete FlutterFlow's generated
                            functions sendPushNotificationsTrigger,
                            sendUserPushNotificationsTrigger, sendScheduledPushNotifications
-                           (destructive; without it they keep running next to ffpush)
+                           (destructive; without it they keep running next to ffpush).
+                           addFcmToken is never touched: the app registers its device
+                           tokens through it, so it must stay deployed
   --functions-region R     region of those functions (default: us-central1, FlutterFlow's)
   --alert-channel NAME     notify this channel (projects/P/notificationChannels/ID) when an
                            alert fires; repeat for more. Without it the alerts only open
@@ -293,8 +298,14 @@ else
 fi
 
 step "FlutterFlow's generated functions in $FUNCTIONS_REGION"
+for keep in "${KEEP[@]}"; do
+  echo "$keep is kept: the app registers its device tokens by calling it"
+done
 if $DELETE_FUNCTIONS; then
   for fn in "${FUNCTIONS[@]}"; do
+    for keep in "${KEEP[@]}"; do
+      [[ "$fn" != "$keep" ]] || die "refusing to delete $keep: the app needs it to register device tokens"
+    done
     if $DRY_RUN; then
       echo "# if $fn exists:"
       run gcloud functions delete "$fn" --region "$FUNCTIONS_REGION" --project "$PROJECT_ID" --quiet

@@ -42,14 +42,17 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
             Audience::Broadcast { device_type, slice } => {
                 let (start, end) = slice.map(|s| s.user_id_range()).unwrap_or_default();
                 let query = TokenQuery {
-                    user_id: None,
+                    user: None,
                     device_type,
                     user_id_start: start,
                     user_id_end: end,
                     page_size: PAGE_SIZE,
                     ..Default::default()
                 };
-                read_query(&store, &query, &tx).await
+                // A batch covers the users collection only, as FlutterFlow's bounds do; its
+                // first and last slices are open-ended, so tokens elsewhere are skipped.
+                let users = slice.map(|_| format!("{}/", store.users_collection()));
+                read_query(&store, &query, users.as_deref(), &tx).await
             }
         };
         if let Err(e) = result {
@@ -68,29 +71,29 @@ type Pages = mpsc::Sender<Result<Vec<DeviceToken>, store::Error>>;
 
 async fn read_users(
     store: &Store,
-    ids: Vec<String>,
+    paths: Vec<String>,
     tx: &Pages,
     missing: &Mutex<UsersWithoutTokens>,
 ) -> Result<(), store::Error> {
-    let mut users = futures::stream::iter(ids)
-        .map(|uid| async move {
+    let mut users = futures::stream::iter(paths)
+        .map(|user| async move {
             let query = TokenQuery {
-                user_id: Some(uid.clone()),
+                user: Some(user.clone()),
                 page_size: PAGE_SIZE,
                 ..Default::default()
             };
             let first = page_with_retry(store, &query, None).await;
-            (uid, query, first)
+            (user, query, first)
         })
         .buffered(USER_READ_AHEAD);
-    while let Some((uid, query, first)) = users.next().await {
+    while let Some((user, query, first)) = users.next().await {
         let first = first?;
         if first.is_empty()
             && let Ok(mut m) = missing.lock()
         {
             m.count += 1;
             if m.listed.len() < MAX_LISTED_USERS_WITHOUT_TOKENS {
-                m.listed.push(format!("users/{uid}"));
+                m.listed.push(user);
             }
         }
         let mut last = first.last().map(|t| t.doc_name.clone());
@@ -116,8 +119,14 @@ async fn read_users(
 
 /// Reads a broadcast as one streamed query cut into pages of [`PAGE_SIZE`]; the bounded
 /// channel paces the stream. A transient error resumes the query after the last token read,
-/// so nothing is read twice or skipped.
-async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(), store::Error> {
+/// so nothing is read twice or skipped. With `under`, only the tokens whose path starts with
+/// it are handed on.
+async fn read_query(
+    store: &Store,
+    query: &TokenQuery,
+    under: Option<&str>,
+    tx: &Pages,
+) -> Result<(), store::Error> {
     let mut after: Option<String> = None;
     // The same budget as a page read; it starts anew whenever the stream made progress.
     let mut policy = store::backoff(
@@ -127,7 +136,7 @@ async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(),
     );
     loop {
         let resumed_from = after.clone();
-        let failure = match stream_pages(store, query, &mut after, tx).await {
+        let failure = match stream_pages(store, query, under, &mut after, tx).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => e,
             Err(e) => return Err(e),
@@ -149,6 +158,7 @@ async fn read_query(store: &Store, query: &TokenQuery, tx: &Pages) -> Result<(),
 async fn stream_pages(
     store: &Store,
     query: &TokenQuery,
+    under: Option<&str>,
     after: &mut Option<String>,
     tx: &Pages,
 ) -> Result<(), store::Error> {
@@ -161,7 +171,9 @@ async fn stream_pages(
             Some(Err(e)) => (None, Some(Err(e))),
             None => (None, Some(Ok(()))),
         };
-        page.extend(token);
+        page.extend(token.filter(|t| {
+            under.is_none_or(|prefix| store.relative(&t.doc_name).starts_with(prefix))
+        }));
         if page.len() == PAGE_SIZE || (end.is_some() && !page.is_empty()) {
             *after = page.last().map(|t| t.doc_name.clone());
             let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE_SIZE));

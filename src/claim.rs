@@ -217,6 +217,11 @@ fn progress_fields(p: &Progress) -> HashMap<String, pb::Value> {
     f
 }
 
+/// Tokens an earlier holder of `doc` had sent (0 for a document nobody claimed).
+pub(crate) fn sent_before(doc: &pb::Document) -> u64 {
+    read_progress(doc).tally.sent
+}
+
 fn read_progress(doc: &pb::Document) -> Progress {
     let Some(pb::value::ValueType::MapValue(map)) = doc
         .fields

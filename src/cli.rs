@@ -16,7 +16,7 @@ use crate::daemon;
 use crate::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
 use crate::dev::firestore_emulator::FirestoreEmulator;
 use crate::dev::seed;
-use crate::model::user_id_of;
+use crate::model::user_doc_path;
 use crate::store::{self, Store};
 
 #[derive(Parser, Debug)]
@@ -53,6 +53,9 @@ struct DevArgs {
     /// Create demo users with device tokens (users/alice, users/bob, users/carol without tokens).
     #[arg(long)]
     seed: bool,
+    /// The users collection the demo users go into and batches are bounded by.
+    #[arg(long = "users-collection", env = "FFPUSH_USERS_COLLECTION")]
+    users_collection: Option<String>,
     /// Port of the Firestore emulator started here (ignored when FIRESTORE_EMULATOR_HOST is set).
     #[arg(long, default_value_t = 8681)]
     firestore_port: u16,
@@ -77,7 +80,8 @@ struct SendArgs {
     /// notification_text
     #[arg(long)]
     text: String,
-    /// A recipient, `users/ID` or `ID`; repeat for more. None: a broadcast.
+    /// A recipient: a user document path (`users/ID`), or `ID` in the users collection; repeat
+    /// for more. None: a broadcast.
     #[arg(long = "user")]
     users: Vec<String>,
     /// Broadcast only: "All", "iOS", "Android".
@@ -311,6 +315,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let users_collection = crate::config::collection_name(
+        &crate::config::USERS_COLLECTION,
+        &SettingsArgs {
+            users_collection: args.users_collection.clone(),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Usage(e.to_string()))?;
     let dir = std::env::temp_dir().join(format!("ffpush-dev-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let external = std::env::var("FIRESTORE_EMULATOR_HOST")
@@ -340,6 +352,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut settings =
         Settings::for_emulators(&args.project, &firestore_host, &fcm.url(), key.clone())?;
     settings.port = args.port;
+    settings.users_collection = users_collection.clone();
     if args.seed {
         let store = Store::connect(&settings).await?;
         seed::demo(&store).await?;
@@ -347,11 +360,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let daemon = daemon::start(settings, shutdown.clone()).await?;
     eprintln!(
-        "\nffpush dev is running (Ctrl-C stops everything):\n  Firestore emulator   {firestore_host} (project {project})\n  FCM emulator         {fcm_url}  — sent messages: {fcm_url}/emulator/messages\n  health / metrics     http://{http}/readyz  http://{http}/metrics\n  service-account key  {key}\n\nSend a notification from another terminal:\n  FIRESTORE_EMULATOR_HOST={firestore_host} GOOGLE_CLOUD_PROJECT={project} ffpush send --title Hello --text 'From ffpush' --user users/alice --wait\n",
+        "\nffpush dev is running (Ctrl-C stops everything):\n  Firestore emulator   {firestore_host} (project {project})\n  FCM emulator         {fcm_url}  — sent messages: {fcm_url}/emulator/messages\n  health / metrics     http://{http}/readyz  http://{http}/metrics\n  service-account key  {key}\n\nSend a notification from another terminal:\n  FIRESTORE_EMULATOR_HOST={firestore_host} GOOGLE_CLOUD_PROJECT={project} ffpush send --title Hello --text 'From ffpush' --user {users}/alice --wait\n",
         project = args.project,
         fcm_url = fcm.url(),
         http = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.http_addr.port())),
         key = key.display(),
+        users = users_collection,
     );
     terminated().await;
     eprintln!("stopping …");
@@ -520,7 +534,7 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
 }
 
 async fn send(settings: Settings, args: SendArgs) -> anyhow::Result<()> {
-    let fields = notification_fields(&args)?;
+    let fields = notification_fields(&args, &settings.users_collection)?;
     let wait_limit = parse_duration(&args.wait_timeout).ok_or_else(|| {
         Usage(format!(
             "--wait-timeout {:?}: use a duration such as 60s",
@@ -592,10 +606,15 @@ fn outcome_json(doc: &crate::model::pb::Document, status: &str) -> String {
     serde_json::Value::Object(out).to_string()
 }
 
-/// The document FlutterFlow would write for these arguments.
-fn notification_fields(args: &SendArgs) -> Result<HashMap<String, crate::model::pb::Value>, Usage> {
+/// The document FlutterFlow would write for these arguments; a bare `--user` id is a document
+/// of the `users` collection.
+fn notification_fields(
+    args: &SendArgs,
+    users: &str,
+) -> Result<HashMap<String, crate::model::pb::Value>, Usage> {
     let mut f = HashMap::new();
-    if args.title.trim().is_empty() || args.text.trim().is_empty() {
+    // As FlutterFlow: only empty fails; a title of spaces makes a body-only notification.
+    if args.title.is_empty() || args.text.is_empty() {
         return Err(Usage("--title and --text must not be empty".into()));
     }
     f.insert("notification_title".into(), store::string(&args.title));
@@ -624,10 +643,9 @@ fn notification_fields(args: &SendArgs) -> Result<HashMap<String, crate::model::
             let path = if user.contains('/') {
                 user.clone()
             } else {
-                format!("users/{user}")
+                format!("{users}/{user}")
             };
-            user_id_of(&path).map_err(|e| Usage(format!("--user: {e}")))?;
-            paths.push(path);
+            paths.push(user_doc_path(&path).map_err(|e| Usage(format!("--user: {e}")))?);
         }
         f.insert("user_refs".into(), store::string(&paths.join(",")));
         if args.audience.is_some() || args.batch.is_some() {

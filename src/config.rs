@@ -14,6 +14,7 @@ pub const EXIT_INVALID_SETTINGS: i32 = 64;
 pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
+pub const DEFAULT_USERS_COLLECTION: &str = "users";
 
 /// What a setting's value is, and the values it may take. Bounds keep absurd values (a zero
 /// sweep interval, a one-millisecond lease) from starting the program.
@@ -194,6 +195,10 @@ settings_table! {
         env: "FFPUSH_USER_COLLECTION", flag: "user-collection", default: DEFAULT_USER_COLLECTION,
         help: "app users' collection (never broadcast)",
     }
+    users_collection: USERS_COLLECTION {
+        env: "FFPUSH_USERS_COLLECTION", flag: "users-collection", default: DEFAULT_USERS_COLLECTION,
+        help: "the project's users collection (`users`, `Users`, `user_data`, …): FlutterFlow's batch bounds, and where `send`, `doctor --user` and `dev --seed` look for a bare user id",
+    }
     concurrency: CONCURRENCY {
         env: "FFPUSH_CONCURRENCY", flag: "concurrency", kind: Kind::Number { min: 1, max: 10_000 },
         default: "256",
@@ -342,6 +347,8 @@ pub struct Settings {
     pub port: u16,
     pub collection: String,
     pub user_collection: String,
+    /// The project's users collection (`FFPUSH_USERS_COLLECTION`, default `users`).
+    pub users_collection: String,
     pub concurrency: usize,
     pub max_attempts: u32,
     pub max_backoff: Duration,
@@ -477,6 +484,7 @@ impl Settings {
             port: PORT.number(args)? as u16,
             collection: collection_name(&COLLECTION, args)?,
             user_collection: collection_name(&USER_COLLECTION, args)?,
+            users_collection: collection_name(&USERS_COLLECTION, args)?,
             concurrency: CONCURRENCY.number(args)? as usize,
             max_attempts: MAX_ATTEMPTS.number(args)? as u32,
             max_backoff: MAX_BACKOFF.duration(args)?,
@@ -572,7 +580,7 @@ fn read_key(path: &std::path::Path) -> Result<serde_json::Value, ConfigError> {
     Ok(key)
 }
 
-fn collection_name(spec: &Spec, args: &SettingsArgs) -> Result<String, ConfigError> {
+pub(crate) fn collection_name(spec: &Spec, args: &SettingsArgs) -> Result<String, ConfigError> {
     let name = spec.raw_or_default(args);
     if name.contains('/') || name.starts_with("__") {
         return Err(spec.error(
@@ -618,6 +626,7 @@ mod tests {
         assert_eq!(s.port, 8080);
         assert_eq!(s.collection, "ff_push_notifications");
         assert_eq!(s.user_collection, "ff_user_push_notifications");
+        assert_eq!(s.users_collection, "users");
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.firestore_emulator_host.is_none());
     }
@@ -730,6 +739,13 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    users_collection: Some("tenants/t1/users".into()),
+                    ..args()
+                },
+                "FFPUSH_USERS_COLLECTION",
             ),
         ];
         for (a, setting) in cases {

@@ -9,7 +9,7 @@ use chrono::Utc;
 use crate::config::{Settings, SettingsArgs};
 use crate::errors::Chain;
 use crate::fcm::{self, Outcome, Sender, redact};
-use crate::model::{pb, user_id_of};
+use crate::model::{pb, user_doc_path};
 use crate::store::{self, Store, TokenQuery};
 
 pub struct Check {
@@ -78,6 +78,9 @@ pub async fn run(args: &SettingsArgs, user: Option<&str>) -> Vec<Check> {
     };
     let sender = check_fcm_token(&settings, &mut checks).await;
     let store = check_firestore(&settings, &mut checks).await;
+    if let Some(store) = &store {
+        check_indexes(store, &settings, &mut checks).await;
+    }
     if let Some(sender) = &sender {
         checks.push(check_send_permission(sender).await);
     }
@@ -191,6 +194,91 @@ async fn check_firestore(settings: &Settings, checks: &mut Vec<Check>) -> Option
     }
 }
 
+/// Runs each query ffpush makes, limited to a page of one: a missing index fails here, with
+/// Firestore's words for it and its link, instead of on a notification.
+async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Check>) {
+    let tokens = |device_type: Option<&str>, slice: bool| TokenQuery {
+        device_type: device_type.map(str::to_string),
+        user_id_start: slice.then(|| "Ib".to_string()),
+        user_id_end: slice.then(|| "V0".to_string()),
+        page_size: 1,
+        ..Default::default()
+    };
+    let users = store.users_collection();
+    let mut results = vec![
+        (
+            "index: broadcast",
+            "fcm_tokens collection group in name order (target_audience All)".to_string(),
+            store.token_page(&tokens(None, false), None).await.map(drop),
+        ),
+        (
+            "index: broadcast by device_type",
+            "fcm_tokens collection group where device_type == … (target_audience iOS, Android)"
+                .to_string(),
+            store
+                .token_page(&tokens(Some("iOS"), false), None)
+                .await
+                .map(drop),
+        ),
+        (
+            "index: batch slice",
+            format!(
+                "fcm_tokens collection group where device_type == … within a range of {users}/… (batch_index, num_batches)"
+            ),
+            store
+                .token_page(&tokens(Some("iOS"), true), None)
+                .await
+                .map(drop),
+        ),
+        (
+            "index: dead-token lookup",
+            "fcm_tokens collection group where fcm_token == … (removing dead tokens)".to_string(),
+            store.token_docs_with("ffpush-doctor-probe").await.map(drop),
+        ),
+    ];
+    let collections = [&settings.collection, &settings.user_collection];
+    let mut status = Ok(());
+    let mut due = Ok(());
+    let now = Utc::now();
+    for collection in collections {
+        if status.is_ok() {
+            status = store.with_status(collection, &["started"]).await.map(drop);
+        }
+        if due.is_ok() {
+            due = store
+                .due_between(collection, now, now, drop)
+                .await
+                .map(drop);
+        }
+    }
+    let names = format!("{} and {}", collections[0], collections[1]);
+    results.push((
+        "index: sweep (status)",
+        format!("{names} where status in [started]"),
+        status,
+    ));
+    results.push((
+        "index: sweep (scheduled_time)",
+        format!("{names} where scheduled_time in a range"),
+        due,
+    ));
+    for (name, query, result) in results {
+        checks.push(match result {
+            Ok(()) => Check::pass(name, format!("served: {query}")),
+            Err(e @ store::Error::MissingIndex { .. }) => Check::fail(
+                name,
+                format!("{query}: {e}"),
+                "run `firebase deploy --only firestore:indexes` from the ffpush repository (firebase.json names migrations/firestore.indexes.json), or open the link above",
+            ),
+            Err(e) => Check::fail(
+                name,
+                format!("{query}: {e}"),
+                "retry; check the Firestore check above",
+            ),
+        });
+    }
+}
+
 /// A `validate_only` send: proves the credentials may send, without delivering anything.
 async fn check_send_permission(sender: &Sender) -> Check {
     let message = serde_json::json!({
@@ -209,19 +297,23 @@ async fn check_send_permission(sender: &Sender) -> Check {
 }
 
 async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: &mut Vec<Check>) {
+    let users = store.users_collection();
     let path = if user.contains('/') {
         user.to_string()
     } else {
-        format!("users/{user}")
+        format!("{users}/{user}")
     };
-    let uid = match user_id_of(&path) {
-        Ok(uid) => uid,
+    let name = match user_doc_path(&path) {
+        Ok(name) => name,
         Err(e) => {
-            checks.push(Check::fail("user", e.0, "pass --user users/UID"));
+            checks.push(Check::fail(
+                "user",
+                e.0,
+                format!("pass --user {users}/UID, or the user's UID alone"),
+            ));
             return;
         }
     };
-    let name = format!("users/{uid}");
     let doc = match store.get(&name).await {
         Ok(Some(doc)) => {
             checks.push(Check::pass("user document", format!("{name} exists")));
@@ -231,7 +323,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
             checks.push(Check::fail(
                 "user document",
                 format!("{name} does not exist"),
-                "check the uid (Firebase console → Authentication) and that the app creates the user document on sign-up",
+                format!("check the uid (Firebase console → Authentication), that the app creates the user document on sign-up, and that the project's users collection is `{users}` (FFPUSH_USERS_COLLECTION)"),
             ));
             None
         }
@@ -255,7 +347,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
         ));
     }
     let query = |collection: &str| TokenQuery {
-        user_id: Some(uid.clone()),
+        user: Some(name.clone()),
         page_size: 1000,
         collection: collection.to_string(),
         ..Default::default()

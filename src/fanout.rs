@@ -168,6 +168,10 @@ pub enum Abort {
     /// Reading the audience failed (after retries for transient errors).
     #[error("reading device tokens failed")]
     Store(#[source] crate::store::Error),
+    /// Dead tokens cannot be removed: the query finding their documents needs an index
+    /// (`ffpush doctor` names it). Fails the notification rather than keep dead tokens forever.
+    #[error("removing dead tokens failed")]
+    Prune(#[source] crate::store::Error),
     /// Shutdown or a lost lease: stop without a verdict; in-flight sends were let finish.
     #[error("interrupted")]
     Interrupted,
@@ -381,7 +385,7 @@ async fn send_one(
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, fatal_when_exhausted, error) = match answer {
             Ok(Outcome::Dead) => {
-                let removed = remove_dead(ctx.store, &token).await;
+                let removed = remove_dead(ctx.store, &token).await?;
                 return Ok(TokenResult {
                     seq,
                     outcome: Some(Outcome::Dead),
@@ -431,13 +435,15 @@ async fn send_one(
     }
 }
 
-/// Deletes every token document holding `token`; returns how many went.
-async fn remove_dead(store: &Store, token: &str) -> u64 {
+/// Deletes every token document holding `token`; returns how many went. A missing index
+/// fails the notification with Firestore's fix: no dead token could ever be removed.
+async fn remove_dead(store: &Store, token: &str) -> Result<u64, Abort> {
     let names = match store.token_docs_with(token).await {
         Ok(names) => names,
+        Err(e @ crate::store::Error::MissingIndex { .. }) => return Err(Abort::Prune(e)),
         Err(e) => {
             tracing::warn!(token = %redact(token), error = %Chain(&e), "could not look up a dead token's documents");
-            return 0;
+            return Ok(0);
         }
     };
     let mut removed = 0;
@@ -450,7 +456,7 @@ async fn remove_dead(store: &Store, token: &str) -> u64 {
         }
     }
     tracing::debug!(token = %redact(token), removed, "dead token: its documents removed");
-    removed
+    Ok(removed)
 }
 
 #[cfg(test)]

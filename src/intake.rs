@@ -22,6 +22,8 @@ use crate::worker::Worker;
 #[derive(Default)]
 pub struct ListenState {
     pub up: [AtomicBool; 2],
+    /// Both streams have replayed their collection once: the start-up catch-up is done.
+    caught_up: AtomicBool,
 }
 
 impl ListenState {
@@ -130,6 +132,9 @@ async fn listen_once(
                     state.up[slot].store(true, Ordering::Relaxed);
                     backoff.reset();
                     tracing::debug!(collection, "listening");
+                    if state.all_up() && !state.caught_up.swap(true, Ordering::Relaxed) {
+                        caught_up_at_start(worker);
+                    }
                 }
                 if !change.resume_token.is_empty() && change.target_ids.is_empty() {
                     *resume_token = change.resume_token;
@@ -149,6 +154,17 @@ async fn listen_once(
             listen_response::ResponseType::Filter(_) => {}
         }
     }
+}
+
+/// The one line at start saying how many documents the replay found too old to send.
+fn caught_up_at_start(worker: &Worker) {
+    let expired = worker.metrics.notifications_expired.get();
+    let max_lateness_secs = worker.settings.max_lateness.as_secs();
+    tracing::info!(
+        expired,
+        max_lateness_secs,
+        "caught up at start: {expired} notification(s) due longer ago than FFPUSH_MAX_LATENESS ({max_lateness_secs}s) failed as expired, none sent"
+    );
 }
 
 /// Every `sweep_interval`: documents claimed but abandoned, and documents whose schedule is

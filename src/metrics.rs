@@ -63,6 +63,8 @@ pub const OUTCOMES: [&str; 9] = [
 pub struct Metrics {
     pub notifications_succeeded: Counter,
     pub notifications_failed: Counter,
+    /// Of the failed, those older than `FFPUSH_MAX_LATENESS` when found: never sent late.
+    pub notifications_expired: Counter,
     pub fcm_outcomes: [Counter; 9],
     pub tokens_removed: Counter,
     pub retries: Counter,
@@ -134,6 +136,16 @@ impl Metrics {
             out,
             "ffpush_notifications_total{{status=\"failed\"}} {}",
             self.notifications_failed.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_notifications_expired_total Notifications failed as expired: due longer ago than FFPUSH_MAX_LATENESS."
+        )?;
+        writeln!(out, "# TYPE ffpush_notifications_expired_total counter")?;
+        writeln!(
+            out,
+            "ffpush_notifications_expired_total {}",
+            self.notifications_expired.get()
         )?;
         writeln!(
             out,

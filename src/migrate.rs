@@ -47,7 +47,7 @@ struct Migration {
 const MIGRATIONS: [Migration; 2] = [
     Migration {
         id: TOKENS_ARRAY,
-        description: "copy the tokens in users' `tokens` array fields into users/{uid}/fcm_tokens documents",
+        description: "copy the tokens in users' `tokens` array fields into fcm_tokens documents under each user (in the users collection, FFPUSH_USERS_COLLECTION)",
         destructive: false,
         note: Some("the users' `tokens` array fields are left in place"),
     },
@@ -109,10 +109,8 @@ pub struct MigrationReport {
 pub enum Error {
     #[error("there is no migration {0:?}; known migrations: {1}")]
     UnknownMigration(String, String),
-    #[error(
-        "migration {0}: Firestore refused its query for lack of an index; deploy migrations/firestore.indexes.json (firebase deploy --only firestore:indexes) and run it again"
-    )]
-    IndexMissing(&'static str),
+    #[error("migration {0} needs a Firestore index; create it, then run the migration again")]
+    IndexMissing(&'static str, #[source] store::Error),
     #[error("migration {id}")]
     Store {
         id: &'static str,
@@ -155,9 +153,7 @@ pub async fn run(store: &Store, opts: &MigrateOptions) -> Result<Vec<MigrationRe
             run_one(store, migration, opts)
                 .await
                 .map_err(|source| match source {
-                    // A query's FAILED_PRECONDITION (the store calls it a conflict) means a
-                    // missing index; migrations make no conditional writes.
-                    store::Error::Conflict => Error::IndexMissing(migration.id),
+                    e @ store::Error::MissingIndex { .. } => Error::IndexMissing(migration.id, e),
                     source => Error::Store {
                         id: migration.id,
                         source,
@@ -263,8 +259,9 @@ impl Tally {
     }
 }
 
-/// 001: `users/{uid}.tokens: [string]` → `users/{uid}/fcm_tokens/ffpush-{hash}` for every token
-/// that user has no token document for yet.
+/// 001: `<users>/{uid}.tokens: [string]` → `<users>/{uid}/fcm_tokens/ffpush-{hash}` for every
+/// token that user has no token document for yet, `<users>` being the project's users
+/// collection.
 ///
 /// The new documents get `fcm_token`, `created_at` and `ffpush_migration` (this id, so they
 /// can be found and undone); no `device_type`, since the array never said. `created_at` is the
@@ -275,11 +272,18 @@ impl Tally {
 async fn tokens_array_to_fcm_tokens(store: &Store, apply: bool) -> Result<Tally, store::Error> {
     let mut tally = Tally::default();
     let mut after: Option<String> = None;
+    let collection = store.users_collection();
     loop {
         let users = store
             .run_query(
                 store.documents_path().to_string(),
-                page_query("users", false, vec!["tokens"], "__name__", after.as_deref()),
+                page_query(
+                    collection,
+                    false,
+                    vec!["tokens"],
+                    "__name__",
+                    after.as_deref(),
+                ),
             )
             .await?;
         let Some(last) = users.last() else { break };
@@ -290,28 +294,25 @@ async fn tokens_array_to_fcm_tokens(store: &Store, apply: bool) -> Result<Tally,
             .into_iter()
             .filter_map(|user| {
                 let tokens = array_tokens(&user);
-                let uid = store
-                    .relative(&user.name)
-                    .strip_prefix("users/")?
-                    .to_string();
+                let path = store.relative(&user.name).to_string();
                 let at = user
                     .update_time
                     .as_ref()
                     .and_then(store::from_timestamp)
                     .unwrap_or_else(Utc::now);
-                (!tokens.is_empty()).then_some((uid, tokens, at))
+                (!tokens.is_empty()).then_some((path, tokens, at))
             })
             .collect();
         let planned: Vec<Vec<(String, HashMap<String, Value>)>> =
             futures::stream::iter(with_tokens)
-                .map(|(uid, tokens, at)| async move {
-                    let existing = user_tokens(store, &uid).await?;
+                .map(|(user, tokens, at)| async move {
+                    let existing = user_tokens(store, &user).await?;
                     Ok::<_, store::Error>(
                         tokens
                             .into_iter()
                             .filter(|t| !existing.contains(t))
                             .map(|t| {
-                                (format!("users/{uid}/fcm_tokens/{}", token_doc_id(&t)), {
+                                (format!("{user}/fcm_tokens/{}", token_doc_id(&t)), {
                                     let mut f = HashMap::new();
                                     f.insert("fcm_token".to_string(), store::string(&t));
                                     f.insert("created_at".to_string(), store::timestamp(at));
@@ -366,10 +367,10 @@ fn array_tokens(user: &Document) -> Vec<String> {
         .collect()
 }
 
-/// Every token string under `users/{uid}/fcm_tokens`.
-async fn user_tokens(store: &Store, uid: &str) -> Result<HashSet<String>, store::Error> {
+/// Every token string under `<user>/fcm_tokens`.
+async fn user_tokens(store: &Store, user: &str) -> Result<HashSet<String>, store::Error> {
     let query = TokenQuery {
-        user_id: Some(uid.to_string()),
+        user: Some(user.to_string()),
         page_size: PAGE_SIZE,
         ..Default::default()
     };

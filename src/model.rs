@@ -118,15 +118,22 @@ impl Slice {
 /// Who receives the notification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Audience {
-    /// User ids (the `{id}` of `users/{id}`), sorted and unique so that the token stream is in
-    /// document-path order (progress is a cursor over it).
+    /// User document paths relative to the database (`users/abc`, or any document path: the
+    /// tokens are read from `<path>/fcm_tokens`, as FlutterFlow does), unique and in the order
+    /// of their token documents, so that the token stream is in document-path order (progress
+    /// is a cursor over it).
     Users(Vec<String>),
-    /// Every token, optionally only one device type and one slice of the user-id space.
+    /// Every token, optionally only one device type and one slice of the users collection.
     Broadcast {
+        /// `None`: `target_audience` is `"All"`, every token. Otherwise only tokens whose
+        /// `device_type` is exactly this (FlutterFlow's `device_type === target_audience`).
         device_type: Option<String>,
         slice: Option<Slice>,
     },
 }
+
+/// The error of a document that addresses nobody: FlutterFlow would match no token at all.
+const NO_AUDIENCE: &str = "no recipients: user_refs and target_audience are both missing or empty, so nobody is addressed (this is never a broadcast); set user_refs to the users' document paths (e.g. users/abc), or target_audience to All (every device), iOS or Android";
 
 /// A validated notification.
 #[derive(Clone, Debug, PartialEq)]
@@ -174,16 +181,14 @@ impl Notification {
                 )));
             }
         };
-        let user_ids = parse_user_refs(fields.get("user_refs"))?;
-        let audience = if !user_ids.is_empty() {
-            Audience::Users(user_ids)
+        let users = parse_user_refs(fields.get("user_refs"))?;
+        let audience = if !users.is_empty() {
+            Audience::Users(users)
         } else if source == Source::App {
             return Err(invalid(
                 "user_refs is empty: notifications from the app are only sent to listed users, never broadcast",
             ));
         } else {
-            let device_type = optional_text(fields, "target_audience")?
-                .filter(|t| !t.eq_ignore_ascii_case("all"));
             let index = optional_int(fields, "batch_index")?;
             let count = optional_int(fields, "num_batches")?;
             let slice = match (index, count) {
@@ -198,6 +203,12 @@ impl Notification {
                     }
                     Some(Slice { index, count })
                 }
+            };
+            // FlutterFlow: `target_audience === "All" || device_type === target_audience`.
+            let device_type = match optional_text(fields, "target_audience")? {
+                None => return Err(invalid(NO_AUDIENCE)),
+                Some(all) if all == "All" => None,
+                Some(device_type) => Some(device_type),
             };
             Audience::Broadcast { device_type, slice }
         };
@@ -239,11 +250,19 @@ fn type_name(v: &value::ValueType) -> &'static str {
     }
 }
 
+/// A string field that must be there and not be "". Blank text (spaces) is sent as it is, as
+/// FlutterFlow does: apps use a title of spaces for body-only notifications.
 fn required_text(fields: &HashMap<String, Value>, name: &str) -> Result<String, Invalid> {
-    match optional_text(fields, name)? {
-        Some(text) => Ok(text),
-        None => Err(invalid(format!(
-            "{name} is missing or empty: set it to the text to show"
+    match fields.get(name).and_then(|v| v.value_type.as_ref()) {
+        Some(value::ValueType::StringValue(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(value::ValueType::NullValue(_)) | Some(value::ValueType::StringValue(_)) => {
+            Err(invalid(format!(
+                "{name} is missing or empty: set it to the text to show"
+            )))
+        }
+        Some(other) => Err(invalid(format!(
+            "{name} must be a string, not {}",
+            type_name(other)
         ))),
     }
 }
@@ -279,7 +298,7 @@ fn optional_int(fields: &HashMap<String, Value>, name: &str) -> Result<Option<u3
 }
 
 /// `user_refs` as FlutterFlow writes it (comma-separated paths) or as an array of paths or
-/// references. Returns sorted, unique user ids.
+/// references. Returns unique document paths in the order of their token documents.
 fn parse_user_refs(value: Option<&Value>) -> Result<Vec<String>, Invalid> {
     let mut paths: Vec<String> = Vec::new();
     match value.and_then(|v| v.value_type.as_ref()) {
@@ -316,28 +335,58 @@ fn parse_user_refs(value: Option<&Value>) -> Result<Vec<String>, Invalid> {
             )));
         }
     }
-    let mut ids = paths
+    let mut users = paths
         .iter()
-        .map(|p| user_id_of(p))
+        .map(|p| user_doc_path(p).map_err(|e| invalid(format!("user_refs: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    ids.sort();
-    ids.dedup();
-    Ok(ids)
+    // A user's tokens are `<path>/fcm_tokens/*`: ordering by that collection's path, segment
+    // by segment as Firestore orders names, orders the token documents too (no path may lie
+    // inside another's fcm_tokens, see `user_doc_path`).
+    fn tokens_of(path: &str) -> impl Iterator<Item = &str> {
+        path.split('/').chain(std::iter::once(TOKENS))
+    }
+    users.sort_by(|a, b| tokens_of(a).cmp(tokens_of(b)));
+    users.dedup();
+    Ok(users)
 }
 
-/// `users/{id}`, `/users/{id}` or a full reference name `projects/…/documents/users/{id}`.
-pub fn user_id_of(path: &str) -> Result<String, Invalid> {
+/// The device-token subcollection under each user document.
+const TOKENS: &str = "fcm_tokens";
+
+/// The user document at `path` as FlutterFlow would read it (`<path>/fcm_tokens`), relative to
+/// the database: `users/abc`, `/Users/abc`, `orgs/o1/members/m1`, or a full reference name
+/// `projects/…/documents/users/abc`. Anything that is not a document path is refused with
+/// the reason, starting with the path quoted.
+pub fn user_doc_path(path: &str) -> Result<String, Invalid> {
     let relative = match path.find("/documents/") {
         Some(i) if path.starts_with("projects/") => &path[i + "/documents/".len()..],
-        _ => path.trim_start_matches('/'),
+        _ => path,
     };
-    let mut segments = relative.split('/');
-    match (segments.next(), segments.next(), segments.next()) {
-        (Some("users"), Some(id), None) if !id.is_empty() && !id.starts_with("__") => {
-            Ok(id.to_string())
-        }
-        _ => Err(invalid(format!(
-            "user_refs contains {path:?}, which is not a user document path like users/abc"
+    let relative = relative.trim_matches('/');
+    let segments: Vec<&str> = relative.split('/').collect();
+    let why = if relative.is_empty() {
+        Some("an empty path".to_string())
+    } else if segments.iter().any(|s| s.is_empty()) {
+        Some("an empty segment (//)".to_string())
+    } else if segments.len() % 2 == 1 {
+        Some(
+            "a collection, not a document (a document path has an even number of segments)"
+                .to_string(),
+        )
+    } else if let Some(id) = segments
+        .iter()
+        .find(|s| (s.starts_with("__") && s.ends_with("__")) || **s == "." || **s == "..")
+    {
+        Some(format!("the reserved id {id:?}"))
+    } else if segments.iter().step_by(2).any(|c| *c == TOKENS) {
+        Some("a device token (fcm_tokens) path, not a user".to_string())
+    } else {
+        None
+    };
+    match why {
+        None => Ok(relative.to_string()),
+        Some(why) => Err(invalid(format!(
+            "{path:?} is not a user document path like users/abc: {why}"
         ))),
     }
 }
@@ -412,7 +461,10 @@ mod tests {
             .concat(),
         );
         let n = Notification::parse(Source::App, &f).unwrap();
-        assert_eq!(n.audience, Audience::Users(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            n.audience,
+            Audience::Users(vec!["users/a".into(), "users/b".into()])
+        );
     }
 
     #[test]
@@ -429,30 +481,116 @@ mod tests {
         };
         let f = fields(&[base(), vec![("user_refs", arr)]].concat());
         let n = Notification::parse(Source::Console, &f).unwrap();
-        assert_eq!(n.audience, Audience::Users(vec!["u1".into(), "u9".into()]));
+        assert_eq!(
+            n.audience,
+            Audience::Users(vec!["users/u1".into(), "users/u9".into()])
+        );
     }
 
     #[test]
-    fn a_bad_path_is_named() {
-        let f = fields(&[base(), vec![("user_refs", s("users/a,posts/p1"))]].concat());
+    fn any_document_path_is_a_user_and_anything_else_is_named() {
+        for (path, relative) in [
+            ("users/a", "users/a"),
+            ("Users/a", "Users/a"),
+            ("/user_data/a/", "user_data/a"),
+            ("orgs/o1/members/m1", "orgs/o1/members/m1"),
+            (
+                "projects/p/databases/(default)/documents/Users/x",
+                "Users/x",
+            ),
+        ] {
+            assert_eq!(user_doc_path(path).unwrap(), relative, "{path}");
+        }
+        for (path, why) in [
+            ("users", "a collection"),
+            ("users/a/fcm_tokens", "a collection"),
+            ("", "empty path"),
+            ("users//a", "empty segment"),
+            ("users/__a__", "reserved id"),
+            ("users/..", "reserved id"),
+            ("users/a/fcm_tokens/t", "device token"),
+        ] {
+            let err = user_doc_path(path).unwrap_err().0;
+            assert!(
+                err.starts_with(&format!("{path:?} is not")) && err.contains(why),
+                "{path}: {err}"
+            );
+        }
+        let f = fields(&[base(), vec![("user_refs", s("users/a,posts"))]].concat());
         let err = Notification::parse(Source::Console, &f).unwrap_err();
-        assert!(err.0.contains("\"posts/p1\""), "{err}");
-        let f = fields(&[base(), vec![("user_refs", s("users/a/fcm_tokens/x"))]].concat());
-        assert!(Notification::parse(Source::Console, &f).is_err());
+        assert!(err.0.starts_with("user_refs: \"posts\" is not"), "{err}");
+    }
+
+    #[test]
+    fn user_paths_are_in_the_order_of_their_token_documents() {
+        // Firestore orders names segment by segment: `users/a/…` before `users/a-b/…`, and
+        // `users/a/fcm_tokens/…` before `users/a/zz/…` but after `users/a/abc/…`.
+        let f = fields(
+            &[
+                base(),
+                vec![(
+                    "user_refs",
+                    s("users/a-b,users/a/zz/1,users/a,users/a/abc/1,Users/z,users/a"),
+                )],
+            ]
+            .concat(),
+        );
+        let n = Notification::parse(Source::Console, &f).unwrap();
+        assert_eq!(
+            n.audience,
+            Audience::Users(
+                [
+                    "Users/z",
+                    "users/a/abc/1",
+                    "users/a",
+                    "users/a/zz/1",
+                    "users/a-b"
+                ]
+                .map(String::from)
+                .to_vec()
+            )
+        );
     }
 
     #[test]
     fn app_documents_are_never_broadcast() {
-        let err = Notification::parse(Source::App, &fields(&base())).unwrap_err();
+        let f = fields(&[base(), vec![("target_audience", s("All"))]].concat());
+        let err = Notification::parse(Source::App, &f).unwrap_err();
         assert!(err.0.contains("never broadcast"));
-        let n = Notification::parse(Source::Console, &fields(&base())).unwrap();
+    }
+
+    #[test]
+    fn all_exactly_is_everyone_other_values_are_device_types_and_none_is_nobody() {
+        let audience = |v: Option<&str>| {
+            let mut f = fields(&base());
+            if let Some(v) = v {
+                f.insert("target_audience".into(), s(v));
+            }
+            Notification::parse(Source::Console, &f).map(|n| n.audience)
+        };
+        let only = |d: &str| {
+            Ok(Audience::Broadcast {
+                device_type: Some(d.into()),
+                slice: None,
+            })
+        };
         assert_eq!(
-            n.audience,
-            Audience::Broadcast {
+            audience(Some("All")),
+            Ok(Audience::Broadcast {
                 device_type: None,
                 slice: None
-            }
+            })
         );
+        assert_eq!(audience(Some("all")), only("all"));
+        assert_eq!(audience(Some("iOS")), only("iOS"));
+        assert_eq!(audience(Some("All ")), only("All "));
+        for nobody in [None, Some(""), Some("  ")] {
+            let err = audience(nobody).unwrap_err().0;
+            assert!(
+                err.contains("user_refs") && err.contains("target_audience"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -464,16 +602,21 @@ mod tests {
                 .0
                 .contains("notification_title")
         );
-        let f = fields(&[
-            ("notification_title", s("  ")),
-            ("notification_text", s("x")),
-        ]);
+        let f = fields(&[("notification_title", s("")), ("notification_text", s("x"))]);
         assert!(
             Notification::parse(Source::Console, &f)
                 .unwrap_err()
                 .0
                 .contains("notification_title")
         );
+        // Blank is not empty: FlutterFlow sends it (body-only notifications).
+        let f = fields(&[
+            ("notification_title", s("  ")),
+            ("notification_text", s(" ")),
+            ("user_refs", s("users/a")),
+        ]);
+        let n = Notification::parse(Source::Console, &f).unwrap();
+        assert_eq!((n.title.as_str(), n.body.as_str()), ("  ", " "));
         let f = fields(&[
             ("notification_title", int(3)),
             ("notification_text", s("x")),

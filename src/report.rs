@@ -52,13 +52,19 @@ impl Report {
                     ids.len(),
                     without.listed.join(", ")
                 ),
-                Audience::Broadcast { device_type, slice } => format!(
-                    "no device tokens match (target_audience {}{})",
-                    device_type.as_deref().unwrap_or("All"),
-                    slice
-                        .map(|s| format!(", batch {} of {}", s.index, s.count))
-                        .unwrap_or_default()
-                ),
+                Audience::Broadcast { device_type, slice } => {
+                    let batch = slice
+                        .map(|s| format!(" in batch {} of {}", s.index, s.count))
+                        .unwrap_or_default();
+                    match device_type {
+                        None => format!(
+                            "no device tokens{batch} (target_audience \"All\"): no user has an fcm_tokens document yet"
+                        ),
+                        Some(d) => format!(
+                            "no device tokens match{batch}: target_audience {d:?} reaches only tokens whose device_type is exactly {d:?} (FlutterFlow's values are All, iOS and Android)"
+                        ),
+                    }
+                }
             };
             (Status::Failed, Some(error), None)
         } else if t.sent == 0 || t.undelivered > 0 {
@@ -228,6 +234,46 @@ mod tests {
             "dead tokens are routine, not a warning"
         );
         assert_eq!(f.get("num_failed"), Some(&store::integer(2)));
+    }
+
+    #[test]
+    fn a_broadcast_that_matched_nothing_quotes_the_audience_exactly() {
+        let none = audience::UsersWithoutTokens::default();
+        let error = |device_type: Option<&str>| {
+            let n = notification(Audience::Broadcast {
+                device_type: device_type.map(String::from),
+                slice: Some(crate::model::Slice { index: 2, count: 5 }),
+            });
+            let (status, f, _) = Report::finished(&n, &Tally::default(), &none).into_fields();
+            assert_eq!(status, Status::Failed);
+            text(&f, "error")
+        };
+        let lower = error(Some("all"));
+        assert!(
+            lower.contains("target_audience \"all\"") && lower.contains("batch 2 of 5"),
+            "{lower}"
+        );
+        let all = error(None);
+        assert!(all.contains("\"All\""), "{all}");
+    }
+
+    #[test]
+    fn a_missing_index_fails_the_notification_with_firestores_link() {
+        let link = "https://console.firebase.google.com/v1/r/project/p/firestore/indexes?create_exemption=Cg";
+        let missing = store::Error::from(
+            firestore::gcloud_sdk::tonic::Status::failed_precondition(format!(
+                "The query requires a COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type. You can create it here: {link}"
+            )),
+        );
+        let (status, f, _) =
+            Report::aborted(&Abort::Store(missing), &Tally::default()).into_fields();
+        assert_eq!(status, Status::Failed);
+        let error = text(&f, "error");
+        assert!(
+            error.contains("field device_type") && error.contains(link),
+            "{error}"
+        );
+        assert!(!error.contains("changed underneath"), "{error}");
     }
 
     #[test]

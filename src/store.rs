@@ -35,6 +35,14 @@ pub enum Error {
     /// A precondition failed: someone else changed (or claimed) the document first.
     #[error("the document changed underneath us")]
     Conflict,
+    /// A query needs an index the database does not have (real Firestore only: the emulator
+    /// serves every query). `needed` is Firestore's own words for which index, `link` the
+    /// console page that creates it.
+    #[error("{}", missing_index_text(.needed, .link.as_deref()))]
+    MissingIndex {
+        needed: String,
+        link: Option<String>,
+    },
     #[error("document not found")]
     NotFound,
     /// Misconfiguration or a bug: retrying will not help.
@@ -82,9 +90,51 @@ impl std::error::Error for Grpc {
     }
 }
 
+impl Error {
+    /// A query's error: FAILED_PRECONDITION there can only mean a missing index (queries make
+    /// no conditional writes), whatever the message says; Firestore sometimes sends none.
+    fn from_query(status: tonic::Status) -> Self {
+        match status.code() {
+            Code::FailedPrecondition => missing_index(status.message()),
+            _ => Error::from(status),
+        }
+    }
+}
+
+/// `The query requires an index. You can create it here: https://…` (or `…requires a
+/// COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type. You can…`).
+fn missing_index(message: &str) -> Error {
+    let link = message
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .map(|w| w.trim_end_matches(['.', ',', ')']).to_string());
+    let needed = message
+        .split("You can create it here")
+        .next()
+        .unwrap_or_default()
+        .trim();
+    let needed = if needed.is_empty() || needed.starts_with("https://") {
+        "Firestore refused a query for lack of an index (FAILED_PRECONDITION).".to_string()
+    } else {
+        needed.to_string()
+    };
+    Error::MissingIndex { needed, link }
+}
+
+fn missing_index_text(needed: &str, link: Option<&str>) -> String {
+    let deploy = "deploy migrations/firestore.indexes.json (`firebase deploy --only firestore:indexes` from the ffpush repository)";
+    match link {
+        Some(link) => format!("{needed} Create it at {link} or {deploy}"),
+        None => format!("{needed} Run `ffpush doctor` to see which, and {deploy}"),
+    }
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
+            Code::FailedPrecondition if status.message().to_ascii_lowercase().contains("index") => {
+                missing_index(status.message())
+            }
             Code::FailedPrecondition | Code::AlreadyExists => Error::Conflict,
             Code::NotFound => Error::NotFound,
             Code::Unavailable
@@ -170,6 +220,9 @@ impl From<Document> for DeviceToken {
 #[derive(Clone)]
 pub struct Store {
     db: FirestoreDb,
+    /// The project's users collection (`FFPUSH_USERS_COLLECTION`): batch bounds, and where
+    /// a bare user id is looked for.
+    users_collection: String,
 }
 
 /// The Firestore emulator accepts any bearer token; this is the one its docs use.
@@ -217,7 +270,10 @@ impl Store {
             FirestoreDb::with_options(options).await
         }
         .map_err(Error::Connect)?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            users_collection: settings.users_collection.clone(),
+        };
         // Construction may succeed lazily; one cheap read proves the channel works.
         store
             .get("ffpush/connectivity-check")
@@ -260,6 +316,11 @@ impl Store {
     /// `projects/{p}/databases/{d}/documents`
     pub fn documents_path(&self) -> &str {
         self.db.get_documents_path()
+    }
+
+    /// The project's users collection, e.g. `users`, `Users` or `user_data`.
+    pub fn users_collection(&self) -> &str {
+        &self.users_collection
     }
 
     pub fn doc_name(&self, relative: &str) -> String {
@@ -383,18 +444,23 @@ impl Store {
             query_type: Some(run_query_request::QueryType::StructuredQuery(query)),
             ..Default::default()
         };
-        let mut stream = self.client().run_query(request).await?.into_inner();
+        let mut stream = self
+            .client()
+            .run_query(request)
+            .await
+            .map_err(Error::from_query)?
+            .into_inner();
         let mut docs = Vec::new();
         while let Some(item) = stream.next().await {
-            if let Some(doc) = item?.document {
+            if let Some(doc) = item.map_err(Error::from_query)?.document {
                 docs.push(doc);
             }
         }
         Ok(docs)
     }
 
-    /// One page of token documents under `parent` (`users/{id}` or the database root for a
-    /// collection-group query), after `after` in document-name order.
+    /// One page of token documents under one user document, or of the whole `fcm_tokens`
+    /// collection group, after `after` in document-name order.
     pub async fn token_page(
         &self,
         page: &TokenQuery,
@@ -420,11 +486,16 @@ impl Store {
             query_type: Some(run_query_request::QueryType::StructuredQuery(query)),
             ..Default::default()
         };
-        let stream = self.client().run_query(request).await?.into_inner();
+        let stream = self
+            .client()
+            .run_query(request)
+            .await
+            .map_err(Error::from_query)?
+            .into_inner();
         Ok(stream.filter_map(|item| async move {
             match item {
                 Ok(response) => response.document.map(|doc| Ok(DeviceToken::from(doc))),
-                Err(status) => Some(Err(Error::from(status))),
+                Err(status) => Some(Err(Error::from_query(status))),
             }
         }))
     }
@@ -447,14 +518,14 @@ impl Store {
             filters.push(field_filter(
                 "__name__",
                 sq::field_filter::Operator::GreaterThanOrEqual,
-                reference(self.doc_name(&format!("users/{start}"))),
+                reference(self.doc_name(&format!("{}/{start}", self.users_collection))),
             ));
         }
         if let Some(end) = &page.user_id_end {
             filters.push(field_filter(
                 "__name__",
                 sq::field_filter::Operator::LessThan,
-                reference(self.doc_name(&format!("users/{end}"))),
+                reference(self.doc_name(&format!("{}/{end}", self.users_collection))),
             ));
         }
         let query = StructuredQuery {
@@ -467,7 +538,7 @@ impl Store {
                 } else {
                     page.collection.clone()
                 },
-                all_descendants: page.user_id.is_none(),
+                all_descendants: page.user.is_none(),
             }],
             r#where: and(filters),
             order_by: vec![sq::Order {
@@ -481,8 +552,8 @@ impl Store {
             limit: limit.map(|n| n as i32),
             ..Default::default()
         };
-        let parent = match &page.user_id {
-            Some(uid) => self.doc_name(&format!("users/{uid}")),
+        let parent = match &page.user {
+            Some(user) => self.doc_name(user),
             None => self.documents_path().to_string(),
         };
         (parent, query)
@@ -718,9 +789,11 @@ pub mod prost_types_timestamp {
 /// What [`Store::token_page`] reads.
 #[derive(Clone, Debug, Default)]
 pub struct TokenQuery {
-    /// One user's `fcm_tokens`; `None` = collection group over every user.
-    pub user_id: Option<String>,
+    /// One user's `fcm_tokens`: the user document's path (`users/abc`, any document path);
+    /// `None` = collection group over every user.
+    pub user: Option<String>,
     pub device_type: Option<String>,
+    /// Bounds `[start, end)` on the user id within the users collection (a batch slice).
     pub user_id_start: Option<String>,
     pub user_id_end: Option<String>,
     pub page_size: usize,
@@ -811,5 +884,71 @@ pub fn integer_field(doc: &Document, name: &str) -> Option<i64> {
     match doc.fields.get(name)?.value_type.as_ref()? {
         value::ValueType::IntegerValue(n) => Some(*n),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINK: &str = "https://console.firebase.google.com/v1/r/project/my-app/firestore/indexes?create_exemption=ClRwcm9qZWN0cy9teS1hcHAvZGF0YWJhc2VzLyhkZWZhdWx0KS9jb2xsZWN0aW9uR3JvdXBzL2ZjbV90b2tlbnMvZmllbGRzL2RldmljZV90eXBlEAIaDwoLZGV2aWNlX3R5cGUQAQ";
+
+    #[test]
+    fn a_missing_index_is_named_with_firestores_link_not_taken_for_a_conflict() {
+        // Real Firestore's words for a missing collection-group single-field index.
+        let status = tonic::Status::failed_precondition(format!(
+            "The query requires a COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type. You can create it here: {LINK}"
+        ));
+        let e = Error::from(status);
+        let Error::MissingIndex { needed, link } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            needed,
+            "The query requires a COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type."
+        );
+        assert_eq!(link.as_deref(), Some(LINK));
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type"
+            ) && text.contains(LINK)
+                && text.contains("firebase deploy --only firestore:indexes"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'));
+        assert!(!e.is_transient());
+
+        // A composite index, as the console words it.
+        let composite = "https://console.firebase.google.com/v1/r/project/my-app/firestore/indexes?create_composite=Ck9wcm9qZWN0cy9teS1hcHA";
+        let e = Error::from(tonic::Status::failed_precondition(format!(
+            "The query requires an index. You can create it here: {composite}"
+        )));
+        assert!(
+            matches!(&e, Error::MissingIndex { needed, link: Some(l) }
+                if needed == "The query requires an index." && l == composite),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_precondition_is_still_a_conflict() {
+        let e = Error::from(tonic::Status::failed_precondition(
+            "the stored version (1712345678901234) does not match the required base version (1712345678900000)",
+        ));
+        assert!(matches!(e, Error::Conflict), "{e:?}");
+    }
+
+    #[test]
+    fn a_query_refused_without_words_is_a_missing_index() {
+        // Collection-group queries have been seen failing with an empty message.
+        let e = Error::from_query(tonic::Status::failed_precondition(""));
+        let text = e.to_string();
+        assert!(
+            matches!(e, Error::MissingIndex { link: None, .. }) && text.contains("ffpush doctor"),
+            "{text}"
+        );
+        let e = Error::from_query(tonic::Status::unavailable("down"));
+        assert!(e.is_transient());
     }
 }

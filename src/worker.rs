@@ -174,7 +174,10 @@ impl Worker {
         let late = due.map(|d| now - d).unwrap_or_default();
         let limit =
             chrono::Duration::from_std(self.settings.max_lateness).unwrap_or(chrono::Duration::MAX);
-        if late > limit && status == Status::New {
+        // Whatever its status (absent, "" or a "started" that no live lease holds): an old
+        // document is never sent late.
+        if late > limit {
+            self.metrics.notifications_expired.inc();
             let reason = format!(
                 "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
                 due.map(|d| d.to_rfc3339()).unwrap_or_default(),
@@ -254,16 +257,19 @@ impl Worker {
         self.tasks.spawn(task.instrument(span));
     }
 
-    /// Marks a document we never claimed as failed, unless someone changed it meanwhile.
+    /// Marks a document we never claimed as failed, unless someone changed it meanwhile. A
+    /// dead worker's lease and progress go; what it had sent stays counted.
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) {
         let mut f = HashMap::new();
         f.insert("status".to_string(), store::string(Status::Failed.as_str()));
         f.insert("error".to_string(), store::string(reason));
         f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
-        f.insert("num_sent".to_string(), store::integer(0));
+        let sent = crate::claim::sent_before(doc);
+        f.insert("num_sent".to_string(), store::integer(sent as i64));
+        let remove = [fields::LEASE, fields::PROGRESS];
         match self
             .store
-            .update_fields(&doc.name, f, &[], doc.update_time)
+            .update_fields(&doc.name, f, &remove, doc.update_time)
             .await
         {
             Ok(_) => {

@@ -21,22 +21,24 @@ const USERS: &[(&str, &[DemoToken])] = &[
     ("carol", &[]),
 ];
 
+/// Writes the demo users into the store's users collection (`FFPUSH_USERS_COLLECTION`).
 pub async fn demo(store: &Store) -> Result<(), store::Error> {
+    let users = store.users_collection();
     for (uid, tokens) in USERS {
         let mut user = HashMap::new();
         user.insert("display_name".to_string(), store::string(uid));
         user.insert("created_time".to_string(), store::timestamp(Utc::now()));
-        store.set(&format!("users/{uid}"), user).await?;
+        store.set(&format!("{users}/{uid}"), user).await?;
         for (id, token, device) in *tokens {
             let mut doc = HashMap::new();
             doc.insert("fcm_token".to_string(), store::string(token));
             doc.insert("device_type".to_string(), store::string(device));
             doc.insert("created_at".to_string(), store::timestamp(Utc::now()));
             store
-                .set(&format!("users/{uid}/fcm_tokens/{id}"), doc)
+                .set(&format!("{users}/{uid}/fcm_tokens/{id}"), doc)
                 .await?;
         }
     }
-    eprintln!("seeded users/alice (2 tokens), users/bob (1 token), users/carol (no tokens)");
+    eprintln!("seeded {users}/alice (2 tokens), {users}/bob (1 token), {users}/carol (no tokens)");
     Ok(())
 }

@@ -196,12 +196,20 @@ async fn send_writes_a_flutterflow_document_and_wait_prints_the_outcome() {
     worker.stop().await;
 
     let out = ffpush()
-        .args(["send", "--title", "x", "--text", "y", "--user", "posts/1"])
+        .args([
+            "send",
+            "--title",
+            "x",
+            "--text",
+            "y",
+            "--user",
+            "users/a/posts",
+        ])
         .env("GOOGLE_CLOUD_PROJECT", "p")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("posts/1"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("users/a/posts"));
 }
 
 #[tokio::test]

@@ -466,6 +466,33 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
             .unwrap_or_else(|| panic!("{s} not in\n{stdout}"))
     };
     assert!(at("gcloud secrets create") < at("gcloud run services replace"));
+    // The app registers its device tokens through FlutterFlow's callable: it must stay.
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.contains("functions delete") && l.contains("addFcmToken")),
+        "--delete-functions must never delete addFcmToken:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("addFcmToken is kept"),
+        "--delete-functions says addFcmToken stays:\n{stdout}"
+    );
+    let help = Command::new("bash")
+        .arg(path("deploy/deploy.sh"))
+        .arg("--help")
+        .output()
+        .expect("running deploy.sh --help");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("addFcmToken"));
+    let readme = read("README.md");
+    let step = readme
+        .split("**Switch off FlutterFlow's send functions.**")
+        .nth(1)
+        .and_then(|rest| rest.split("4. **").next())
+        .unwrap_or_default();
+    assert!(
+        step.contains("addFcmToken") && step.to_lowercase().contains("keep"),
+        "the README step that deletes the send functions says addFcmToken stays: {step}"
+    );
     let rendered: String = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("#   "))

@@ -6,6 +6,7 @@
 mod cli;
 mod deploy;
 mod fcm_emulator;
+mod fidelity;
 mod lifecycle;
 mod logs;
 mod migrate;
@@ -122,14 +123,17 @@ impl TestApp {
             store::timestamp(chrono::Utc::now()),
         );
         self.store
-            .set(&format!("users/{user}/fcm_tokens/{id}"), f)
+            .set(
+                &format!("{}/{user}/fcm_tokens/{id}", self.settings.users_collection),
+                f,
+            )
             .await
             .expect("writing a token");
     }
 
     pub async fn token_docs(&self, user: &str) -> Vec<String> {
         let q = store::TokenQuery {
-            user_id: Some(user.to_string()),
+            user: Some(format!("{}/{user}", self.settings.users_collection)),
             page_size: 1000,
             ..Default::default()
         };
