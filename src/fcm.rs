@@ -218,16 +218,14 @@ impl MessageTemplate {
         }
         let mut message = Map::new();
         message.insert("notification".into(), Value::Object(notification));
-        let mut data = Map::new();
-        if let Some(page) = &n.initial_page {
-            data.insert("initialPageName".into(), json!(page));
-        }
-        if let Some(params) = &n.parameter_data {
-            data.insert("parameterData".into(), json!(params));
-        }
-        if !data.is_empty() {
-            message.insert("data".into(), Value::Object(data));
-        }
+        // FlutterFlow's function always sends both keys, "" when unset; app code reads them.
+        message.insert(
+            "data".into(),
+            json!({
+                "initialPageName": n.initial_page.as_deref().unwrap_or_default(),
+                "parameterData": n.parameter_data.as_deref().unwrap_or_default(),
+            }),
+        );
         if let Some(sound) = &n.sound {
             message.insert("android".into(), json!({"notification": {"sound": sound}}));
             message.insert("apns".into(), json!({"payload": {"aps": {"sound": sound}}}));
@@ -710,16 +708,18 @@ mod tests {
     }
 
     #[test]
-    fn optional_parts_are_left_out() {
+    fn optional_parts_are_left_out_but_data_keys_are_always_sent() {
         let mut n = notification();
         n.image = None;
         n.sound = None;
         n.initial_page = None;
         n.parameter_data = None;
         let m = MessageTemplate::new(&n).unwrap().message_for("t\"x");
+        // FlutterFlow's function sends both data keys, "" when unset; app code reads them.
         assert_eq!(
             m,
-            json!({"message": {"token": "t\"x", "notification": {"title": "Hello", "body": "Just for you two"}}})
+            json!({"message": {"token": "t\"x", "notification": {"title": "Hello", "body": "Just for you two"},
+                "data": {"initialPageName": "", "parameterData": ""}}})
         );
     }
 
