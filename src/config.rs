@@ -14,6 +14,9 @@ pub const EXIT_INVALID_SETTINGS: i32 = 64;
 pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
+/// FCM requests in flight per instance: enough for FCM's default quota (10 000 messages/s)
+/// at up to 100 ms per send, in 10 connections of Google's 100 streams.
+pub const DEFAULT_CONCURRENCY: usize = 1000;
 
 /// Raw settings as given by flags or environment. Every value is a string here on purpose.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -46,7 +49,8 @@ pub struct SettingsArgs {
     /// Collection app users write (never broadcast).
     #[arg(long = "user-collection", env = "FFPUSH_USER_COLLECTION")]
     pub user_collection: Option<String>,
-    /// Concurrent FCM requests per notification.
+    /// FCM requests in flight at once for the whole instance (one notification may use all of
+    /// them); the FCM connection pool is sized from it.
     #[arg(long = "concurrency", env = "FFPUSH_CONCURRENCY")]
     pub concurrency: Option<String>,
     /// Attempts per token for retryable FCM answers (429/500/503/timeouts).
@@ -85,6 +89,12 @@ pub struct SettingsArgs {
     /// Set by Cloud Run; only read to pick the log format.
     #[arg(skip = std::env::var("K_SERVICE").ok())]
     pub k_service: Option<String>,
+    // --- FCM throughput (connection pool and pacing) ---
+    /// HTTP/2 connections to FCM. Default: enough for FFPUSH_CONCURRENCY at the streams FCM
+    /// allows per connection (100 at Google).
+    #[arg(long = "fcm-connections", env = "FFPUSH_FCM_CONNECTIONS")]
+    pub fcm_connections: Option<String>,
+    // --- end FCM throughput ---
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +132,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Identifies this process on the documents it claims.
     pub worker_id: String,
+    // --- FCM throughput (connection pool and pacing) ---
+    /// Fixed number of HTTP/2 connections to FCM; `None`: sized from `concurrency` and the
+    /// server's stream limit.
+    pub fcm_connections: Option<usize>,
+    // --- end FCM throughput ---
 }
 
 /// Root certificate(s) from a PEM file, read once at start so a bad file stops the program
@@ -260,8 +275,13 @@ impl Settings {
                 "FFPUSH_USER_COLLECTION",
                 DEFAULT_USER_COLLECTION,
             )?,
-            concurrency: parse_number(&args.concurrency, "FFPUSH_CONCURRENCY", 256, 1, 10_000)?
-                as usize,
+            concurrency: parse_number(
+                &args.concurrency,
+                "FFPUSH_CONCURRENCY",
+                DEFAULT_CONCURRENCY as u64,
+                1,
+                10_000,
+            )? as usize,
             max_attempts: parse_number(&args.max_attempts, "FFPUSH_MAX_ATTEMPTS", 10, 1, 100)?
                 as u32,
             max_backoff: parse_setting_duration(
@@ -307,6 +327,17 @@ impl Settings {
             )?,
             log_format,
             worker_id: default_worker_id(),
+            // --- FCM throughput (connection pool and pacing) ---
+            fcm_connections: match non_empty(&args.fcm_connections) {
+                Some(_) => {
+                    Some(
+                        parse_number(&args.fcm_connections, "FFPUSH_FCM_CONNECTIONS", 1, 1, 256)?
+                            as usize,
+                    )
+                }
+                None => None,
+            },
+            // --- end FCM throughput ---
         };
         if settings.progress_interval * 2 > settings.lease {
             return Err(ConfigError::new(
@@ -351,6 +382,9 @@ impl Settings {
             sweep_interval: Duration::from_secs(30),
             log_format: LogFormat::Text,
             worker_id: default_worker_id(),
+            // --- FCM throughput (connection pool and pacing) ---
+            fcm_connections: None,
+            // --- end FCM throughput ---
         }
     }
 }
@@ -500,6 +534,8 @@ mod tests {
         assert_eq!(s.user_collection, "ff_user_push_notifications");
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.firestore_emulator_host.is_none());
+        assert_eq!(s.concurrency, 1000);
+        assert_eq!(s.fcm_connections, None, "sized from the concurrency");
     }
 
     #[test]
@@ -610,6 +646,13 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    fcm_connections: Some("0".into()),
+                    ..args()
+                },
+                "FFPUSH_FCM_CONNECTIONS",
             ),
         ];
         for (a, setting) in cases {

@@ -1,16 +1,22 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003).
+//! answer means (DESIGN.md §1, seed 003). The HTTP/2 connections are `pool`'s.
 
-use std::sync::RwLock;
+mod pool;
+
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, Request, Uri, header};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use yup_oauth2::authenticator::DefaultAuthenticator;
 
 use crate::config::Settings;
+use crate::metrics::FcmMetrics;
 use crate::model::{Invalid, Notification};
+
+pub use pool::Protocol;
+use pool::{Pool, PoolConfig, SendError};
 
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// FCM's limit on a message's payload.
@@ -124,11 +130,12 @@ struct CachedToken {
     fetched: Instant,
 }
 
-/// An FCM sender: one HTTP/2 connection pool, one access token shared by all sends.
+/// An FCM sender: a pool of HTTP/2 connections, one access token shared by all sends.
 pub struct Sender {
-    http: reqwest::Client,
+    pool: Arc<Pool>,
     /// Parsed once: parsing it per request was a measurable share of a send.
-    send_url: reqwest::Url,
+    send_uri: Uri,
+    metrics: Arc<FcmMetrics>,
     auth: DefaultAuthenticator,
     token: RwLock<Option<CachedToken>>,
     /// Our cached token is reused this long before asking yup-oauth2 (which refreshes a
@@ -163,47 +170,19 @@ impl Sender {
                 .map_err(|e| Error::Auth(e.to_string()))?
             }
         };
-        // rustls (aws-lc-rs) explicitly: reqwest would pick native-tls (OpenSSL) because a
-        // dependency enables that feature too.
-        let mut http = reqwest::Client::builder()
-            .tls_backend_rustls()
-            // FCM answers with a few bytes of JSON and never redirects; both layers cost time
-            // on every request (and a redirect must not carry our bearer token elsewhere).
-            .no_gzip()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(settings.fcm_timeout)
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(ca) = &settings.fcm_ca_cert {
-            let roots = reqwest::Certificate::from_pem_bundle(&ca.pem).map_err(|e| {
-                Error::Fatal(format!("FFPUSH_FCM_CA_CERT {}: {e}", ca.path.display()))
-            })?;
-            for root in roots {
-                http = http.add_root_certificate(root);
-            }
-        }
-        // Plain-HTTP endpoints are the emulator: speak h2c as production speaks h2 over TLS
-        // (negotiated by ALPN).
-        let http = if settings.fcm_endpoint.starts_with("http://") {
-            http.http2_prior_knowledge()
-        } else {
-            http
-        };
-        let http = http
-            .build()
-            .map_err(|e| Error::Fatal(format!("building the HTTP client: {e}")))?;
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             settings.fcm_endpoint, settings.project
         );
-        let send_url = reqwest::Url::parse(&send_url).map_err(|e| {
+        let send_uri: Uri = send_url.parse().map_err(|e| {
             Error::Fatal(format!("FCM_ENDPOINT gives no valid URL {send_url}: {e}"))
         })?;
+        let metrics = Arc::new(FcmMetrics::default());
+        let pool = Pool::new(pool_config(settings, &send_uri)?, metrics.clone());
         Ok(Sender {
-            http,
-            send_url,
+            pool,
+            send_uri,
+            metrics,
             auth,
             token: RwLock::new(None),
             token_reuse: Duration::from_secs(30),
@@ -274,42 +253,87 @@ impl Sender {
         self.send(Bytes::from(body)).await
     }
 
-    /// Opens the connection before a burst so the first sends don't queue behind the handshake.
+    /// Gets the access token and opens the connections before a burst, so the first sends
+    /// don't queue behind handshakes.
     pub async fn warm_up(&self) {
         let _ = self.access_token().await;
-        let mut base = self.send_url.clone();
-        base.set_path("/");
-        let _ = self.http.get(base).send().await;
+        match self.pool.warm_up().await {
+            Ok(open) => tracing::debug!(connections = open, "FCM connections warm"),
+            Err(e) => tracing::warn!(error = %e, "could not open the FCM connections ahead"),
+        }
+    }
+
+    /// The pool's counters, for `/metrics`.
+    pub fn metrics(&self) -> Arc<FcmMetrics> {
+        self.metrics.clone()
     }
 
     async fn send_once(&self, auth: &HeaderValue, body: Bytes) -> Result<Outcome, Error> {
-        let response = self
-            .http
-            .post(self.send_url.clone())
-            .header(reqwest::header::AUTHORIZATION, auth.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| Error::Retryable {
-                reason: transport_reason(&e),
+        let length = HeaderValue::from(body.len());
+        let head = || {
+            let mut request = Request::new(());
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = self.send_uri.clone();
+            let headers = request.headers_mut();
+            headers.insert(header::AUTHORIZATION, auth.clone());
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::CONTENT_LENGTH, length.clone());
+            request
+        };
+        let answer = self.pool.send(head, body).await.map_err(|e| {
+            let reason = match e {
+                SendError::Connect(e) => format!("cannot connect: {e}"),
+                SendError::Timeout => "request timed out".into(),
+                SendError::Failed(e) => format!("connection error: {e}"),
+            };
+            Error::Retryable {
+                reason,
                 retry_after: None,
                 quota: false,
-            })?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = response.bytes().await.map_err(|e| Error::Retryable {
-            reason: transport_reason(&e),
-            retry_after,
-            quota: false,
+            }
         })?;
-        classify(status, &body, retry_after)
+        classify(answer.status, &answer.body, answer.retry_after)
     }
+}
+
+/// The pool for `FCM_ENDPOINT`: h2 by ALPN over TLS for `https://`, h2c for `http://` (the
+/// emulator).
+fn pool_config(settings: &Settings, uri: &Uri) -> Result<PoolConfig, Error> {
+    let bad = |why: &str| Error::Fatal(format!("FCM_ENDPOINT {}: {why}", settings.fcm_endpoint));
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let (protocol, default_port) = match uri.scheme_str() {
+        Some("https") => (Protocol::H2, 443),
+        Some("http") => (Protocol::H2c, 80),
+        _ => return Err(bad("use an https:// (or, for an emulator, http://) URL")),
+    };
+    let tls = match protocol {
+        Protocol::H2 => {
+            let mut config = tls_config(settings.fcm_ca_cert.as_ref())?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| bad(&format!("{host} is not a valid TLS server name: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        }
+        Protocol::H2c => None,
+    };
+    Ok(PoolConfig {
+        protocol,
+        port: uri.port_u16().unwrap_or(default_port),
+        host,
+        tls,
+        concurrency: settings.concurrency,
+        connections: settings.fcm_connections,
+        timeout: settings.fcm_timeout,
+        connect_timeout: settings.fcm_timeout.min(Duration::from_secs(10)),
+    })
 }
 
 type OAuthConnector =
@@ -320,6 +344,22 @@ type OAuthConnector =
 fn oauth_client(
     extra: Option<&crate::config::CaCert>,
 ) -> Result<yup_oauth2::CustomHyperClientBuilder<OAuthConnector>, Error> {
+    let tls = tls_config(extra)?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build::<_, String>(connector);
+    Ok(yup_oauth2::CustomHyperClientBuilder::from(client))
+}
+
+/// TLS for FCM and its token endpoint: rustls with aws-lc-rs, the system roots and the extra
+/// root(s) of `FFPUSH_FCM_CA_CERT`.
+fn tls_config(extra: Option<&crate::config::CaCert>) -> Result<rustls::ClientConfig, Error> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
@@ -337,32 +377,12 @@ fn oauth_client(
             })?;
         }
     }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Fatal(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build::<_, String>(connector);
-    Ok(yup_oauth2::CustomHyperClientBuilder::from(client))
-}
-
-fn transport_reason(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "request timed out".into()
-    } else if e.is_connect() {
-        format!("cannot connect: {e}")
-    } else {
-        format!("connection error: {e}")
-    }
+        .with_no_client_auth())
 }
 
 /// What an FCM answer means (DESIGN.md §1).

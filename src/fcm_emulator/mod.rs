@@ -48,6 +48,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,10 @@ pub struct Stats {
     pub attempts: u64,
     /// Of the attempts, those that came over HTTP/2 (h2 by ALPN, or h2c).
     pub http2: u64,
+    /// Connections that carried at least one send.
+    pub connections: u64,
+    /// The most sends ever in progress at once on one connection.
+    pub peak_streams: u64,
 }
 
 /// One quota window of one project (only kept when a quota is set).
@@ -204,6 +209,9 @@ struct Shared {
     /// Quota windows count from here.
     started: Instant,
     state: Mutex<EmulatorState>,
+    /// [`Stats::connections`] and [`Stats::peak_streams`], kept outside the lock.
+    connections: AtomicU64,
+    peak_streams: AtomicU64,
 }
 
 #[derive(Default)]
@@ -223,6 +231,14 @@ impl Shared {
     /// state consistent enough for a test emulator, so poisoning is ignored.
     fn state(&self) -> MutexGuard<'_, EmulatorState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            connections: self.connections.load(Ordering::Relaxed),
+            peak_streams: self.peak_streams.load(Ordering::Relaxed),
+            ..self.state().stats
+        }
     }
 
     fn token_uri(&self) -> String {
@@ -346,7 +362,7 @@ impl FcmEmulator {
 
     /// Counts of send requests so far (kept also when messages are not recorded).
     pub fn stats(&self) -> Stats {
-        self.shared.state().stats
+        self.shared.stats()
     }
 
     /// The quota windows of `project` that saw sends, oldest first (empty without a quota).
@@ -404,6 +420,8 @@ fn prepare(
         options,
         started: Instant::now(),
         state: Mutex::new(EmulatorState::default()),
+        connections: AtomicU64::new(0),
+        peak_streams: AtomicU64::new(0),
     });
     let cancel = CancellationToken::new();
     let app = router(Arc::clone(&shared));
@@ -470,7 +488,7 @@ async fn list_messages(
 
 /// `GET /emulator/stats`: counts of send requests, for load tests that do not record.
 async fn stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
-    Json(shared.state().stats)
+    Json(shared.stats())
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

@@ -30,9 +30,7 @@ pub(super) async fn send(
     if action != "messages:send" {
         return super::no_route(&Method::POST, uri.path());
     }
-    if let Some(Extension(sends)) = connection {
-        sends.count();
-    }
+    let _in_progress = connection.map(|Extension(sends)| sends.start(&shared));
     let delay = delay(&shared);
     let response = answer(&shared, project, version, &headers, &body).await;
     if !delay.is_zero() {

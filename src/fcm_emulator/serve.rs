@@ -17,24 +17,42 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::EmulatorOptions;
+use super::{EmulatorOptions, Shared};
 
 /// How long in-flight connections get to finish after shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Counts the sends on one connection and asks for its graceful close after `limit`.
+/// The sends of one connection: counted for [`super::Stats`], and the connection closed
+/// gracefully after `goaway_after` of them.
 pub(super) struct ConnectionSends {
     count: AtomicU64,
-    limit: u64,
+    in_progress: AtomicU64,
+    goaway_after: Option<u64>,
     close: Notify,
+}
+
+/// One send in progress on a connection; dropped when it is answered (or abandoned).
+pub(super) struct InProgress(Arc<ConnectionSends>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.in_progress.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnectionSends {
     /// Called by the send handler for every send request on this connection.
-    pub(super) fn count(&self) {
-        if self.count.fetch_add(1, Ordering::Relaxed) + 1 == self.limit {
+    pub(super) fn start(self: &Arc<Self>, shared: &Shared) -> InProgress {
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if count == 1 {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        if Some(count) == self.goaway_after {
             self.close.notify_one();
         }
+        let now = self.in_progress.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.peak_streams.fetch_max(now, Ordering::Relaxed);
+        InProgress(Arc::clone(self))
     }
 }
 
@@ -64,17 +82,13 @@ pub(super) async fn serve(
         };
         // No Nagle delay: answers are small and latency is measured.
         let _ = tcp.set_nodelay(true);
-        let sends = options.goaway_after.map(|limit| {
-            Arc::new(ConnectionSends {
-                count: AtomicU64::new(0),
-                limit,
-                close: Notify::new(),
-            })
+        let sends = Arc::new(ConnectionSends {
+            count: AtomicU64::new(0),
+            in_progress: AtomicU64::new(0),
+            goaway_after: options.goaway_after,
+            close: Notify::new(),
         });
-        let app = match &sends {
-            Some(sends) => app.clone().layer(Extension(Arc::clone(sends))),
-            None => app.clone(),
-        };
+        let app = app.clone().layer(Extension(Arc::clone(&sends)));
         let server = server.clone();
         let tls = tls.clone();
         let stop = stop.clone();
@@ -100,19 +114,14 @@ async fn connection<I>(
     server: &auto::Builder<TokioExecutor>,
     io: I,
     app: Router,
-    sends: Option<Arc<ConnectionSends>>,
+    sends: Arc<ConnectionSends>,
     stop: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let connection = server.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
     tokio::pin!(connection);
-    let recycle = async {
-        match &sends {
-            Some(sends) => sends.close.notified().await,
-            None => std::future::pending().await,
-        }
-    };
+    let recycle = sends.close.notified();
     tokio::pin!(recycle);
     let mut closing = false;
     loop {

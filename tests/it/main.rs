@@ -5,6 +5,7 @@
 mod cli;
 mod deploy;
 mod fcm_emulator;
+mod fcm_pool;
 mod lifecycle;
 mod migrate;
 mod notifications;
