@@ -17,6 +17,11 @@ pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
 /// FCM requests in flight per instance: enough for FCM's default quota (10 000 messages/s)
 /// at up to 100 ms per send, in 10 connections of Google's 100 streams.
 pub const DEFAULT_CONCURRENCY: usize = 1000;
+/// Messages per second per instance: FCM's default project quota, 600 000 per minute. An
+/// instance alone then stays within the quota (within 0.1 %: the pacer's 50 ms burst);
+/// several instances, or other senders on the project, share it and get 429s, which pause
+/// and slow the instance down.
+pub const DEFAULT_FCM_RATE: u32 = 10_000;
 
 /// Raw settings as given by flags or environment. Every value is a string here on purpose.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -94,6 +99,10 @@ pub struct SettingsArgs {
     /// allows per connection (100 at Google).
     #[arg(long = "fcm-connections", env = "FFPUSH_FCM_CONNECTIONS")]
     pub fcm_connections: Option<String>,
+    /// FCM messages per second this instance sends at most (0: unpaced). Default 10000: FCM's
+    /// default project quota of 600 000 per minute.
+    #[arg(long = "fcm-rate", env = "FFPUSH_FCM_RATE")]
+    pub fcm_rate: Option<String>,
     // --- end FCM throughput ---
 }
 
@@ -136,6 +145,8 @@ pub struct Settings {
     /// Fixed number of HTTP/2 connections to FCM; `None`: sized from `concurrency` and the
     /// server's stream limit.
     pub fcm_connections: Option<usize>,
+    /// Messages per second at most, for the whole instance; 0: unpaced.
+    pub fcm_rate: u32,
     // --- end FCM throughput ---
 }
 
@@ -337,6 +348,13 @@ impl Settings {
                 }
                 None => None,
             },
+            fcm_rate: parse_number(
+                &args.fcm_rate,
+                "FFPUSH_FCM_RATE",
+                u64::from(DEFAULT_FCM_RATE),
+                0,
+                1_000_000,
+            )? as u32,
             // --- end FCM throughput ---
         };
         if settings.progress_interval * 2 > settings.lease {
@@ -384,6 +402,7 @@ impl Settings {
             worker_id: default_worker_id(),
             // --- FCM throughput (connection pool and pacing) ---
             fcm_connections: None,
+            fcm_rate: DEFAULT_FCM_RATE,
             // --- end FCM throughput ---
         }
     }
@@ -536,6 +555,7 @@ mod tests {
         assert!(s.firestore_emulator_host.is_none());
         assert_eq!(s.concurrency, 1000);
         assert_eq!(s.fcm_connections, None, "sized from the concurrency");
+        assert_eq!(s.fcm_rate, 10_000, "FCM's default quota, 600 000 a minute");
     }
 
     #[test]
@@ -653,6 +673,13 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_FCM_CONNECTIONS",
+            ),
+            (
+                SettingsArgs {
+                    fcm_rate: Some("fast".into()),
+                    ..args()
+                },
+                "FFPUSH_FCM_RATE",
             ),
         ];
         for (a, setting) in cases {

@@ -1,6 +1,8 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003). The HTTP/2 connections are `pool`'s.
+//! answer means (DESIGN.md §1, seed 003). The HTTP/2 connections are `pool`'s; the pace of
+//! sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
 
+mod pace;
 mod pool;
 
 use std::sync::{Arc, RwLock};
@@ -15,6 +17,7 @@ use crate::config::Settings;
 use crate::metrics::FcmMetrics;
 use crate::model::{Invalid, Notification};
 
+use pace::Pacer;
 pub use pool::Protocol;
 use pool::{Pool, PoolConfig, SendError};
 
@@ -42,7 +45,8 @@ pub enum Error {
     Retryable {
         reason: String,
         retry_after: Option<Duration>,
-        /// 429: the project quota; wait at least the quota floor.
+        /// 429 on the project's quota (not one device's or topic's rate): the whole instance
+        /// pauses, at least the quota floor.
         quota: bool,
     },
     /// 401 for our own OAuth token: refresh once.
@@ -130,9 +134,11 @@ struct CachedToken {
     fetched: Instant,
 }
 
-/// An FCM sender: a pool of HTTP/2 connections, one access token shared by all sends.
+/// An FCM sender: a pool of HTTP/2 connections, one access token and one pace shared by all
+/// sends of the instance.
 pub struct Sender {
     pool: Arc<Pool>,
+    pacer: Pacer,
     /// Parsed once: parsing it per request was a measurable share of a send.
     send_uri: Uri,
     metrics: Arc<FcmMetrics>,
@@ -179,8 +185,10 @@ impl Sender {
         })?;
         let metrics = Arc::new(FcmMetrics::default());
         let pool = Pool::new(pool_config(settings, &send_uri)?, metrics.clone());
+        let pacer = Pacer::new(settings.fcm_rate, settings.quota_floor, metrics.clone());
         Ok(Sender {
             pool,
+            pacer,
             send_uri,
             metrics,
             auth,
@@ -235,16 +243,40 @@ impl Sender {
         self.store_token(token.token())
     }
 
-    /// One request; the answer classified. A 401 on our token is retried once with a fresh one.
+    /// Waits for this instance's pace: `FFPUSH_FCM_RATE`, and the pause after a 429
+    /// QUOTA_EXCEEDED. Every send waits here once, before [`Sender::send_now`].
+    pub async fn pace(&self) {
+        self.pacer.acquire().await;
+    }
+
+    /// [`Sender::pace`], then [`Sender::send_now`].
     pub async fn send(&self, body: Bytes) -> Result<Outcome, Error> {
+        self.pace().await;
+        self.send_now(body).await
+    }
+
+    /// One request, at once (the caller waited for [`Sender::pace`]); the answer classified.
+    /// A 401 on our token is retried once with a fresh one. A 429 QUOTA_EXCEEDED pauses every
+    /// send of the instance.
+    pub async fn send_now(&self, body: Bytes) -> Result<Outcome, Error> {
+        let sent_at = tokio::time::Instant::now();
         let header = self.access_token().await?;
-        match self.send_once(&header, body.clone()).await {
+        let answer = match self.send_once(&header, body.clone()).await {
             Err(Error::Unauthenticated(_)) => {
                 let fresh = self.refresh_token(&header).await?;
                 self.send_once(&fresh, body).await
             }
             other => other,
+        };
+        if let Err(Error::Retryable {
+            quota: true,
+            retry_after,
+            ..
+        }) = &answer
+        {
+            self.pacer.quota_exceeded(*retry_after, sent_at);
         }
+        answer
     }
 
     /// A `validate_only` send: checks permissions and the message without delivering.
@@ -443,7 +475,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
         429 => Err(Error::Retryable {
             reason: described(),
             retry_after,
-            quota: true,
+            quota: project_quota(&details),
         }),
         500 | 502 | 503 | 504 => Err(Error::Retryable {
             reason: described(),
@@ -462,10 +494,67 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
     }
 }
 
+/// Whether a 429's `QuotaFailure` is about the project's message rate rather than one device's
+/// or one topic's ("Device message rate exceeded", "Topic message rate exceeded"). Without
+/// the detail, the project's quota is assumed: pausing is the safe side.
+fn project_quota(details: &[Value]) -> bool {
+    let violations: Vec<String> = details
+        .iter()
+        .filter(|d| {
+            d["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("QuotaFailure"))
+        })
+        .flat_map(|d| d["violations"].as_array().cloned().unwrap_or_default())
+        .map(|v| {
+            format!(
+                "{} {}",
+                v["subject"].as_str().unwrap_or(""),
+                v["description"].as_str().unwrap_or("")
+            )
+            .to_ascii_lowercase()
+        })
+        .collect();
+    violations.is_empty()
+        || violations
+            .iter()
+            .any(|v| !(v.contains("device") || v.contains("topic")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Audience;
+
+    #[test]
+    fn only_the_projects_quota_pauses_the_instance() {
+        let quota = |violation: Value| {
+            let body = json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+                {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "QUOTA_EXCEEDED"},
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]},
+            ]}});
+            match classify(429, body.to_string().as_bytes(), None) {
+                Err(Error::Retryable { quota, .. }) => quota,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(quota(
+            json!({"subject": "project", "description": "Message rate exceeded"})
+        ));
+        assert!(!quota(
+            json!({"subject": "device", "description": "Device message rate exceeded"})
+        ));
+        assert!(!quota(
+            json!({"description": "Topic message rate exceeded"})
+        ));
+        assert!(
+            matches!(
+                classify(429, b"", None),
+                Err(Error::Retryable { quota: true, .. })
+            ),
+            "no detail: assume the project's quota"
+        );
+    }
 
     fn fixture(name: &str) -> (u16, Vec<u8>, Option<Duration>) {
         let path = concat!(

@@ -75,6 +75,13 @@ pub struct FcmMetrics {
     pub streams_refused: Counter,
     /// FCM requests on the wire right now.
     pub requests_in_flight: Gauge,
+    /// Sends allowed per second now (`FFPUSH_FCM_RATE`, lower after a quota pause; 0:
+    /// unpaced).
+    pub pace_rate: Gauge,
+    /// Time sends waited for the pacer (rate and quota pauses), summed over sends.
+    pub pace_wait_micros: Counter,
+    /// 429 QUOTA_EXCEEDED events that paused every send of the instance.
+    pub quota_pauses: Counter,
 }
 
 #[derive(Default)]
@@ -269,6 +276,32 @@ impl Metrics {
             out,
             "ffpush_fcm_requests_in_flight {}",
             fcm.requests_in_flight.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_pace_rate FCM sends allowed per second now (FFPUSH_FCM_RATE, lower while recovering from a quota pause; 0: unpaced)."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_pace_rate gauge")?;
+        writeln!(out, "ffpush_fcm_pace_rate {}", fcm.pace_rate.get())?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_pace_wait_seconds_total Time sends waited for the instance's pacer, summed over sends."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_pace_wait_seconds_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_pace_wait_seconds_total {}",
+            fcm.pace_wait_micros.get() as f64 / 1e6
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_quota_pauses_total Times FCM's 429 QUOTA_EXCEEDED paused every send of this instance."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_quota_pauses_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_quota_pauses_total {}",
+            fcm.quota_pauses.get()
         )?;
         writeln!(
             out,

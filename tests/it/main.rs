@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod fcm_emulator;
 mod fcm_pool;
+mod fcm_quota;
 mod lifecycle;
 mod migrate;
 mod notifications;
