@@ -111,11 +111,11 @@ struct Conn {
 
 impl Conn {
     /// Takes a stream slot if one is free. Only called with the pool's lock held, so two
-    /// callers never take the last slot twice.
+    /// callers never take the last slot twice (slots are given back without the lock, which
+    /// only makes the check conservative).
     fn try_take(&self) -> bool {
-        let taken = self.in_flight.load(Ordering::Relaxed);
-        if taken < self.limit.load(Ordering::Relaxed) {
-            self.in_flight.store(taken + 1, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed) {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false
