@@ -189,6 +189,26 @@ struct EmulatorArgs {
     /// Keep no messages, only counts (GET /emulator/stats): for load tests.
     #[arg(long)]
     no_record: bool,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS advertised per HTTP/2 connection (Google's: 100).
+    /// Streams beyond it are refused with RST_STREAM(REFUSED_STREAM).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams: u32,
+    /// Milliseconds each send takes to be answered (Google's: tens).
+    #[arg(long, default_value_t = 0)]
+    latency: u64,
+    /// Each send's latency is drawn uniformly from --latency ± this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    jitter: u64,
+    /// Send requests allowed per project per minute (FCM's default quota: 600000); beyond it,
+    /// 429 QUOTA_EXCEEDED with Retry-After.
+    #[arg(long)]
+    quota: Option<u64>,
+    /// The quota's window (FCM's is a minute), e.g. 60s or 2s.
+    #[arg(long, default_value = "60s", requires = "quota")]
+    quota_window: String,
+    /// Close each connection gracefully (GOAWAY) after this many sends on it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    goaway_after: Option<u64>,
 }
 
 /// Runs the command line; returns the exit code.
@@ -502,9 +522,23 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|_| Usage(format!("--host {:?} is not an IP address", args.host)))?;
+    let quota_window = parse_duration(&args.quota_window)
+        .filter(|window| !window.is_zero())
+        .ok_or_else(|| {
+            Usage(format!(
+                "--quota-window {:?}: use a duration such as 60s or 2s",
+                args.quota_window
+            ))
+        })?;
     let options = EmulatorOptions {
         token_lifetime: lifetime,
         record: !args.no_record,
+        max_streams: args.max_streams,
+        latency: Duration::from_millis(args.latency),
+        jitter: Duration::from_millis(args.jitter),
+        quota: args.quota,
+        quota_window,
+        goaway_after: args.goaway_after,
     };
     let emulator = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -527,6 +561,14 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
     eprintln!(
         "FCM emulator listening on {} (send: POST /v1/projects/{{p}}/messages:send, tokens: POST /token)",
         emulator.url()
+    );
+    let quota = match args.quota {
+        Some(n) => format!("{n} sends per project per {}", args.quota_window),
+        None => "none".into(),
+    };
+    eprintln!(
+        "  {} HTTP/2 streams per connection, latency {} ms ± {} ms, quota {quota}",
+        args.max_streams, args.latency, args.jitter
     );
     terminated().await;
     emulator.shutdown();

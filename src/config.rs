@@ -201,8 +201,20 @@ settings_table! {
     }
     concurrency: CONCURRENCY {
         env: "FFPUSH_CONCURRENCY", flag: "concurrency", kind: Kind::Number { min: 1, max: 10_000 },
-        default: "256",
-        help: "concurrent FCM requests per notification (1–10000)",
+        // FCM's default quota (10 000 messages/s) at up to 100 ms per send, in 10 connections
+        // of Google's 100 streams.
+        default: "1000",
+        help: "FCM requests in flight at once for the whole instance (one notification may use all of them); the connection pool is sized from it (1–10000)",
+    }
+    fcm_connections: FCM_CONNECTIONS {
+        env: "FFPUSH_FCM_CONNECTIONS", flag: "fcm-connections", kind: Kind::Number { min: 1, max: 256 },
+        shown_default: Some("concurrency ÷ the server's stream limit (100 at Google), rounded up"),
+        help: "HTTP/2 connections to FCM, opened warm; each carries at most the streams the server allows (1–256)",
+    }
+    fcm_rate: FCM_RATE {
+        env: "FFPUSH_FCM_RATE", flag: "fcm-rate", kind: Kind::Number { min: 0, max: 1_000_000 },
+        default: "10000",
+        help: "messages per second this instance sends at most; 0: unpaced. The default is FCM's default project quota, 600 000 per minute, so one instance alone stays within it; a 429 QUOTA_EXCEEDED pauses the whole instance, which then speeds up gradually (0–1000000)",
     }
     max_attempts: MAX_ATTEMPTS {
         env: "FFPUSH_MAX_ATTEMPTS", flag: "max-attempts", kind: Kind::Number { min: 1, max: 100 },
@@ -363,6 +375,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Identifies this process on the documents it claims.
     pub worker_id: String,
+    /// Fixed number of HTTP/2 connections to FCM; `None`: sized from `concurrency` and the
+    /// server's stream limit.
+    pub fcm_connections: Option<usize>,
+    /// Messages per second at most, for the whole instance; 0: unpaced.
+    pub fcm_rate: u32,
 }
 
 /// Root certificate(s) from a PEM file, read once at start so a bad file stops the program
@@ -498,6 +515,11 @@ impl Settings {
             sweep_interval: SWEEP_INTERVAL.duration(args)?,
             log_format,
             worker_id: default_worker_id(),
+            fcm_connections: match FCM_CONNECTIONS.raw(args) {
+                Some(_) => Some(FCM_CONNECTIONS.number(args)? as usize),
+                None => None,
+            },
+            fcm_rate: FCM_RATE.number(args)? as u32,
         };
         if settings.progress_interval * 2 > settings.lease {
             return Err(PROGRESS_INTERVAL.error(
@@ -629,6 +651,9 @@ mod tests {
         assert_eq!(s.users_collection, "users");
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.firestore_emulator_host.is_none());
+        assert_eq!(s.concurrency, 1000);
+        assert_eq!(s.fcm_connections, None, "sized from the concurrency");
+        assert_eq!(s.fcm_rate, 10_000, "FCM's default quota, 600 000 a minute");
     }
 
     #[test]
@@ -746,6 +771,20 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_USERS_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    fcm_connections: Some("0".into()),
+                    ..args()
+                },
+                "FFPUSH_FCM_CONNECTIONS",
+            ),
+            (
+                SettingsArgs {
+                    fcm_rate: Some("fast".into()),
+                    ..args()
+                },
+                "FFPUSH_FCM_RATE",
             ),
         ];
         for (a, setting) in cases {

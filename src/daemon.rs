@@ -32,7 +32,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
         .context("connecting to Firestore")?;
     let sender = Arc::new(Sender::new(&settings).await.context("setting up FCM")?);
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::with_fcm(sender.metrics()));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", settings.port))
         .await
         .with_context(|| format!("binding the health port {} (PORT)", settings.port))?;

@@ -380,8 +380,15 @@ async fn send_one(
     let first_try = std::time::Instant::now();
     let mut attempt = 1;
     loop {
+        // The instance's pace (FFPUSH_FCM_RATE, quota pauses). Waiting here is not being in
+        // flight: on shutdown the token is left for the next run.
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+            _ = ctx.sender.pace() => {}
+        }
         let started = std::time::Instant::now();
-        let answer = ctx.sender.send(body.clone()).await;
+        let answer = ctx.sender.send_now(body.clone()).await;
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, fatal_when_exhausted, error) = match answer {
             Ok(Outcome::Dead) => {
@@ -409,6 +416,24 @@ async fn send_one(
                 } => (retry_after, quota, fatal_when_exhausted, e),
             },
         };
+        if quota {
+            // The project's quota, not this token: the sender paused every send of the
+            // instance (Retry-After, at least FFPUSH_QUOTA_BACKOFF) and paces the return. The
+            // token waits for that in `pace`, and the refusal spends none of its attempts;
+            // the retry budget still bounds how long it keeps trying.
+            let pause = retry_after.unwrap_or_default().max(ctx.retry.quota_floor);
+            if first_try.elapsed() + pause > ctx.retry.budget {
+                tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token: the project's FCM quota stayed exhausted for the whole retry budget");
+                return Ok(TokenResult {
+                    seq,
+                    outcome: None,
+                    removed: 0,
+                });
+            }
+            tracing::debug!(token = %redact(&token), error = %Chain(&error), "quota exceeded; waiting for the instance's pause");
+            ctx.metrics.retries.inc();
+            continue;
+        }
         let wait = ctx
             .retry
             .backoff(attempt, retry_after, quota, rand::random::<f64>());

@@ -1,16 +1,25 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003).
+//! answer means (DESIGN.md §1, seed 003). The HTTP/2 connections are `pool`'s; the pace of
+//! sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
+
+mod pace;
+mod pool;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, Request, Uri, header};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use yup_oauth2::authenticator::DefaultAuthenticator;
 
 use crate::config::Settings;
+use crate::metrics::FcmMetrics;
 use crate::model::{Invalid, Notification};
+
+use pace::Pacer;
+use pool::{Pool, PoolConfig};
+pub use pool::{Protocol, SendError};
 
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// FCM's limit on a message's payload.
@@ -36,12 +45,13 @@ pub enum Error {
     Retryable {
         answer: Answer,
         retry_after: Option<Duration>,
-        /// 429: the project quota; wait at least the quota floor.
+        /// 429 on the project's quota (not one device's or topic's rate): the whole instance
+        /// pauses, at least the quota floor.
         quota: bool,
     },
     /// Timeouts, refused connections, resets: back off and try again.
-    #[error("FCM request failed ({})", transport_kind(.0))]
-    Transport(#[source] Arc<reqwest::Error>),
+    #[error("FCM request failed")]
+    Transport(#[source] SendError),
     /// 401 for our own OAuth token: refresh once.
     #[error("FCM rejected our access token: {0}")]
     Unauthenticated(Answer),
@@ -191,16 +201,6 @@ fn fix_suffix(fix: &str) -> String {
     }
 }
 
-fn transport_kind(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "connection error"
-    }
-}
-
 /// The request body for one notification, built once; the token is spliced in per send.
 #[derive(Clone, Debug)]
 pub struct MessageTemplate {
@@ -270,11 +270,14 @@ struct CachedToken {
     fetched: Instant,
 }
 
-/// An FCM sender: one HTTP/2 connection pool, one access token shared by all sends.
+/// An FCM sender: a pool of HTTP/2 connections, one access token and one pace shared by all
+/// sends of the instance.
 pub struct Sender {
-    http: reqwest::Client,
+    pool: Arc<Pool>,
+    pacer: Pacer,
     /// Parsed once: parsing it per request was a measurable share of a send.
-    send_url: reqwest::Url,
+    send_uri: Uri,
+    metrics: Arc<FcmMetrics>,
     auth: DefaultAuthenticator,
     token: RwLock<Option<CachedToken>>,
     /// Our cached token is reused this long before asking yup-oauth2 (which refreshes a
@@ -312,46 +315,21 @@ impl Sender {
                 .map_err(AuthError::Setup)?
             }
         };
-        // rustls (aws-lc-rs) explicitly: reqwest would pick native-tls (OpenSSL) because a
-        // dependency enables that feature too.
-        let mut http = reqwest::Client::builder()
-            .tls_backend_rustls()
-            // FCM answers with a few bytes of JSON and never redirects; both layers cost time
-            // on every request (and a redirect must not carry our bearer token elsewhere).
-            .no_gzip()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(settings.fcm_timeout)
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(ca) = &settings.fcm_ca_cert {
-            let roots = reqwest::Certificate::from_pem_bundle(&ca.pem).map_err(|e| {
-                Error::setup(format!("FFPUSH_FCM_CA_CERT {}", ca.path.display()), e)
-            })?;
-            for root in roots {
-                http = http.add_root_certificate(root);
-            }
-        }
-        // Plain-HTTP endpoints are the emulator: speak h2c as production speaks h2 over TLS
-        // (negotiated by ALPN).
-        let http = if settings.fcm_endpoint.starts_with("http://") {
-            http.http2_prior_knowledge()
-        } else {
-            http
-        };
-        let http = http
-            .build()
-            .map_err(|e| Error::setup("building the HTTP client", e))?;
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             settings.fcm_endpoint, settings.project
         );
-        let send_url = reqwest::Url::parse(&send_url)
+        let send_uri: Uri = send_url
+            .parse()
             .map_err(|e| Error::setup(format!("FCM_ENDPOINT gives no valid URL {send_url}"), e))?;
+        let metrics = Arc::new(FcmMetrics::default());
+        let pool = Pool::new(pool_config(settings, &send_uri)?, metrics.clone());
+        let pacer = Pacer::new(settings.fcm_rate, settings.quota_floor, metrics.clone());
         Ok(Sender {
-            http,
-            send_url,
+            pool,
+            pacer,
+            send_uri,
+            metrics,
             auth,
             token: RwLock::new(None),
             token_reuse: Duration::from_secs(30),
@@ -399,16 +377,40 @@ impl Sender {
         self.store_token(token.token())
     }
 
-    /// One request; the answer classified. A 401 on our token is retried once with a fresh one.
+    /// Waits for this instance's pace: `FFPUSH_FCM_RATE`, and the pause after a 429
+    /// QUOTA_EXCEEDED. Every send waits here once, before [`Sender::send_now`].
+    pub async fn pace(&self) {
+        self.pacer.acquire().await;
+    }
+
+    /// [`Sender::pace`], then [`Sender::send_now`].
     pub async fn send(&self, body: Bytes) -> Result<Outcome, Error> {
+        self.pace().await;
+        self.send_now(body).await
+    }
+
+    /// One request, at once (the caller waited for [`Sender::pace`]); the answer classified.
+    /// A 401 on our token is retried once with a fresh one. A 429 QUOTA_EXCEEDED pauses every
+    /// send of the instance.
+    pub async fn send_now(&self, body: Bytes) -> Result<Outcome, Error> {
+        let sent_at = tokio::time::Instant::now();
         let header = self.access_token().await?;
-        match self.send_once(&header, body.clone()).await {
+        let answer = match self.send_once(&header, body.clone()).await {
             Err(Error::Unauthenticated(_)) => {
                 let fresh = self.refresh_token(&header).await?;
                 self.send_once(&fresh, body).await
             }
             other => other,
+        };
+        if let Err(Error::Retryable {
+            quota: true,
+            retry_after,
+            ..
+        }) = &answer
+        {
+            self.pacer.quota_exceeded(*retry_after, sent_at);
         }
+        answer
     }
 
     /// A `validate_only` send: checks permissions and the message without delivering.
@@ -417,37 +419,86 @@ impl Sender {
         self.send(Bytes::from(body)).await
     }
 
-    /// Opens the connection before a burst so the first sends don't queue behind the handshake.
+    /// Gets the access token and opens the connections before a burst, so the first sends
+    /// don't queue behind handshakes.
     pub async fn warm_up(&self) {
         let _ = self.access_token().await;
-        let mut base = self.send_url.clone();
-        base.set_path("/");
-        let _ = self.http.get(base).send().await;
+        match self.pool.warm_up().await {
+            Ok(open) => tracing::debug!(connections = open, "FCM connections warm"),
+            Err(e) => tracing::warn!(error = %e, "could not open the FCM connections ahead"),
+        }
+    }
+
+    /// The pool's counters, for `/metrics`.
+    pub fn metrics(&self) -> Arc<FcmMetrics> {
+        self.metrics.clone()
     }
 
     async fn send_once(&self, auth: &HeaderValue, body: Bytes) -> Result<Outcome, Error> {
-        let response = self
-            .http
-            .post(self.send_url.clone())
-            .header(reqwest::header::AUTHORIZATION, auth.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| Error::Transport(Arc::new(e)))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Error::Transport(Arc::new(e)))?;
-        classify(status, &body, retry_after)
+        let length = HeaderValue::from(body.len());
+        let head = || {
+            let mut request = Request::new(());
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = self.send_uri.clone();
+            let headers = request.headers_mut();
+            headers.insert(header::AUTHORIZATION, auth.clone());
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::CONTENT_LENGTH, length.clone());
+            request
+        };
+        let answer = self.pool.send(head, body).await.map_err(Error::Transport)?;
+        classify(answer.status, &answer.body, answer.retry_after)
     }
+}
+
+/// What is wrong with `FCM_ENDPOINT` or the CA certificate, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct EndpointError(String);
+
+/// The pool for `FCM_ENDPOINT`: h2 by ALPN over TLS for `https://`, h2c for `http://` (the
+/// emulator).
+fn pool_config(settings: &Settings, uri: &Uri) -> Result<PoolConfig, Error> {
+    let bad = |why: &str| {
+        Error::setup(
+            format!("FCM_ENDPOINT {}", settings.fcm_endpoint),
+            EndpointError(why.to_string()),
+        )
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let (protocol, default_port) = match uri.scheme_str() {
+        Some("https") => (Protocol::H2, 443),
+        Some("http") => (Protocol::H2c, 80),
+        _ => return Err(bad("use an https:// (or, for an emulator, http://) URL")),
+    };
+    let tls = match protocol {
+        Protocol::H2 => {
+            let mut config = tls_config(settings.fcm_ca_cert.as_ref())?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| bad(&format!("{host} is not a valid TLS server name: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        }
+        Protocol::H2c => None,
+    };
+    Ok(PoolConfig {
+        protocol,
+        port: uri.port_u16().unwrap_or(default_port),
+        host,
+        tls,
+        concurrency: settings.concurrency,
+        connections: settings.fcm_connections,
+        timeout: settings.fcm_timeout,
+        connect_timeout: settings.fcm_timeout.min(Duration::from_secs(10)),
+    })
 }
 
 type OAuthConnector =
@@ -458,26 +509,7 @@ type OAuthConnector =
 fn oauth_client(
     extra: Option<&crate::config::CaCert>,
 ) -> Result<yup_oauth2::CustomHyperClientBuilder<OAuthConnector>, Error> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    // Unreadable system certificates are skipped, as yup-oauth2 does; an HTTPS token endpoint
-    // then fails with a certificate error naming the host.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(ca) = extra {
-        for cert in CertificateDer::pem_slice_iter(&ca.pem) {
-            let what = || format!("FFPUSH_FCM_CA_CERT {}", ca.path.display());
-            let cert = cert.map_err(|e| Error::setup(what(), e))?;
-            roots.add(cert).map_err(|e| Error::setup(what(), e))?;
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::setup("TLS", e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = tls_config(extra)?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -488,6 +520,37 @@ fn oauth_client(
         .pool_max_idle_per_host(0)
         .build::<_, String>(connector);
     Ok(yup_oauth2::CustomHyperClientBuilder::from(client))
+}
+
+/// TLS for FCM and its token endpoint: rustls with aws-lc-rs, the system roots and the extra
+/// root(s) of `FFPUSH_FCM_CA_CERT`.
+fn tls_config(extra: Option<&crate::config::CaCert>) -> Result<rustls::ClientConfig, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped, as yup-oauth2 does; an HTTPS token endpoint
+    // then fails with a certificate error naming the host.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(ca) = extra {
+        for cert in CertificateDer::pem_slice_iter(&ca.pem) {
+            let added = cert
+                .map_err(|e| e.to_string())
+                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()));
+            added.map_err(|e| {
+                Error::setup(
+                    format!("FFPUSH_FCM_CA_CERT {}", ca.path.display()),
+                    EndpointError(e),
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::setup("TLS setup", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// What an FCM answer means (DESIGN.md §1).
@@ -551,7 +614,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
         429 => Err(Error::Retryable {
             answer: answer(),
             retry_after,
-            quota: true,
+            quota: project_quota(&details),
         }),
         500 | 502 | 503 | 504 => Err(Error::Retryable {
             answer: answer(),
@@ -573,10 +636,67 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
     }
 }
 
+/// Whether a 429's `QuotaFailure` is about the project's message rate rather than one device's
+/// or one topic's ("Device message rate exceeded", "Topic message rate exceeded"). Without
+/// the detail, the project's quota is assumed: pausing is the safe side.
+fn project_quota(details: &[Value]) -> bool {
+    let violations: Vec<String> = details
+        .iter()
+        .filter(|d| {
+            d["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("QuotaFailure"))
+        })
+        .flat_map(|d| d["violations"].as_array().cloned().unwrap_or_default())
+        .map(|v| {
+            format!(
+                "{} {}",
+                v["subject"].as_str().unwrap_or(""),
+                v["description"].as_str().unwrap_or("")
+            )
+            .to_ascii_lowercase()
+        })
+        .collect();
+    violations.is_empty()
+        || violations
+            .iter()
+            .any(|v| !(v.contains("device") || v.contains("topic")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Audience;
+
+    #[test]
+    fn only_the_projects_quota_pauses_the_instance() {
+        let quota = |violation: Value| {
+            let body = json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+                {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "QUOTA_EXCEEDED"},
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]},
+            ]}});
+            match classify(429, body.to_string().as_bytes(), None) {
+                Err(Error::Retryable { quota, .. }) => quota,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(quota(
+            json!({"subject": "project", "description": "Message rate exceeded"})
+        ));
+        assert!(!quota(
+            json!({"subject": "device", "description": "Device message rate exceeded"})
+        ));
+        assert!(!quota(
+            json!({"description": "Topic message rate exceeded"})
+        ));
+        assert!(
+            matches!(
+                classify(429, b"", None),
+                Err(Error::Retryable { quota: true, .. })
+            ),
+            "no detail: assume the project's quota"
+        );
+    }
 
     fn fixture(name: &str) -> (u16, Vec<u8>, Option<Duration>) {
         let path = concat!(

@@ -2,6 +2,7 @@
 //! atomics: a dozen series do not justify a metrics framework.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -59,6 +60,30 @@ pub const OUTCOMES: [&str; 9] = [
     "auth",
 ];
 
+/// What the FCM sender's connection pool reports. The sender owns it (it exists before the
+/// rest of the metrics); [`Metrics::fcm`] shares it for rendering.
+#[derive(Default)]
+pub struct FcmMetrics {
+    /// HTTP/2 connections to FCM open and in the pool.
+    pub connections: Gauge,
+    /// Connections opened since start (replacements included).
+    pub connections_opened: Counter,
+    /// Attempts to open a connection that failed.
+    pub connect_errors: Counter,
+    /// Requests FCM refused unprocessed (RST_STREAM REFUSED_STREAM, or GOAWAY before the
+    /// stream) and that were sent again.
+    pub streams_refused: Counter,
+    /// FCM requests on the wire right now.
+    pub requests_in_flight: Gauge,
+    /// Sends allowed per second now (`FFPUSH_FCM_RATE`, lower after a quota pause; 0:
+    /// unpaced).
+    pub pace_rate: Gauge,
+    /// Time sends waited for the pacer (rate and quota pauses), summed over sends.
+    pub pace_wait_micros: Counter,
+    /// 429 QUOTA_EXCEEDED events that paused every send of the instance.
+    pub quota_pauses: Counter,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub notifications_succeeded: Counter,
@@ -76,6 +101,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
+    /// The FCM sender's pool (see [`FcmMetrics`]).
+    pub fcm: Arc<FcmMetrics>,
     /// Observations per bucket, not cumulative (see [`Metrics::observe_fcm`]).
     latency_buckets: [Counter; 12],
     latency_count: Counter,
@@ -83,6 +110,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Metrics that render the FCM sender's pool counters too.
+    pub fn with_fcm(fcm: Arc<FcmMetrics>) -> Metrics {
+        Metrics {
+            fcm,
+            ..Metrics::default()
+        }
+    }
+
     pub fn observe_fcm(&self, answer: &Result<Outcome, fcm::Error>, elapsed: Duration) {
         let class = match answer {
             Ok(Outcome::Sent) => 0,
@@ -215,6 +250,79 @@ impl Metrics {
             out,
             "ffpush_fanout_token_wait_seconds_total {}",
             self.token_wait_micros.get() as f64 / 1e6
+        )?;
+        let fcm = &self.fcm;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_connections HTTP/2 connections to FCM open in the pool."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_connections gauge")?;
+        writeln!(out, "ffpush_fcm_connections {}", fcm.connections.get())?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_connections_opened_total HTTP/2 connections to FCM opened (replacements included)."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_connections_opened_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_connections_opened_total {}",
+            fcm.connections_opened.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_connect_errors_total Failed attempts to open a connection to FCM."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_connect_errors_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_connect_errors_total {}",
+            fcm.connect_errors.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_streams_refused_total Requests FCM refused unprocessed (REFUSED_STREAM or GOAWAY) and that were sent again."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_streams_refused_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_streams_refused_total {}",
+            fcm.streams_refused.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_requests_in_flight FCM requests sent and not yet answered."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_requests_in_flight gauge")?;
+        writeln!(
+            out,
+            "ffpush_fcm_requests_in_flight {}",
+            fcm.requests_in_flight.get()
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_pace_rate FCM sends allowed per second now (FFPUSH_FCM_RATE, lower while recovering from a quota pause; 0: unpaced)."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_pace_rate gauge")?;
+        writeln!(out, "ffpush_fcm_pace_rate {}", fcm.pace_rate.get())?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_pace_wait_seconds_total Time sends waited for the instance's pacer, summed over sends."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_pace_wait_seconds_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_pace_wait_seconds_total {}",
+            fcm.pace_wait_micros.get() as f64 / 1e6
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_quota_pauses_total Times FCM's 429 QUOTA_EXCEEDED paused every send of this instance."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_quota_pauses_total counter")?;
+        writeln!(
+            out,
+            "ffpush_fcm_quota_pauses_total {}",
+            fcm.quota_pauses.get()
         )?;
         writeln!(
             out,

@@ -135,17 +135,20 @@ impl CellResult {
     }
 }
 
-/// Sends `tokens` messages at `concurrency` through the production path, stopping after
-/// `limit` if not done (in-flight sends finish; the rate counts what was accepted).
+/// Sends `tokens` messages at `concurrency` (and at most `rate` per second, 0: unpaced)
+/// through the production path, stopping after `limit` if not done (in-flight sends finish;
+/// the rate counts what was accepted).
 pub async fn cell(
     target: &Target,
     store: &Store,
     tokens: usize,
     concurrency: usize,
+    rate: u32,
     limit: Duration,
 ) -> CellResult {
     let mut settings = target.settings.clone();
     settings.concurrency = concurrency;
+    settings.fcm_rate = rate;
     let sender = Sender::new(&settings).await.expect("building the sender");
     // As the daemon does at start: the connection and the OAuth token are ready before a burst.
     sender.warm_up().await;

@@ -19,8 +19,12 @@
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
-//! fan-out matrix), `--transport h2c,tls`, `--rss-sizes 10000,…`, `--pin` (this process on
-//! CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing two builds).
+//! fan-out matrix), `--transport h2c,tls`, `--rate N` (`FFPUSH_FCM_RATE` of the fan-out cells;
+//! default 0, unpaced: the matrix measures the sender's own ceiling), `--latency MS` (the FCM
+//! emulator answers each send of the fan-out matrix after MS, as Google's front end takes
+//! tens of ms; default 0), `--rss-sizes 10000,…`,
+//! `--pin` (this process on CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing
+//! two builds).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness: a panic stops the run with its reason
 
 mod ceiling;
@@ -42,6 +46,10 @@ pub struct Options {
     pub concurrencies: Vec<usize>,
     /// `h2c`, `tls` or both.
     pub transports: Vec<String>,
+    /// `FFPUSH_FCM_RATE` of the fan-out cells (0: unpaced).
+    pub rate: u32,
+    /// The FCM emulator's latency in the fan-out matrix, ms.
+    pub latency: u64,
     pub pin: bool,
     pub scenarios: Vec<String>,
 }
@@ -58,6 +66,8 @@ impl Options {
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
+            rate: 0,
+            latency: 0,
             pin: false,
             scenarios: Vec::new(),
         };
@@ -76,6 +86,8 @@ impl Options {
                 "--pin" => o.pin = true,
                 "--repeat" => o.repeat = number(args.next(), "--repeat"),
                 "--cell-secs" => o.cell_secs = number(args.next(), "--cell-secs") as u64,
+                "--rate" => o.rate = number(args.next(), "--rate") as u32,
+                "--latency" => o.latency = number(args.next(), "--latency") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
@@ -91,7 +103,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --pin --rss-sizes A,B",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -254,14 +266,25 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn fanout_matrix(bench: &Bench) {
     let o = &bench.options;
     let project = "bench-fanout";
+    let emulator_args = if o.latency > 0 {
+        vec!["--latency".to_string(), o.latency.to_string()]
+    } else {
+        Vec::new()
+    };
     let h2c = fanout::Target::new(
-        procs::FcmProcess::start(bench.dir.path(), project, None, false),
+        procs::FcmProcess::start_with(bench.dir.path(), project, None, false, &emulator_args),
         &bench.firestore_host,
         project,
         None,
     );
     let tls = fanout::Target::new(
-        procs::FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), false),
+        procs::FcmProcess::start_with(
+            bench.dir.path(),
+            project,
+            Some(&bench.certs),
+            false,
+            &emulator_args,
+        ),
         &bench.firestore_host,
         project,
         Some(&bench.certs.ca),
@@ -271,7 +294,14 @@ async fn fanout_matrix(bench: &Bench) {
         .expect("connecting to the Firestore emulator");
     let limit = Duration::from_secs(o.cell_secs);
     println!(
-        "## Fan-out from memory (production `fan_out` + `Sender`; FCM emulator in another process)\n"
+        "## Fan-out from memory (production `fan_out` + `Sender`; FCM emulator in another process, {} streams per connection, {} ms per send; FFPUSH_FCM_RATE {})\n",
+        100,
+        o.latency,
+        if o.rate == 0 {
+            "unpaced".to_string()
+        } else {
+            o.rate.to_string()
+        }
     );
     println!(
         "Each cell stops after its tokens or {}s, whichever first († = stopped by time: the rate is over what was sent). \
@@ -300,7 +330,7 @@ async fn fanout_matrix(bench: &Bench) {
                     continue;
                 }
                 for _ in 0..runs {
-                    let r = fanout::cell(target, &store, tokens, concurrency, limit).await;
+                    let r = fanout::cell(target, &store, tokens, concurrency, o.rate, limit).await;
                     eprintln!(
                         "fanout {tokens} c={concurrency} {name}: {} sent in {:.2}s = {:.0}/s, {:.1} CPU-ms/1000 (emulator {:.1})",
                         r.sent,

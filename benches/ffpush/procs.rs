@@ -162,6 +162,17 @@ impl FcmProcess {
     /// Starts the emulator; `certs` makes it HTTPS; `record` keeps every message (for
     /// latency), otherwise only counts.
     pub fn start(dir: &Path, project: &str, certs: Option<&Certs>, record: bool) -> FcmProcess {
+        FcmProcess::start_with(dir, project, certs, record, &[])
+    }
+
+    /// [`FcmProcess::start`] with more `ffpush fcm-emulator` arguments (`--latency 30` …).
+    pub fn start_with(
+        dir: &Path,
+        project: &str,
+        certs: Option<&Certs>,
+        record: bool,
+        extra: &[String],
+    ) -> FcmProcess {
         let port = free_port();
         let name = format!(
             "fcm-{port}{}",
@@ -188,6 +199,7 @@ impl FcmProcess {
         if !record {
             cmd.arg("--no-record");
         }
+        cmd.args(extra);
         let child = cmd.spawn().expect("starting ffpush fcm-emulator");
         let scheme = if certs.is_some() { "https" } else { "http" };
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -825,3 +825,195 @@ async fn count_only_mode_keeps_no_messages_but_counts() {
         .expect("JSON");
     assert_eq!(over_http["accepted"], 1);
 }
+
+/// The QUOTA_EXCEEDED body FCM answers (seed 003's error table), written out here.
+fn quota_exceeded_body() -> Value {
+    json!({"error": {
+        "code": 429,
+        "message": "Quota exceeded for quota metric 'Send requests'.",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "QUOTA_EXCEEDED"},
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"subject": "project", "description": "Message rate exceeded"}]},
+        ],
+    }})
+}
+
+/// A send request head for a raw h2 client; the body follows on the stream.
+fn h2_request(fcm: &TestFcm) -> axum::http::Request<()> {
+    axum::http::Request::post(fcm.send_url())
+        .header("authorization", format!("Bearer {}", fcm.access_token))
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request head")
+}
+
+fn h2_body(token: &str) -> bytes::Bytes {
+    bytes::Bytes::from(json!({"message": {"token": token}}).to_string())
+}
+
+/// Sends one message on an h2 connection and returns the status.
+async fn h2_send(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    fcm: &TestFcm,
+    token: &str,
+) -> u16 {
+    let (response, mut body) = client
+        .send_request(h2_request(fcm), false)
+        .expect("stream opened");
+    body.send_data(h2_body(token), true).expect("body sent");
+    response.await.expect("answer").status().as_u16()
+}
+
+#[tokio::test]
+async fn http2_connections_advertise_the_stream_limit_and_refuse_streams_beyond_it() {
+    // Google's front ends advertise 100 streams per connection; so does the emulator by default.
+    let fcm = spawn_fcm("streams-project", EmulatorOptions::default()).await;
+    let tcp = tokio::net::TcpStream::connect(fcm.emulator.addr())
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    // Once one exchange is done the server's SETTINGS have been read.
+    assert_eq!(h2_send(&mut client, &fcm, "device-0").await, 200);
+    assert_eq!(client.current_max_send_streams(), 100);
+
+    // A client that ignores the limit: h2 assumes no limit until the server's SETTINGS are
+    // read, so streams opened before the connection is first polled all go out. Request
+    // bodies are held back so that every accepted stream stays open.
+    let fcm = spawn_fcm("refused-project", EmulatorOptions::default().max_streams(4)).await;
+    let tcp = tokio::net::TcpStream::connect(fcm.emulator.addr())
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        streams.push(
+            client
+                .send_request(h2_request(&fcm), false)
+                .expect("stream opened"),
+        );
+    }
+    tokio::spawn(connection);
+    let mut statuses = Vec::new();
+    let mut refused = 0;
+    // The two streams past the limit are refused while the first four are still open.
+    for (response, _body) in streams.drain(4..) {
+        let error = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("refused in time")
+            .expect_err("a stream past the limit is refused");
+        assert_eq!(error.reason(), Some(h2::Reason::REFUSED_STREAM), "{error}");
+        assert!(error.is_reset() && error.is_remote(), "{error}");
+        refused += 1;
+    }
+    for (i, (response, mut body)) in streams.into_iter().enumerate() {
+        body.send_data(h2_body(&format!("device-{i}")), true)
+            .expect("body sent");
+        statuses.push(response.await.expect("answer").status().as_u16());
+    }
+    assert_eq!((statuses, refused), (vec![200; 4], 2));
+    assert_eq!(client.current_max_send_streams(), 4);
+    // Refused streams were never processed: only the four accepted sends reached FCM.
+    assert_eq!(fcm.emulator.attempts(&fcm.project).len(), 4);
+    // The limit is on streams open at once, not on the connection's total.
+    assert_eq!(h2_send(&mut client, &fcm, "device-later").await, 200);
+}
+
+#[tokio::test]
+async fn connections_are_closed_with_goaway_after_the_configured_sends() {
+    let fcm = spawn_fcm("goaway-project", EmulatorOptions::default().goaway_after(2)).await;
+    let tcp = tokio::net::TcpStream::connect(fcm.emulator.addr())
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    assert_eq!(h2_send(&mut client, &fcm, "device-1").await, 200);
+    assert_eq!(h2_send(&mut client, &fcm, "device-2").await, 200);
+    // The second send was the last: the server says GOAWAY and the connection ends cleanly.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection ends after GOAWAY")
+        .expect("connection task");
+    assert!(ended.is_ok(), "{ended:?}");
+    let error = client
+        .send_request(h2_request(&fcm), true)
+        .expect_err("no new stream after GOAWAY");
+    assert!(error.is_go_away() || error.is_io(), "{error}");
+    assert_eq!(fcm.emulator.messages(&fcm.project).len(), 2);
+}
+
+#[tokio::test]
+async fn latency_delays_every_answer() {
+    let latency = Duration::from_millis(300);
+    let fcm = spawn_fcm(
+        "slow-project",
+        EmulatorOptions::default().latency(latency, Duration::from_millis(100)),
+    )
+    .await;
+    for token in ["device-1", "device-2", "device-3"] {
+        let started = Instant::now();
+        assert_eq!(fcm.send_to(token).await.status, 200);
+        // latency ± jitter: never faster than latency − jitter.
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+    // Errors take as long as successes.
+    fcm.emulator.script("dead", Script::Unregistered);
+    let started = Instant::now();
+    assert_eq!(fcm.send_to("dead").await.status, 404);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn beyond_the_quota_sends_are_answered_429_with_retry_after() {
+    let window = Duration::from_secs(3);
+    let fcm = spawn_fcm("quota-project", EmulatorOptions::default().quota(3, window)).await;
+    // Send until the quota is used up (a window may end in between on a slow machine).
+    let mut refusal = None;
+    for i in 0..12 {
+        let answer = fcm.send_to(&format!("device-{i}")).await;
+        if answer.status != 200 {
+            refusal = Some(answer);
+            break;
+        }
+    }
+    let refusal = refusal.expect("a send beyond the quota is refused");
+    assert_eq!(refusal.status, 429);
+    assert_eq!(refusal.body, quota_exceeded_body());
+    let retry_after: u64 = refusal
+        .retry_after
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!(
+        (1..=window.as_secs()).contains(&retry_after),
+        "{retry_after}"
+    );
+    let windows = fcm.emulator.quota_windows(&fcm.project);
+    assert!(windows.iter().all(|w| w.admitted <= 3), "{windows:?}");
+    assert_eq!(windows.iter().map(|w| w.refused).sum::<u64>(), 1);
+    assert_eq!(
+        windows.last().map(|w| (w.admitted, w.refused)),
+        Some((3, 1))
+    );
+    // Other projects have quotas of their own.
+    let other = fcm
+        .http
+        .post(format!(
+            "{}/v1/projects/other-project/messages:send",
+            fcm.emulator.url()
+        ))
+        .bearer_auth(&fcm.access_token)
+        .json(&json!({"message": {"token": "device-x"}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(other.status(), StatusCode::OK);
+    // After Retry-After the next window takes sends again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_eq!(fcm.send_to("device-next").await.status, 200);
+    let statuses = fcm.statuses();
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1);
+    assert_eq!(statuses.last(), Some(&200));
+}

@@ -6,6 +6,8 @@
 mod cli;
 mod deploy;
 mod fcm_emulator;
+mod fcm_pool;
+mod fcm_quota;
 mod fidelity;
 mod lifecycle;
 mod logs;

@@ -10,7 +10,26 @@
 //! - `validate`: FCM's checks on a send request.
 //! - `oauth`: `POST /token`, the JWT check, access tokens and the service-account key writer.
 //! - `script`: per-token scripted answers and the `/emulator/tokens/{token}` control routes.
+//! - `serve`: connections: HTTP/1.1 and HTTP/2 (h2c, or h2 over TLS), the advertised stream
+//!   limit, and GOAWAY after a number of requests.
 //! - `tls`: the HTTPS mode (rustls, ALPN `h2` and `http/1.1`).
+//!
+//! # Behaving like Google's front end
+//! [`EmulatorOptions`] can make the emulator as slow and as strict as the real service:
+//! - `max_streams`: the `SETTINGS_MAX_CONCURRENT_STREAMS` each HTTP/2 connection advertises
+//!   (100, as Google's front ends do). A client that opens more streams than that gets each
+//!   extra stream refused with `RST_STREAM(REFUSED_STREAM)`, which is what hyper's h2 server
+//!   does; after 1024 such refusals on one connection h2 closes it with
+//!   `GOAWAY(ENHANCE_YOUR_CALM, "too_many_internal_resets")`. Google's front end is harsher and
+//!   sends `GOAWAY` (debug data `exceeded_max_concurrent_streams`) at once. Either way the
+//!   refused streams were never processed.
+//! - `latency` ± `jitter`: how long each send takes to be answered (tens of milliseconds at
+//!   Google).
+//! - `quota` per `quota_window`: send requests per project per window (FCM's default is
+//!   600 000 per minute); beyond it, 429 `QUOTA_EXCEEDED` with `Retry-After` until the window
+//!   ends, as FCM answers.
+//! - `goaway_after`: a graceful `GOAWAY` after that many sends on one connection, as front ends
+//!   recycling their connections do.
 //!
 //! # Lifetime
 //! The server runs until [`FcmEmulator::shutdown`] is called or the last clone of the handle is
@@ -19,16 +38,19 @@
 mod oauth;
 mod script;
 mod send;
+mod serve;
 mod tls;
 mod validate;
 
 pub use script::Script;
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -36,7 +58,6 @@ use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -53,6 +74,22 @@ pub struct EmulatorOptions {
     /// `/emulator/messages`). Off for load tests: memory then stays flat and only
     /// [`FcmEmulator::stats`] counts.
     pub record: bool,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised on every HTTP/2 connection; streams beyond
+    /// it are refused (`RST_STREAM(REFUSED_STREAM)`). Google's front ends advertise 100.
+    pub max_streams: u32,
+    /// How long a send takes to be answered. Zero (the default) for tests.
+    pub latency: Duration,
+    /// Each send's delay is drawn uniformly from `latency ± jitter` (never below zero).
+    pub jitter: Duration,
+    /// Send requests allowed per project per `quota_window`; beyond that, 429 QUOTA_EXCEEDED.
+    /// `None`: no quota.
+    pub quota: Option<u64>,
+    /// The quota's window: a minute at FCM; tests shorten it. Windows are consecutive and
+    /// start when the emulator starts.
+    pub quota_window: Duration,
+    /// After this many send requests on one connection, close it gracefully (`GOAWAY`; the
+    /// requests already received are answered). `None`: connections live on.
+    pub goaway_after: Option<u64>,
 }
 
 impl Default for EmulatorOptions {
@@ -60,7 +97,47 @@ impl Default for EmulatorOptions {
         EmulatorOptions {
             token_lifetime: Duration::from_secs(3600),
             record: true,
+            max_streams: 100,
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            quota: None,
+            quota_window: Duration::from_secs(60),
+            goaway_after: None,
         }
+    }
+}
+
+impl EmulatorOptions {
+    /// The advertised HTTP/2 stream limit per connection.
+    pub fn max_streams(mut self, max_streams: u32) -> Self {
+        self.max_streams = max_streams;
+        self
+    }
+
+    /// Every send answered after `latency ± jitter`.
+    pub fn latency(mut self, latency: Duration, jitter: Duration) -> Self {
+        self.latency = latency;
+        self.jitter = jitter;
+        self
+    }
+
+    /// At most `per_window` send requests per project in each `window`.
+    pub fn quota(mut self, per_window: u64, window: Duration) -> Self {
+        self.quota = Some(per_window);
+        self.quota_window = window;
+        self
+    }
+
+    /// A graceful GOAWAY after `requests` sends on a connection.
+    pub fn goaway_after(mut self, requests: u64) -> Self {
+        self.goaway_after = Some(requests);
+        self
+    }
+
+    /// Keep counts only (see [`EmulatorOptions::record`]).
+    pub fn count_only(mut self) -> Self {
+        self.record = false;
+        self
     }
 }
 
@@ -73,6 +150,21 @@ pub struct Stats {
     pub attempts: u64,
     /// Of the attempts, those that came over HTTP/2 (h2 by ALPN, or h2c).
     pub http2: u64,
+    /// Connections that carried at least one send.
+    pub connections: u64,
+    /// The most sends ever in progress at once on one connection.
+    pub peak_streams: u64,
+}
+
+/// One quota window of one project (only kept when a quota is set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QuotaWindow {
+    /// Windows are numbered from 0, the one starting when the emulator started.
+    pub index: u64,
+    /// Send requests counted against the quota in this window (at most the quota).
+    pub admitted: u64,
+    /// Send requests answered 429 QUOTA_EXCEEDED in this window.
+    pub refused: u64,
 }
 
 /// A send FCM accepted (answered 200).
@@ -114,7 +206,12 @@ struct Shared {
     addr: SocketAddr,
     url: String,
     options: EmulatorOptions,
+    /// Quota windows count from here.
+    started: Instant,
     state: Mutex<EmulatorState>,
+    /// [`Stats::connections`] and [`Stats::peak_streams`], kept outside the lock.
+    connections: AtomicU64,
+    peak_streams: AtomicU64,
 }
 
 #[derive(Default)]
@@ -125,6 +222,8 @@ struct EmulatorState {
     /// (project, attempt); the project is kept apart because `Attempt` is per project already.
     attempts: Vec<(String, Attempt)>,
     stats: Stats,
+    /// project → window index → counts, when a quota is set.
+    quota: HashMap<String, BTreeMap<u64, QuotaWindow>>,
 }
 
 impl Shared {
@@ -132,6 +231,14 @@ impl Shared {
     /// state consistent enough for a test emulator, so poisoning is ignored.
     fn state(&self) -> MutexGuard<'_, EmulatorState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            connections: self.connections.load(Ordering::Relaxed),
+            peak_streams: self.peak_streams.load(Ordering::Relaxed),
+            ..self.state().stats
+        }
     }
 
     fn token_uri(&self) -> String {
@@ -255,7 +362,17 @@ impl FcmEmulator {
 
     /// Counts of send requests so far (kept also when messages are not recorded).
     pub fn stats(&self) -> Stats {
-        self.shared.state().stats
+        self.shared.stats()
+    }
+
+    /// The quota windows of `project` that saw sends, oldest first (empty without a quota).
+    pub fn quota_windows(&self, project: &str) -> Vec<QuotaWindow> {
+        self.shared
+            .state()
+            .quota
+            .get(project)
+            .map(|windows| windows.values().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Invalidates every access token issued so far, as if Google had revoked them.
@@ -301,29 +418,14 @@ fn prepare(
         addr,
         url: format!("{scheme}://{}", reachable(addr)),
         options,
+        started: Instant::now(),
         state: Mutex::new(EmulatorState::default()),
+        connections: AtomicU64::new(0),
+        peak_streams: AtomicU64::new(0),
     });
     let cancel = CancellationToken::new();
     let app = router(Arc::clone(&shared));
-    let stop = cancel.clone().cancelled_owned();
-    let serve = async move {
-        match tls {
-            Some(acceptor) => tls::serve(listener, app, acceptor, stop).await,
-            None => {
-                // axum's server speaks HTTP/1.1 and h2c with prior knowledge on the same
-                // socket. No Nagle delay: answers are small and latency is measured.
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::warn!(error = %e, "FCM emulator stopped");
-                }
-            }
-        }
-    };
+    let serve = serve::serve(listener, app, tls, shared.options.clone(), cancel.clone());
     let emulator = FcmEmulator {
         shared,
         _stop_on_drop: Arc::new(cancel.clone().drop_guard()),
@@ -386,7 +488,7 @@ async fn list_messages(
 
 /// `GET /emulator/stats`: counts of send requests, for load tests that do not record.
 async fn stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
-    Json(shared.state().stats)
+    Json(shared.stats())
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

@@ -102,7 +102,7 @@ pub(super) fn take(slot: &mut Option<Script>) -> Option<Scripted> {
 }
 
 /// The fixture answer for an FCM error code.
-fn fcm_error(code: &str, retry_after_secs: Option<u64>) -> Failure {
+pub(super) fn fcm_error(code: &str, retry_after_secs: Option<u64>) -> Failure {
     let (status, message, grpc_status) = match code {
         "UNREGISTERED" => (404, "Requested entity was not found.", "NOT_FOUND"),
         "SENDER_ID_MISMATCH" => (403, "SenderId mismatch", "PERMISSION_DENIED"),

@@ -1,45 +1,119 @@
-//! `POST /v1/projects/{project}/messages:send`: authenticate, validate, apply the token's
-//! script, record, answer.
+//! `POST /v1/projects/{project}/messages:send`: authenticate, check the project's quota,
+//! validate, apply the token's script, record, answer (after the configured latency).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use chrono::Utc;
 use rand::Rng as _;
 use serde_json::json;
 
 use super::script::{self, Scripted};
+use super::serve::ConnectionSends;
 use super::validate;
-use super::{AcceptedMessage, Attempt, Shared, redact};
+use super::{AcceptedMessage, Attempt, EmulatorState, QuotaWindow, Shared, redact};
 
 pub(super) async fn send(
     State(shared): State<Arc<Shared>>,
     Path((project, action)): Path<(String, String)>,
     uri: Uri,
     version: Version,
+    connection: Option<Extension<Arc<ConnectionSends>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     if action != "messages:send" {
         return super::no_route(&Method::POST, uri.path());
     }
+    let _in_progress = connection.map(|Extension(sends)| sends.start(&shared));
+    let delay = delay(&shared);
+    let response = answer(&shared, project, version, &headers, &body).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// This send's latency: uniform in `latency ± jitter`.
+fn delay(shared: &Shared) -> Duration {
+    let options = &shared.options;
+    if options.jitter.is_zero() {
+        return options.latency;
+    }
+    let low = options.latency.saturating_sub(options.jitter);
+    let high = options.latency.saturating_add(options.jitter);
+    rand::rng().random_range(low..=high)
+}
+
+/// Counts a send request against the project's quota. `Some(retry_after_secs)` when the
+/// window's quota is used up: the seconds until the window ends, rounded up.
+fn over_quota(shared: &Shared, state: &mut EmulatorState, project: &str) -> Option<u64> {
+    let limit = shared.options.quota?;
+    let window = shared.options.quota_window.as_nanos().max(1);
+    let elapsed = shared.started.elapsed();
+    let index = (elapsed.as_nanos() / window) as u64;
+    let counts = state
+        .quota
+        .entry(project.to_owned())
+        .or_default()
+        .entry(index)
+        .or_insert(QuotaWindow {
+            index,
+            ..QuotaWindow::default()
+        });
+    if counts.admitted < limit {
+        counts.admitted += 1;
+        return None;
+    }
+    counts.refused += 1;
+    let end = (u128::from(index) + 1) * window;
+    let remaining = end.saturating_sub(elapsed.as_nanos());
+    Some((remaining.div_ceil(1_000_000_000) as u64).max(1))
+}
+
+async fn answer(
+    shared: &Shared,
+    project: String,
+    version: Version,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     // FCM checks credentials before it looks at the message.
-    if !authorized(&shared, &headers) {
+    if !authorized(shared, headers) {
         tracing::debug!(%project, "FCM emulator: send refused, bad OAuth token");
         return (StatusCode::UNAUTHORIZED, Json(unauthenticated())).into_response();
     }
     let at = Utc::now();
-    let request = match validate::send_request(&body) {
+    // The quota counts send requests, whatever their message.
+    let refused = {
+        let mut state = shared.state();
+        over_quota(shared, &mut state, &project)
+    };
+    if let Some(retry_after_secs) = refused {
+        let token = validate::token_hint(body);
+        tracing::debug!(%project, token = ?token.as_deref().map(redact), retry_after_secs, "FCM emulator: over quota");
+        record_attempt(
+            shared,
+            &project,
+            token,
+            StatusCode::TOO_MANY_REQUESTS,
+            at,
+            version,
+        );
+        return script::fcm_error("QUOTA_EXCEEDED", Some(retry_after_secs)).into_response();
+    }
+    let request = match validate::send_request(body) {
         Ok(request) => request,
         Err(violation) => {
-            let token = validate::token_hint(&body);
+            let token = validate::token_hint(body);
             tracing::debug!(%project, token = ?token.as_deref().map(redact), field = ?violation.field, "FCM emulator: send invalid");
             record_attempt(
-                &shared,
+                shared,
                 &project,
                 token,
                 StatusCode::BAD_REQUEST,

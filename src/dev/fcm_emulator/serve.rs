@@ -1,0 +1,146 @@
+//! Accepting and serving connections, plain or TLS: hyper-util's auto server speaks HTTP/1.1,
+//! h2c with prior knowledge (plain) and h2 by ALPN (TLS), and advertises the configured
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{EmulatorOptions, Shared};
+
+/// How long in-flight connections get to finish after shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The sends of one connection: counted for [`super::Stats`], and the connection closed
+/// gracefully after `goaway_after` of them.
+pub(super) struct ConnectionSends {
+    count: AtomicU64,
+    in_progress: AtomicU64,
+    goaway_after: Option<u64>,
+    close: Notify,
+}
+
+/// One send in progress on a connection; dropped when it is answered (or abandoned).
+pub(super) struct InProgress(Arc<ConnectionSends>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.in_progress.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionSends {
+    /// Called by the send handler for every send request on this connection.
+    pub(super) fn start(self: &Arc<Self>, shared: &Shared) -> InProgress {
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if count == 1 {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        if Some(count) == self.goaway_after {
+            self.close.notify_one();
+        }
+        let now = self.in_progress.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.peak_streams.fetch_max(now, Ordering::Relaxed);
+        InProgress(Arc::clone(self))
+    }
+}
+
+/// Accepts until `stop`, then lets open connections finish (up to [`DRAIN`]).
+pub(super) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    options: EmulatorOptions,
+    stop: CancellationToken,
+) {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server.http2().max_concurrent_streams(options.max_streams);
+    let connections = TaskTracker::new();
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "FCM emulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // No Nagle delay: answers are small and latency is measured.
+        let _ = tcp.set_nodelay(true);
+        let sends = Arc::new(ConnectionSends {
+            count: AtomicU64::new(0),
+            in_progress: AtomicU64::new(0),
+            goaway_after: options.goaway_after,
+            close: Notify::new(),
+        });
+        let app = app.clone().layer(Extension(Arc::clone(&sends)));
+        let server = server.clone();
+        let tls = tls.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            match tls {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(tls) => connection(&server, tls, app, sends, stop).await,
+                    Err(e) => tracing::debug!(error = %e, "FCM emulator: TLS handshake failed"),
+                },
+                None => connection(&server, tcp, app, sends, stop).await,
+            }
+        });
+    }
+    // Refuse new connections at once; give the open ones a moment to finish.
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
+}
+
+/// Serves one connection until it ends; closes it gracefully (GOAWAY for HTTP/2) on `stop` or
+/// after its allowed number of sends.
+async fn connection<I>(
+    server: &auto::Builder<TokioExecutor>,
+    io: I,
+    app: Router,
+    sends: Arc<ConnectionSends>,
+    stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = server.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(connection);
+    let recycle = sends.close.notified();
+    tokio::pin!(recycle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "FCM emulator: connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = &mut recycle, if !closing => {
+                tracing::debug!("FCM emulator: connection recycled (GOAWAY)");
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
