@@ -2,7 +2,7 @@
 //! the generated functions, or better, never in a way that surprises an app.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -366,26 +366,11 @@ struct Logged {
 
 impl Logged {
     fn start(app: &TestApp, env: &[(&str, &str)], dir: &std::path::Path) -> Logged {
-        let s = &app.settings;
         let log = dir.join("ffpush.log");
         let file = std::fs::File::create(&log).expect("creating the log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ffpush"));
-        cmd.arg("run")
-            .env("GOOGLE_CLOUD_PROJECT", &s.project)
-            .env(
-                "FIRESTORE_EMULATOR_HOST",
-                s.firestore_emulator_host.as_deref().unwrap_or_default(),
-            )
-            .env(
-                "GOOGLE_APPLICATION_CREDENTIALS",
-                s.credentials.as_deref().unwrap_or(std::path::Path::new("")),
-            )
-            .env("FCM_ENDPOINT", &s.fcm_endpoint)
-            .env("PORT", "0")
-            .env("RUST_LOG", "info")
-            .env("LOG_FORMAT", "text")
+        let mut cmd = app.run_command();
+        cmd.env("LOG_FORMAT", "text")
             .env_remove("K_SERVICE")
-            .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in env {
             cmd.env(k, v);

@@ -1,7 +1,7 @@
 //! Scheduling, crashes, graceful shutdown and outages: nothing lost, nothing sent twice.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -18,23 +18,7 @@ struct WorkerProcess(Child);
 
 impl WorkerProcess {
     fn start(app: &TestApp, env: &[(&str, &str)]) -> WorkerProcess {
-        let s = &app.settings;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ffpush"));
-        cmd.arg("run")
-            .env("GOOGLE_CLOUD_PROJECT", &s.project)
-            .env(
-                "FIRESTORE_EMULATOR_HOST",
-                s.firestore_emulator_host.as_deref().unwrap_or_default(),
-            )
-            .env(
-                "GOOGLE_APPLICATION_CREDENTIALS",
-                s.credentials.as_deref().unwrap_or(std::path::Path::new("")),
-            )
-            .env("FCM_ENDPOINT", &s.fcm_endpoint)
-            .env("PORT", "0")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut cmd = app.run_command();
         for (k, v) in env {
             cmd.env(k, v);
         }

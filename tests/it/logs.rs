@@ -1,7 +1,7 @@
 //! The Cloud Logging JSON log of `ffpush run`: every line about a notification carries its
 //! path and id (from the notification's span) and names it as the entry's operation.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ffpush::dev::fcm_emulator::Script;
@@ -38,23 +38,10 @@ async fn every_line_about_a_notification_carries_its_doc_id_and_operation() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log_path = dir.path().join("ffpush.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let s = &app.settings;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ffpush"))
-        .arg("run")
-        .env("GOOGLE_CLOUD_PROJECT", &s.project)
-        .env(
-            "FIRESTORE_EMULATOR_HOST",
-            s.firestore_emulator_host.as_deref().unwrap_or_default(),
-        )
-        .env(
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            s.credentials.as_deref().unwrap_or(std::path::Path::new("")),
-        )
-        .env("FCM_ENDPOINT", &s.fcm_endpoint)
-        .env("PORT", "0")
+    let mut child = app
+        .run_command()
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn,ffpush=debug")
-        .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("starting ffpush run");

@@ -102,6 +102,30 @@ impl TestApp {
         }
     }
 
+    /// `ffpush run` as a separate process, configured by environment for this test's project
+    /// as Cloud Run would configure it (health port: any). Output goes nowhere until the
+    /// caller says otherwise.
+    pub fn run_command(&self) -> std::process::Command {
+        let s = &self.settings;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ffpush"));
+        cmd.arg("run")
+            .env("GOOGLE_CLOUD_PROJECT", &s.project)
+            .env(
+                "FIRESTORE_EMULATOR_HOST",
+                s.firestore_emulator_host.as_deref().unwrap_or_default(),
+            )
+            .env(
+                "GOOGLE_APPLICATION_CREDENTIALS",
+                s.credentials.as_deref().unwrap_or(std::path::Path::new("")),
+            )
+            .env("FCM_ENDPOINT", &s.fcm_endpoint)
+            .env("PORT", "0")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    }
+
     pub fn fcm(&self) -> &'static FcmEmulator {
         &shared().fcm
     }
