@@ -242,7 +242,10 @@ async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Chec
     let now = Utc::now();
     for collection in collections {
         if status.is_ok() {
-            status = store.with_status(collection, &["started"]).await.map(drop);
+            status = store
+                .with_status(collection, &[crate::model::Status::Started])
+                .await
+                .map(drop);
         }
         if due.is_ok() {
             due = store

@@ -208,7 +208,11 @@ async fn sweep_from(worker: &Arc<Worker>, since: Option<DateTime<Utc>>) -> Optio
         &worker.settings.collection,
         &worker.settings.user_collection,
     ] {
-        match worker.store.with_status(collection, &["started"]).await {
+        match worker
+            .store
+            .with_status(collection, &[crate::model::Status::Started])
+            .await
+        {
             Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
             Err(e) => tracing::warn!(collection, error = %Chain(&e), "sweep query failed"),
         }

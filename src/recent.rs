@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::claim::fields;
-use crate::model::{pb, string_value};
+use crate::model::{Status, pb, string_value};
 use crate::store::{self, Recent, Store};
 
 /// What to list.
@@ -97,7 +97,7 @@ pub async fn latest(
     let mut entries: Vec<Entry> = unique
         .into_values()
         .filter(|e| since.is_none_or(|t| e.activity >= t))
-        .filter(|e| !options.failed_only || e.status == "failed")
+        .filter(|e| !options.failed_only || Status::parse(&e.status) == Status::Failed)
         .collect();
     entries.sort_by(|a, b| b.activity.cmp(&a.activity).then(a.id.cmp(&b.id)));
     entries.truncate(options.limit);
@@ -155,7 +155,7 @@ impl Entry {
             tokens: number("num_tokens", "tokens"),
             removed: number("num_tokens_removed", "removed"),
             failed: store::integer_field(doc, "num_failed"),
-            worker: (status == "started")
+            worker: (Status::parse(&status) == Status::Started)
                 .then(|| text(fields::WORKER))
                 .flatten(),
             status,
@@ -190,7 +190,7 @@ impl Entry {
                     .scheduled_time
                     .map(|t| format!("due {}", t.format("%Y-%m-%d %H:%M:%S")))
                     .unwrap_or_default(),
-                "started" => {
+                status if Status::parse(status) == Status::Started => {
                     let running = self
                         .started_at
                         .map(|t| format!("sending for {}", span(now - t)))

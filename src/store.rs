@@ -23,6 +23,7 @@ use firestore::{FirestoreDb, FirestoreDbOptions};
 use futures::StreamExt;
 
 use crate::config::Settings;
+use crate::model::Status;
 
 pub type Client = FirestoreClient<GoogleAuthMiddleware>;
 
@@ -585,7 +586,7 @@ impl Store {
     pub async fn with_status(
         &self,
         collection: &str,
-        statuses: &[&str],
+        statuses: &[Status],
     ) -> Result<Vec<Document>, Error> {
         let query = StructuredQuery {
             from: vec![sq::CollectionSelector {
@@ -597,7 +598,7 @@ impl Store {
                 sq::field_filter::Operator::In,
                 Value {
                     value_type: Some(value::ValueType::ArrayValue(pb::ArrayValue {
-                        values: statuses.iter().map(|s| string(s)).collect(),
+                        values: statuses.iter().map(|s| string(s.as_str())).collect(),
                     })),
                 },
             )]),
@@ -725,7 +726,9 @@ impl Store {
         {
             Recent::Finished { failed_only } => (
                 vec![
-                    failed_only.then(|| field_filter("status", Operator::Equal, string("failed"))),
+                    failed_only.then(|| {
+                        field_filter("status", Operator::Equal, string(Status::Failed.as_str()))
+                    }),
                     since.map(|t| {
                         field_filter("completed_at", Operator::GreaterThanOrEqual, timestamp(t))
                     }),
@@ -736,7 +739,7 @@ impl Store {
                 vec![Some(field_filter(
                     "status",
                     Operator::Equal,
-                    string("started"),
+                    string(Status::Started.as_str()),
                 ))],
                 None,
             ),
