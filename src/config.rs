@@ -14,6 +14,17 @@ pub const EXIT_INVALID_SETTINGS: i32 = 64;
 pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
+// --- Limits on app documents, and the schedule window (begin) ---
+/// The same number as `maxRecipients()` in `migrations/firestore.rules`: a person picks the
+/// recipients of an in-app notification by hand (a chat, a group, followers); larger
+/// audiences are the console's or a back end's job (`ff_push_notifications`).
+pub const DEFAULT_MAX_APP_RECIPIENTS: usize = 100;
+/// One every two seconds, sustained: above what a person triggers by using an app (chat
+/// messages, likes), far below a script's bulk writes.
+pub const DEFAULT_SENDER_RATE: u32 = 30;
+/// Timers for the next hour cost ≈ 1 KiB per document; later documents cost nothing.
+pub const DEFAULT_SCHEDULE_WINDOW: Duration = Duration::from_secs(3600);
+// --- Limits on app documents, and the schedule window (end) ---
 
 /// Raw settings as given by flags or environment. Every value is a string here on purpose.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -79,6 +90,18 @@ pub struct SettingsArgs {
     /// How often to query for due or abandoned documents that no timer or listener holds.
     #[arg(long = "sweep-interval", env = "FFPUSH_SWEEP_INTERVAL")]
     pub sweep_interval: Option<String>,
+    // --- Limits on app documents, and the schedule window (begin) ---
+    /// Most users one `ff_user_push_notifications` document may name in `user_refs`.
+    #[arg(long = "max-app-recipients", env = "FFPUSH_MAX_APP_RECIPIENTS")]
+    pub max_app_recipients: Option<String>,
+    /// `ff_user_push_notifications` documents sent per minute per `sender`; the rest fail.
+    #[arg(long = "sender-rate", env = "FFPUSH_SENDER_RATE")]
+    pub sender_rate: Option<String>,
+    /// Timers are kept only for documents due within this window; later ones are found by the
+    /// sweep when they come close, e.g. `1h`.
+    #[arg(long = "schedule-window", env = "FFPUSH_SCHEDULE_WINDOW")]
+    pub schedule_window: Option<String>,
+    // --- Limits on app documents, and the schedule window (end) ---
     /// `text` or `json` (Cloud Logging). Default: json on Cloud Run (K_SERVICE set), else text.
     #[arg(long = "log-format", env = "LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -119,6 +142,14 @@ pub struct Settings {
     pub quota_floor: Duration,
     pub shutdown_grace: Duration,
     pub sweep_interval: Duration,
+    // --- Limits on app documents, and the schedule window (begin) ---
+    /// Most unique users in an app document's `user_refs`.
+    pub max_app_recipients: usize,
+    /// App documents per minute per `sender` (per instance).
+    pub sender_rate: u32,
+    /// Documents due further ahead hold no timer.
+    pub schedule_window: Duration,
+    // --- Limits on app documents, and the schedule window (end) ---
     pub log_format: LogFormat,
     /// Identifies this process on the documents it claims.
     pub worker_id: String,
@@ -305,9 +336,42 @@ impl Settings {
                 "FFPUSH_SWEEP_INTERVAL",
                 Duration::from_secs(30),
             )?,
+            // --- Limits on app documents, and the schedule window (begin) ---
+            max_app_recipients: parse_number(
+                &args.max_app_recipients,
+                "FFPUSH_MAX_APP_RECIPIENTS",
+                DEFAULT_MAX_APP_RECIPIENTS as u64,
+                1,
+                10_000,
+            )? as usize,
+            sender_rate: parse_number(
+                &args.sender_rate,
+                "FFPUSH_SENDER_RATE",
+                DEFAULT_SENDER_RATE as u64,
+                1,
+                1_000_000,
+            )? as u32,
+            schedule_window: parse_setting_duration(
+                &args.schedule_window,
+                "FFPUSH_SCHEDULE_WINDOW",
+                DEFAULT_SCHEDULE_WINDOW,
+            )?,
+            // --- Limits on app documents, and the schedule window (end) ---
             log_format,
             worker_id: default_worker_id(),
         };
+        // --- Limits on app documents, and the schedule window (begin) ---
+        if settings.schedule_window < settings.sweep_interval * 2 {
+            return Err(ConfigError::new(
+                "FFPUSH_SCHEDULE_WINDOW",
+                &format!("{:?}", settings.schedule_window),
+                format!(
+                    "must be at least twice FFPUSH_SWEEP_INTERVAL ({:?}): the sweep finds documents as they enter the window",
+                    settings.sweep_interval
+                ),
+            ));
+        }
+        // --- Limits on app documents, and the schedule window (end) ---
         if settings.progress_interval * 2 > settings.lease {
             return Err(ConfigError::new(
                 "FFPUSH_PROGRESS_INTERVAL",
@@ -349,6 +413,11 @@ impl Settings {
             quota_floor: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(8),
             sweep_interval: Duration::from_secs(30),
+            // --- Limits on app documents, and the schedule window (begin) ---
+            max_app_recipients: DEFAULT_MAX_APP_RECIPIENTS,
+            sender_rate: DEFAULT_SENDER_RATE,
+            schedule_window: DEFAULT_SCHEDULE_WINDOW,
+            // --- Limits on app documents, and the schedule window (end) ---
             log_format: LogFormat::Text,
             worker_id: default_worker_id(),
         }
@@ -610,6 +679,28 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    max_app_recipients: Some("0".into()),
+                    ..args()
+                },
+                "FFPUSH_MAX_APP_RECIPIENTS",
+            ),
+            (
+                SettingsArgs {
+                    sender_rate: Some("many".into()),
+                    ..args()
+                },
+                "FFPUSH_SENDER_RATE",
+            ),
+            (
+                // Shorter than two sweeps: documents entering it could be missed.
+                SettingsArgs {
+                    schedule_window: Some("50s".into()),
+                    ..args()
+                },
+                "FFPUSH_SCHEDULE_WINDOW",
             ),
         ];
         for (a, setting) in cases {

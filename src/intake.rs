@@ -175,6 +175,14 @@ pub async fn sweep_once(worker: &Arc<Worker>) {
                 Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
                 Err(e) => tracing::warn!(collection, error = %e, "sweep query failed"),
             }
+            // Documents entering the schedule window since about the last sweep get their
+            // timer now (later ones hold none). Two intervals deep, so that a late sweep
+            // misses nothing; whatever a long outage skips is still found once due (above).
+            let (from, until) = worker.entering_window(now);
+            match worker.store.due_between(collection, from, until).await {
+                Ok(docs) => docs.into_iter().for_each(|d| worker.offer(d)),
+                Err(e) => tracing::warn!(collection, error = %e, "sweep query failed"),
+            }
         }
     }
 }

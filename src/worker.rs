@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +16,7 @@ use crate::claim::{Claim, LeaseTerms, fields};
 use crate::config::Settings;
 use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
+use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
 use crate::report::Report;
@@ -48,6 +49,8 @@ pub struct Worker {
     /// Documents being processed here right now.
     running: Mutex<HashSet<String>>,
     timers: Timers,
+    /// App documents sent per sender in the last minute (`FFPUSH_SENDER_RATE`).
+    senders: SenderRate,
     /// Fan-outs; awaited on shutdown.
     pub tasks: TaskTracker,
     /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
@@ -65,6 +68,7 @@ impl Worker {
     ) -> (Arc<Worker>, mpsc::UnboundedReceiver<String>) {
         let (timers, due) = Timers::new();
         let worker = Arc::new(Worker {
+            senders: SenderRate::new(settings.sender_rate),
             settings,
             store,
             sender,
@@ -141,7 +145,10 @@ impl Worker {
             );
             return;
         }
-        let parsed = Notification::parse(source, &doc.fields)
+        // App documents: the size first, before anything is parsed; then the recipients.
+        let parsed = limits::check_document(source, &self.settings, &doc.fields)
+            .and_then(|()| Notification::parse(source, &doc.fields))
+            .and_then(|n| limits::check_audience(source, &self.settings, &n).map(|()| n))
             .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
         let (n, template) = match parsed {
             Ok(parsed) => parsed,
@@ -154,6 +161,11 @@ impl Worker {
         if let Some(at) = n.scheduled_time
             && at > now
         {
+            if at > self.window_end(now) {
+                // Nothing is kept for it: the sweep offers it again as it enters the window.
+                self.forget(&doc.name);
+                return;
+            }
             self.timers.set(&doc.name, at, Wait::Schedule);
             self.metrics
                 .documents_scheduled
@@ -174,6 +186,14 @@ impl Worker {
                 self.settings.max_lateness.as_secs()
             );
             self.spawn_failure(doc, reason);
+            return;
+        }
+        // Counted when due, and only when first taken up: a started one is a resumed send.
+        if source == Source::App
+            && status == Status::New
+            && let Err(refused) = self.senders.check(&doc.name, &doc.fields)
+        {
+            self.spawn_failure(doc, refused.0);
             return;
         }
         self.running().insert(doc.name.clone());
@@ -206,6 +226,26 @@ impl Worker {
             this.metrics.documents_in_progress.add(-1);
             this.running().remove(&name);
         });
+    }
+
+    /// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
+    fn window_end(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        chrono::Duration::from_std(self.settings.schedule_window)
+            .ok()
+            .and_then(|window| now.checked_add_signed(window))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// The `scheduled_time` range a sweep at `now` queries for documents entering the window:
+    /// those that came within it since about the previous sweep (two intervals deep).
+    pub fn entering_window(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let until = self.window_end(now);
+        let depth = chrono::Duration::from_std(self.settings.sweep_interval * 2)
+            .unwrap_or(chrono::Duration::MAX);
+        (
+            until.checked_sub_signed(depth).unwrap_or(now).max(now),
+            until,
+        )
     }
 
     /// The document was deleted, cancelled or finished: drop any timer for it.
@@ -287,7 +327,11 @@ impl Worker {
             return Ok(Outcome::LeaseLost);
         }
         let done = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
-        let without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
+        if self.source_of(&doc.name) == Some(Source::App) {
+            // The sender reads this document: how many have no device, never who.
+            without.listed.clear();
+        }
         let report = match result {
             Ok(tally) => Report::finished(&n, &tally, &without),
             Err(Abort::Store(e)) if e.is_transient() => {

@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod fcm_emulator;
 mod lifecycle;
+mod limits;
 mod migrate;
 mod notifications;
 mod ops;
