@@ -266,6 +266,28 @@ settings_table! {
         kind: Kind::Duration { min_ms: SECOND, max_ms: HOUR }, default: "30s",
         help: "how often abandoned or due documents are looked for by query (1s–1h)",
     }
+    max_app_recipients: MAX_APP_RECIPIENTS {
+        env: "FFPUSH_MAX_APP_RECIPIENTS", flag: "max-app-recipients",
+        kind: Kind::Number { min: 1, max: 10_000 },
+        // The same number as `maxRecipients()` in migrations/firestore.rules: a person picks
+        // an in-app notification's recipients by hand; larger audiences are the console's or
+        // a back end's job (ff_push_notifications).
+        default: "100",
+        help: "most users one `ff_user_push_notifications` document may name in `user_refs`; more fails the document before any read (1–10000)",
+    }
+    sender_rate: SENDER_RATE {
+        env: "FFPUSH_SENDER_RATE", flag: "sender-rate",
+        kind: Kind::Number { min: 1, max: 1_000_000 },
+        // One every two seconds sustained: above what a person triggers by using an app, far
+        // below a script's bulk writes.
+        default: "30",
+        help: "`ff_user_push_notifications` documents per minute per `sender`, per instance; the excess fails, nothing is sent (1–1000000)",
+    }
+    schedule_window: SCHEDULE_WINDOW {
+        env: "FFPUSH_SCHEDULE_WINDOW", flag: "schedule-window",
+        kind: Kind::Duration { min_ms: 2 * SECOND, max_ms: 7 * DAY }, default: "1h",
+        help: "timers are kept only for documents due within this window (≈ 1 KiB each); later ones cost no memory and are found by the sweep as they come close; at least twice the sweep interval (2s–168h)",
+    }
     log_format: LOG_FORMAT {
         env: "LOG_FORMAT", flag: "log-format",
         shown_default: Some("`json` on Cloud Run (`K_SERVICE` set), else `text`"),
@@ -372,6 +394,12 @@ pub struct Settings {
     pub quota_floor: Duration,
     pub shutdown_grace: Duration,
     pub sweep_interval: Duration,
+    /// Most unique users in an app document's `user_refs`.
+    pub max_app_recipients: usize,
+    /// App documents per minute per `sender` (per instance).
+    pub sender_rate: u32,
+    /// Documents due further ahead hold no timer.
+    pub schedule_window: Duration,
     pub log_format: LogFormat,
     /// Identifies this process on the documents it claims.
     pub worker_id: String,
@@ -513,6 +541,9 @@ impl Settings {
             quota_floor: QUOTA_BACKOFF.duration(args)?,
             shutdown_grace: SHUTDOWN_GRACE.duration(args)?,
             sweep_interval: SWEEP_INTERVAL.duration(args)?,
+            max_app_recipients: MAX_APP_RECIPIENTS.number(args)? as usize,
+            sender_rate: SENDER_RATE.number(args)? as u32,
+            schedule_window: SCHEDULE_WINDOW.duration(args)?,
             log_format,
             worker_id: default_worker_id(),
             fcm_connections: match FCM_CONNECTIONS.raw(args) {
@@ -521,6 +552,15 @@ impl Settings {
             },
             fcm_rate: FCM_RATE.number(args)? as u32,
         };
+        if settings.schedule_window < settings.sweep_interval * 2 {
+            return Err(SCHEDULE_WINDOW.error(
+                &format!("{:?}", settings.schedule_window),
+                format!(
+                    "must be at least twice FFPUSH_SWEEP_INTERVAL ({:?}): the sweep finds documents as they enter the window",
+                    settings.sweep_interval
+                ),
+            ));
+        }
         if settings.progress_interval * 2 > settings.lease {
             return Err(PROGRESS_INTERVAL.error(
                 &format!("{:?}", settings.progress_interval),
@@ -785,6 +825,28 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_FCM_RATE",
+            ),
+            (
+                SettingsArgs {
+                    max_app_recipients: Some("0".into()),
+                    ..args()
+                },
+                "FFPUSH_MAX_APP_RECIPIENTS",
+            ),
+            (
+                SettingsArgs {
+                    sender_rate: Some("many".into()),
+                    ..args()
+                },
+                "FFPUSH_SENDER_RATE",
+            ),
+            (
+                // Shorter than two sweeps: documents entering it could be missed.
+                SettingsArgs {
+                    schedule_window: Some("50s".into()),
+                    ..args()
+                },
+                "FFPUSH_SCHEDULE_WINDOW",
             ),
         ];
         for (a, setting) in cases {

@@ -224,6 +224,17 @@ async fn sweep_from(worker: &Arc<Worker>, since: Option<DateTime<Utc>>) -> Optio
             complete = false;
             tracing::warn!(collection, error = %Chain(&e), "sweep query failed");
         }
+        // Documents entering the schedule window since about the last sweep get their timer
+        // now (later ones hold none). Two intervals deep, so that a late sweep misses nothing;
+        // whatever a long outage skips is still found once due (above).
+        let (enter_from, enter_until) = worker.entering_window(now);
+        let entering = worker
+            .store
+            .due_between(collection, enter_from, enter_until, |d| worker.offer(d))
+            .await;
+        if let Err(e) = entering {
+            tracing::warn!(collection, error = %Chain(&e), "sweep query failed");
+        }
     }
     if complete { Some(now) } else { since }
 }

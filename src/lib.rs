@@ -18,7 +18,10 @@
 //! Around the pipeline:
 //! - `worker`: orchestrates one document through the stages (status, schedule, lateness,
 //!   then claim → fan-out → report) and returns an `worker::Outcome`.
-//! - `schedule`: one timer per document waiting for its time or for another worker's lease.
+//! - `schedule`: one timer per document waiting for its time (if due within
+//!   `FFPUSH_SCHEDULE_WINDOW`) or for another worker's lease.
+//! - `limits`: what an app user's document may cost: its size, its recipients, its sender's
+//!   documents per minute; checked before anything is read.
 //! - `errors`: how an error and its causes are shown (README, "Errors": what each leads to).
 //! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`,
 //!   `Status`, batch slices).
@@ -47,6 +50,7 @@ pub(crate) mod errors;
 pub mod fanout;
 pub mod fcm;
 pub(crate) mod intake;
+pub(crate) mod limits;
 pub(crate) mod logging;
 pub mod metrics;
 pub mod migrate;

@@ -222,7 +222,7 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP ffpush_documents_waiting Documents waiting: scheduled for later, or in progress here."
+            "# HELP ffpush_documents_waiting Documents waiting: timers for those due within FFPUSH_SCHEDULE_WINDOW, or in progress here."
         )?;
         writeln!(out, "# TYPE ffpush_documents_waiting gauge")?;
         writeln!(

@@ -1,5 +1,6 @@
 //! The outcome written back onto a notification document: FlutterFlow's `status`, `num_sent`
-//! and `error`, plus ffpush's counts, warnings and users without tokens — deciding what counts
+//! and `error`, plus ffpush's counts, warnings and users without tokens (listed on console
+//! documents, only counted on app documents) — deciding what counts
 //! as succeeded and phrasing each problem as something a person can act on.
 
 use std::collections::HashMap;
@@ -47,6 +48,10 @@ impl Report {
         }
         let (status, error, warning) = if t.tokens == 0 {
             let error = match &n.audience {
+                Audience::Users(ids) if without.listed.is_empty() => format!(
+                    "no device tokens: none of the {} user(s) has an fcm_tokens document; they must sign in on a device and allow notifications",
+                    ids.len()
+                ),
                 Audience::Users(ids) => format!(
                     "no device tokens: none of the {} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
                     ids.len(),
@@ -141,6 +146,9 @@ impl Report {
                 "num_users_without_tokens".to_string(),
                 store::integer(self.without.count as i64),
             );
+        }
+        // Empty for app documents: their senders get the count, never whose devices are missing.
+        if !self.without.listed.is_empty() {
             f.insert(
                 "users_without_tokens".to_string(),
                 store::array(
@@ -208,6 +216,23 @@ mod tests {
             "{}",
             text(&f, "error")
         );
+    }
+
+    #[test]
+    fn without_a_list_only_the_count_is_written() {
+        let n = notification(Audience::Users(vec!["a".into(), "b".into()]));
+        let w = audience::UsersWithoutTokens {
+            count: 2,
+            listed: Vec::new(),
+        };
+        let (status, f, _) = Report::finished(&n, &Tally::default(), &w).into_fields();
+        assert_eq!(status, Status::Failed);
+        assert_eq!(
+            text(&f, "error"),
+            "no device tokens: none of the 2 user(s) has an fcm_tokens document; they must sign in on a device and allow notifications"
+        );
+        assert_eq!(f.get("num_users_without_tokens"), Some(&store::integer(2)));
+        assert!(!f.contains_key("users_without_tokens"));
     }
 
     #[test]

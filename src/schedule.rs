@@ -1,5 +1,5 @@
-//! One timer per document that must wait: for its `scheduled_time`, or for another worker's
-//! lease to run out. When a timer fires, the document's name comes out of the channel and the
+//! One timer per document that must wait: for its `scheduled_time` (only documents due within
+//! `FFPUSH_SCHEDULE_WINDOW` get one), or for another worker's lease to run out. When a timer fires, the document's name comes out of the channel and the
 //! worker reads it again (it may have been rescheduled, cancelled or finished meanwhile).
 
 use std::collections::HashMap;
@@ -24,8 +24,37 @@ struct Entry {
 }
 
 pub struct Timers {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     due: mpsc::UnboundedSender<String>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<String, Entry>,
+    /// How many of `map` wait for their schedule, kept as they change: counting them on
+    /// every change made setting n timers cost O(n²).
+    scheduled: usize,
+}
+
+impl Entries {
+    fn insert(&mut self, name: String, entry: Entry) {
+        if entry.wait == Wait::Schedule {
+            self.scheduled += 1;
+        }
+        if let Some(old) = self.map.insert(name, entry)
+            && old.wait == Wait::Schedule
+        {
+            self.scheduled -= 1;
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Entry> {
+        let entry = self.map.remove(name)?;
+        if entry.wait == Wait::Schedule {
+            self.scheduled -= 1;
+        }
+        Some(entry)
+    }
 }
 
 impl Timers {
@@ -34,14 +63,14 @@ impl Timers {
         let (due, rx) = mpsc::unbounded_channel();
         (
             Timers {
-                entries: Mutex::new(HashMap::new()),
+                entries: Mutex::new(Entries::default()),
                 due,
             },
             rx,
         )
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -49,7 +78,7 @@ impl Timers {
     /// set for another time (a reschedule) is replaced. Must run inside a tokio runtime.
     pub fn set(&self, name: &str, at: DateTime<Utc>, wait: Wait) {
         let mut entries = self.entries();
-        if let Some(e) = entries.get(name) {
+        if let Some(e) = entries.map.get(name) {
             if e.at == at && e.wait == wait {
                 return;
             }
@@ -76,21 +105,18 @@ impl Timers {
     /// What `name` waits for, and until when.
     #[cfg(test)]
     pub fn get(&self, name: &str) -> Option<(DateTime<Utc>, Wait)> {
-        self.entries().get(name).map(|e| (e.at, e.wait))
+        self.entries().map.get(name).map(|e| (e.at, e.wait))
     }
 
     /// Documents waiting for their schedule.
     pub fn scheduled(&self) -> usize {
-        self.entries()
-            .values()
-            .filter(|e| e.wait == Wait::Schedule)
-            .count()
+        self.entries().scheduled
     }
 
     /// Called when a due name has been taken out of the channel.
     pub fn fired(&self, name: &str) {
         let mut entries = self.entries();
-        if entries.get(name).is_some_and(|e| e.timer.is_finished()) {
+        if entries.map.get(name).is_some_and(|e| e.timer.is_finished()) {
             entries.remove(name);
         }
     }
@@ -147,6 +173,29 @@ mod tests {
         settle().await;
         assert_eq!(due.try_recv().ok().as_deref(), Some("a"));
         assert!(due.try_recv().is_err(), "fired once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scheduled_count_follows_every_change() {
+        let (timers, mut due) = Timers::new();
+        let at = |secs| Utc::now() + chrono::Duration::seconds(secs);
+        timers.set("a", at(5), Wait::Schedule);
+        timers.set("a", at(6), Wait::Schedule);
+        timers.set("b", at(5), Wait::Schedule);
+        assert_eq!(timers.scheduled(), 2);
+        timers.set("b", at(5), Wait::Lease);
+        assert_eq!(timers.scheduled(), 1);
+        timers.set("b", at(7), Wait::Schedule);
+        assert_eq!(timers.scheduled(), 2);
+        assert_eq!(timers.cancel("b"), Some(Wait::Schedule));
+        assert_eq!(timers.cancel("b"), None);
+        assert_eq!(timers.scheduled(), 1);
+        settle().await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(due.try_recv().ok().as_deref(), Some("a"));
+        timers.fired("a");
+        assert_eq!(timers.scheduled(), 0);
     }
 
     #[tokio::test(start_paused = true)]

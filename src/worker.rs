@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
+use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
 use crate::report::Report;
@@ -50,6 +51,8 @@ pub struct Worker {
     /// Documents being processed here right now.
     running: Arc<Running>,
     timers: Timers,
+    /// App documents sent per sender in the last minute (`FFPUSH_SENDER_RATE`).
+    senders: SenderRate,
     /// Fan-outs; awaited on shutdown.
     pub tasks: TaskTracker,
     /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
@@ -67,6 +70,7 @@ impl Worker {
     ) -> (Arc<Worker>, mpsc::UnboundedReceiver<String>) {
         let (timers, due) = Timers::new();
         let worker = Arc::new(Worker {
+            senders: SenderRate::new(settings.sender_rate),
             settings,
             store,
             sender,
@@ -148,7 +152,10 @@ impl Worker {
             );
             return;
         }
-        let parsed = Notification::parse(source, &doc.fields)
+        // App documents: the size first, before anything is parsed; then the recipients.
+        let parsed = limits::check_document(source, &self.settings, &doc.fields)
+            .and_then(|()| Notification::parse(source, &doc.fields))
+            .and_then(|n| limits::check_audience(source, &self.settings, &n).map(|()| n))
             .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
         let (n, template) = match parsed {
             Ok(parsed) => parsed,
@@ -161,6 +168,11 @@ impl Worker {
         if let Some(at) = n.scheduled_time
             && at > now
         {
+            if at > self.window_end(now) {
+                // Nothing is kept for it: the sweep offers it again as it enters the window.
+                self.forget(&doc.name);
+                return;
+            }
             self.timers.set(&doc.name, at, Wait::Schedule);
             self.metrics
                 .documents_scheduled
@@ -184,6 +196,14 @@ impl Worker {
                 self.settings.max_lateness.as_secs()
             );
             self.spawn_failure(doc, reason);
+            return;
+        }
+        // Counted when due, and only when first taken up: a started one is a resumed send.
+        if source == Source::App
+            && status == Status::New
+            && let Err(refused) = self.senders.check(&doc.name, &doc.fields)
+        {
+            self.spawn_failure(doc, refused.0);
             return;
         }
         // The check above only saves work: entering is what decides, in one step, so of two
@@ -233,6 +253,26 @@ impl Worker {
         let retry = chrono::Duration::from_std(self.settings.sweep_interval)
             .unwrap_or(chrono::Duration::seconds(60));
         self.timers.set(name, Utc::now() + retry, Wait::Lease);
+    }
+
+    /// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
+    fn window_end(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        chrono::Duration::from_std(self.settings.schedule_window)
+            .ok()
+            .and_then(|window| now.checked_add_signed(window))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// The `scheduled_time` range a sweep at `now` queries for documents entering the window:
+    /// those that came within it since about the previous sweep (two intervals deep).
+    pub fn entering_window(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let until = self.window_end(now);
+        let depth = chrono::Duration::from_std(self.settings.sweep_interval * 2)
+            .unwrap_or(chrono::Duration::MAX);
+        (
+            until.checked_sub_signed(depth).unwrap_or(now).max(now),
+            until,
+        )
     }
 
     /// The document was deleted, cancelled or finished: drop any timer for it.
@@ -321,7 +361,11 @@ impl Worker {
             return Ok(Outcome::LeaseLost);
         }
         let done = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
-        let without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
+        if self.source_of(&doc.name) == Some(Source::App) {
+            // The sender reads this document: how many have no device, never who.
+            without.listed.clear();
+        }
         let report = match result {
             Ok(tally) => Report::finished(&n, &tally, &without),
             Err(Abort::Store(e)) if e.is_transient() => {

@@ -422,3 +422,143 @@ pub async fn rss(bench: &crate::Bench) {
     }
     println!();
 }
+
+/// Writes `ff_user_push_notifications/far{i}` for `range`: app documents as FlutterFlow's
+/// action writes them, each to one user, all scheduled at `at`. 500 writes per BatchWrite,
+/// four requests in flight. Returns documents per second.
+async fn seed_scheduled(store: &Store, range: std::ops::Range<usize>, at: DateTime<Utc>) -> f64 {
+    let started = Instant::now();
+    let n = range.len();
+    let database = store.database_path().to_string();
+    let documents = store.documents_path().to_string();
+    let collection = ffpush::config::DEFAULT_USER_COLLECTION;
+    let now = store::timestamp(Utc::now());
+    let scheduled = store::timestamp(at);
+    let requests: Vec<pb::BatchWriteRequest> = range
+        .clone()
+        .step_by(500)
+        .map(|start| {
+            let writes = (start..(start + 500).min(range.end))
+                .map(|i| {
+                    let mut fields = HashMap::new();
+                    let text = |s: &str| store::string(s);
+                    fields.insert("notification_title".to_string(), text("Reminder"));
+                    fields.insert(
+                        "notification_text".to_string(),
+                        text("Your appointment is tomorrow"),
+                    );
+                    fields.insert("user_refs".to_string(), text(&format!("users/u{i:08}")));
+                    fields.insert(
+                        "sender".to_string(),
+                        store::reference(format!("{documents}/users/s{:04}", i % 1000)),
+                    );
+                    fields.insert("timestamp".to_string(), now.clone());
+                    fields.insert("scheduled_time".to_string(), scheduled.clone());
+                    pb::Write {
+                        operation: Some(pb::write::Operation::Update(pb::Document {
+                            name: format!("{documents}/{collection}/far{i:08}"),
+                            fields,
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            pb::BatchWriteRequest {
+                database: database.clone(),
+                writes,
+                ..Default::default()
+            }
+        })
+        .collect();
+    futures::stream::iter(requests)
+        .map(|request| {
+            let mut client = store.client();
+            async move {
+                let response = client.batch_write(request).await?.into_inner();
+                let failed = response.status.iter().filter(|s| s.code != 0).count();
+                assert_eq!(failed, 0, "{failed} notification writes failed");
+                Ok::<_, firestore::gcloud_sdk::tonic::Status>(())
+            }
+        })
+        .buffer_unordered(4)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("seeding scheduled notifications");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Worker memory with many documents scheduled far ahead: a worker on the empty project, and
+/// a fresh worker started on the documents (its listen stream replays them all before ready).
+/// The documents are written while no worker listens: the emulator resends a listened-to
+/// collection on every write, which makes writing 200 000 under a listener take hours.
+pub async fn far_future(bench: &crate::Bench) {
+    let o = &bench.options;
+    let project = "bench-far-future";
+    let n = if o.quick { 20_000 } else { o.far_future };
+    let fcm = FcmProcess::start(bench.dir.path(), project, None, false);
+    let target = Target::new(fcm, &bench.firestore_host, project, None);
+    let store = connect(&target).await;
+    let start = || {
+        WorkerProcess::start_within(
+            bench.dir.path(),
+            &WorkerEnv {
+                project,
+                firestore_host: &bench.firestore_host,
+                fcm: &target.fcm,
+                ca: None,
+                extra: vec![],
+            },
+            Duration::from_secs(1800),
+        )
+    };
+    let measure = |worker: &WorkerProcess| {
+        let pid = worker.pid();
+        (
+            procs::status_kb(pid, "VmRSS"),
+            procs::status_kb(pid, "VmHWM"),
+            worker.metric("ffpush_documents_waiting{state=\"scheduled\"}"),
+        )
+    };
+    tokio::task::block_in_place(procs::settle);
+    let worker = start();
+    tokio::task::block_in_place(procs::settle);
+    let empty = measure(&worker);
+    drop(worker);
+    let rate = seed_scheduled(&store, 0..n, Utc::now() + chrono::Duration::days(30)).await;
+    tokio::task::block_in_place(procs::settle);
+    let started = Instant::now();
+    let worker = start();
+    let ready = started.elapsed().as_secs_f64();
+    tokio::task::block_in_place(procs::settle);
+    let loaded = measure(&worker);
+    let cpu = procs::cpu_seconds(worker.pid());
+    drop(worker);
+    eprintln!("far-future {n}: seeded at {rate:.0}/s, worker ready in {ready:.1}s");
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "## Worker memory with {n} app notifications scheduled 30 days ahead (worker as a child process)\n"
+    );
+    println!(
+        "`ff_user_push_notifications` documents as FlutterFlow's action writes them (one user each, 1000 senders), \
+         `scheduled_time` 30 days ahead, written with BatchWrite ({rate:.0} documents/s) while no worker runs. A worker is \
+         started on the empty project, then a fresh one on the {n} documents: ready means its listen streams have \
+         replayed the collections, i.e. it has been offered every document ({ready:.1} s, {cpu:.1} CPU-s). RSS is \
+         `/proc/PID/status` once the machine is quiet; the gauge is the worker's count of documents holding a timer.\n"
+    );
+    println!(
+        "| worker | far-future documents | VmRSS MB | VmHWM MB | `ffpush_documents_waiting{{state=\"scheduled\"}}` |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (what, docs, (rss, hwm, scheduled)) in [
+        ("started on the empty project", 0, empty),
+        ("started on the documents, ready", n, loaded),
+    ] {
+        println!(
+            "| {what} | {docs} | {:.1} | {:.1} | {scheduled:.0} |",
+            mb(rss),
+            mb(hwm)
+        );
+    }
+    println!();
+}

@@ -16,6 +16,7 @@
 //!   with `ffpush run` as a child process on the Firestore emulator.
 //! - `broadcast`: a 20 000-token broadcast end to end, and where its time goes.
 //! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
+//! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
@@ -24,7 +25,9 @@
 //! emulator answers each send of the fan-out matrix after MS, as Google's front end takes
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process on CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing
-//! two builds).
+//! two builds), `--far-future N` (documents of the `far-future` scenario, default 200000).
+//! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
+//! build, for a before/after comparison).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness: a panic stops the run with its reason
 
 mod ceiling;
@@ -41,6 +44,8 @@ pub struct Options {
     pub repeat: usize,
     pub cell_secs: u64,
     pub rss_sizes: Vec<usize>,
+    /// Documents of the `far-future` scenario.
+    pub far_future: usize,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -54,7 +59,14 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 5] = ["fanout", "ceiling", "latency", "broadcast", "rss"];
+const SCENARIOS: [&str; 6] = [
+    "fanout",
+    "ceiling",
+    "latency",
+    "broadcast",
+    "rss",
+    "far-future",
+];
 
 impl Options {
     fn parse() -> Options {
@@ -63,6 +75,7 @@ impl Options {
             repeat: 3,
             cell_secs: 20,
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
+            far_future: 200_000,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -89,6 +102,7 @@ impl Options {
                 "--rate" => o.rate = number(args.next(), "--rate") as u32,
                 "--latency" => o.latency = number(args.next(), "--latency") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
+                "--far-future" => o.far_future = number(args.next(), "--far-future"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--transport" => {
@@ -103,7 +117,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --far-future N",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -189,6 +203,9 @@ fn main() {
         }
         if bench.options.wants("rss") {
             firestore::rss(&bench).await;
+        }
+        if bench.options.wants("far-future") {
+            firestore::far_future(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {

@@ -252,9 +252,17 @@ pub struct WorkerEnv<'a> {
 impl WorkerProcess {
     /// Starts the worker and waits until `/readyz` says it listens and has an FCM token.
     pub fn start(dir: &Path, env: &WorkerEnv<'_>) -> WorkerProcess {
+        WorkerProcess::start_within(dir, env, Duration::from_secs(60))
+    }
+
+    /// [`WorkerProcess::start`], waiting up to `limit` for ready (a listen stream replaying a
+    /// large collection from the emulator takes minutes).
+    pub fn start_within(dir: &Path, env: &WorkerEnv<'_>, limit: Duration) -> WorkerProcess {
         let port = free_port();
         let log = dir.join(format!("worker-{port}.log"));
-        let mut cmd = Command::new(ffpush_bin());
+        // Another build as the worker, for before/after comparisons.
+        let bin = std::env::var("FFPUSH_BENCH_WORKER").unwrap_or_else(|_| ffpush_bin().into());
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -276,7 +284,7 @@ impl WorkerProcess {
         }
         let child = cmd.spawn().expect("starting ffpush run");
         let worker = WorkerProcess { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         while http_get(port, "/readyz").0 != 200 {
             assert!(
                 Instant::now() < deadline,

@@ -10,6 +10,7 @@ mod fcm_pool;
 mod fcm_quota;
 mod fidelity;
 mod lifecycle;
+mod limits;
 mod logs;
 mod migrate;
 mod monitoring;
