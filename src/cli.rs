@@ -209,6 +209,10 @@ struct EmulatorArgs {
     /// Close each connection gracefully (GOAWAY) after this many sends on it.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     goaway_after: Option<u64>,
+    /// Serve HTTP/1.1 only, like most mock servers and many proxies: no h2c, and with
+    /// --tls-cert ALPN offers only http/1.1.
+    #[arg(long)]
+    http1_only: bool,
 }
 
 /// Runs the command line; returns the exit code.
@@ -539,6 +543,7 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         quota: args.quota,
         quota_window,
         goaway_after: args.goaway_after,
+        http1_only: args.http1_only,
     };
     let emulator = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -566,9 +571,14 @@ async fn fcm_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         Some(n) => format!("{n} sends per project per {}", args.quota_window),
         None => "none".into(),
     };
+    let http = if args.http1_only {
+        "HTTP/1.1 only".to_string()
+    } else {
+        format!("{} HTTP/2 streams per connection", args.max_streams)
+    };
     eprintln!(
-        "  {} HTTP/2 streams per connection, latency {} ms ± {} ms, quota {quota}",
-        args.max_streams, args.latency, args.jitter
+        "  {http}, latency {} ms ± {} ms, quota {quota}",
+        args.latency, args.jitter
     );
     terminated().await;
     emulator.shutdown();

@@ -177,7 +177,7 @@ settings_table! {
     }
     fcm_endpoint: FCM_ENDPOINT {
         env: "FCM_ENDPOINT", flag: "fcm-endpoint", default: DEFAULT_FCM_ENDPOINT,
-        help: "base URL of the FCM API; `https://` negotiates HTTP/2 by ALPN, `http://` URLs are spoken to in h2c",
+        help: "base URL of the FCM API. `https://` offers HTTP/2 and HTTP/1.1 by ALPN and speaks what the server picks; `http://` tries HTTP/2 with prior knowledge (h2c), else HTTP/1.1 (a mock server, a proxy). The protocol in use is logged at start; an endpoint that answers in neither (or not in TLS for `https://`) stops the start with the reason",
     }
     fcm_ca_cert: FCM_CA_CERT {
         env: "FFPUSH_FCM_CA_CERT", flag: "fcm-ca-cert",
@@ -209,7 +209,7 @@ settings_table! {
     fcm_connections: FCM_CONNECTIONS {
         env: "FFPUSH_FCM_CONNECTIONS", flag: "fcm-connections", kind: Kind::Number { min: 1, max: 256 },
         shown_default: Some("concurrency ÷ the server's stream limit (100 at Google), rounded up"),
-        help: "HTTP/2 connections to FCM, opened warm; each carries at most the streams the server allows (1–256)",
+        help: "HTTP/2 connections to FCM, opened warm; each carries at most the streams the server allows. Over HTTP/1.1, the most connections, opened as requests wait, one request each (unset: the concurrency, at most 100) (1–256)",
     }
     fcm_rate: FCM_RATE {
         env: "FFPUSH_FCM_RATE", flag: "fcm-rate", kind: Kind::Number { min: 0, max: 1_000_000 },

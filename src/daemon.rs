@@ -32,6 +32,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
         .context("connecting to Firestore")?;
     let sender = Arc::new(Sender::new(&settings).await.context("setting up FCM")?);
+    // Opens the connections and finds out which HTTP FCM_ENDPOINT speaks. One that answers in
+    // no HTTP ffpush speaks stops the start with the reason (every send would fail); one not
+    // reachable yet is warned about, and sends retry until it is.
+    sender.connect().await?;
     let metrics = Arc::new(Metrics::with_fcm(sender.metrics()));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", settings.port))
         .await
@@ -76,7 +80,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             tracing::error!(error = %e, "health server failed");
         }
     }));
-    tokio::spawn(async move { sender.warm_up().await });
+    // The connections are open; the access token is fetched ahead, in the background.
+    tokio::spawn(async move {
+        let _ = sender.access_token().await;
+    });
     tracing::info!(worker = %settings.worker_id, project = %settings.project, %http_addr, "ffpush running");
     Ok(Daemon {
         worker,

@@ -1,7 +1,8 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003). The HTTP/2 connections are `pool`'s; the pace of
-//! sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
+//! answer means (DESIGN.md §1, seed 003). The connections (HTTP/2, or HTTP/1.1 through `http1`)
+//! are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
 
+mod http1;
 mod pace;
 mod pool;
 
@@ -163,6 +164,8 @@ impl Error {
                 quota: *quota,
                 fatal_when_exhausted: false,
             },
+            // The endpoint answers, but in no HTTP ffpush speaks: no retry will change that.
+            Error::Transport(SendError::Protocol(_)) => Action::Fatal,
             Error::Transport(_) => Action::Retry {
                 retry_after: None,
                 quota: false,
@@ -420,13 +423,23 @@ impl Sender {
     }
 
     /// Gets the access token and opens the connections before a burst, so the first sends
-    /// don't queue behind handshakes.
-    pub async fn warm_up(&self) {
+    /// don't queue behind handshakes; see [`Sender::connect`].
+    pub async fn warm_up(&self) -> Result<(), Error> {
         let _ = self.access_token().await;
+        self.connect().await
+    }
+
+    /// Opens the connections, finding out which HTTP `FCM_ENDPOINT` speaks (HTTP/2, else
+    /// HTTP/1.1; the choice is logged once). Fails only when the endpoint answers in neither
+    /// (or not in TLS for `https://`): no retry would fix that. An endpoint that cannot be
+    /// reached now is only warned about: sends retry, and connect when it is back.
+    pub async fn connect(&self) -> Result<(), Error> {
         match self.pool.warm_up().await {
             Ok(open) => tracing::debug!(connections = open, "FCM connections warm"),
+            Err(e @ SendError::Protocol(_)) => return Err(Error::setup("FCM_ENDPOINT", e)),
             Err(e) => tracing::warn!(error = %e, "could not open the FCM connections ahead"),
         }
+        Ok(())
     }
 
     /// The pool's counters, for `/metrics`.
@@ -459,8 +472,8 @@ impl Sender {
 #[error("{0}")]
 struct EndpointError(String);
 
-/// The pool for `FCM_ENDPOINT`: h2 by ALPN over TLS for `https://`, h2c for `http://` (the
-/// emulator).
+/// The pool for `FCM_ENDPOINT`: TLS offering ALPN `h2` and `http/1.1` for `https://`, plain
+/// TCP for `http://` (HTTP/2 with prior knowledge, else HTTP/1.1: see `pool`).
 fn pool_config(settings: &Settings, uri: &Uri) -> Result<PoolConfig, Error> {
     let bad = |why: &str| {
         Error::setup(
@@ -474,23 +487,22 @@ fn pool_config(settings: &Settings, uri: &Uri) -> Result<PoolConfig, Error> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let (protocol, default_port) = match uri.scheme_str() {
-        Some("https") => (Protocol::H2, 443),
-        Some("http") => (Protocol::H2c, 80),
+    let (secure, default_port) = match uri.scheme_str() {
+        Some("https") => (true, 443),
+        Some("http") => (false, 80),
         _ => return Err(bad("use an https:// (or, for an emulator, http://) URL")),
     };
-    let tls = match protocol {
-        Protocol::H2 => {
-            let mut config = tls_config(settings.fcm_ca_cert.as_ref())?;
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            let name = rustls::pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| bad(&format!("{host} is not a valid TLS server name: {e}")))?;
-            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
-        }
-        Protocol::H2c => None,
+    let tls = if secure {
+        let mut config = tls_config(settings.fcm_ca_cert.as_ref())?;
+        // HTTP/2 when the server agrees (FCM does); HTTP/1.1 through a front end that does not.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| bad(&format!("{host} is not a valid TLS server name: {e}")))?;
+        Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+    } else {
+        None
     };
     Ok(PoolConfig {
-        protocol,
         port: uri.port_u16().unwrap_or(default_port),
         host,
         tls,

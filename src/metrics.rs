@@ -64,14 +64,15 @@ pub const OUTCOMES: [&str; 9] = [
 /// rest of the metrics); [`Metrics::fcm`] shares it for rendering.
 #[derive(Default)]
 pub struct FcmMetrics {
-    /// HTTP/2 connections to FCM open and in the pool.
+    /// Connections to FCM (HTTP/2, or HTTP/1.1) open and in the pool.
     pub connections: Gauge,
     /// Connections opened since start (replacements included).
     pub connections_opened: Counter,
     /// Attempts to open a connection that failed.
     pub connect_errors: Counter,
     /// Requests FCM refused unprocessed (RST_STREAM REFUSED_STREAM, or GOAWAY before the
-    /// stream) and that were sent again.
+    /// stream; on HTTP/1.1, a connection closed before the request was written) and that were
+    /// sent again.
     pub streams_refused: Counter,
     /// FCM requests on the wire right now.
     pub requests_in_flight: Gauge,
@@ -254,13 +255,13 @@ impl Metrics {
         let fcm = &self.fcm;
         writeln!(
             out,
-            "# HELP ffpush_fcm_connections HTTP/2 connections to FCM open in the pool."
+            "# HELP ffpush_fcm_connections Connections to FCM open in the pool (HTTP/2, or HTTP/1.1)."
         )?;
         writeln!(out, "# TYPE ffpush_fcm_connections gauge")?;
         writeln!(out, "ffpush_fcm_connections {}", fcm.connections.get())?;
         writeln!(
             out,
-            "# HELP ffpush_fcm_connections_opened_total HTTP/2 connections to FCM opened (replacements included)."
+            "# HELP ffpush_fcm_connections_opened_total Connections to FCM opened (replacements included)."
         )?;
         writeln!(out, "# TYPE ffpush_fcm_connections_opened_total counter")?;
         writeln!(
@@ -280,7 +281,7 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP ffpush_fcm_streams_refused_total Requests FCM refused unprocessed (REFUSED_STREAM or GOAWAY) and that were sent again."
+            "# HELP ffpush_fcm_streams_refused_total Requests FCM refused unprocessed (REFUSED_STREAM or GOAWAY; on HTTP/1.1, a connection closed before the request was written) and that were sent again."
         )?;
         writeln!(out, "# TYPE ffpush_fcm_streams_refused_total counter")?;
         writeln!(

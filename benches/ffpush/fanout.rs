@@ -151,7 +151,7 @@ pub async fn cell(
     settings.fcm_rate = rate;
     let sender = Sender::new(&settings).await.expect("building the sender");
     // As the daemon does at start: the connection and the OAuth token are ready before a burst.
-    sender.warm_up().await;
+    sender.warm_up().await.expect("warming up the sender");
     let metrics = Metrics::default();
     let ctx = Context {
         sender: &sender,

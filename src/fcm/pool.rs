@@ -1,5 +1,5 @@
 //! FCM's HTTP/2 connections: a pool sized from the instance's concurrency and the streams the
-//! server allows on one connection.
+//! server allows on one connection; HTTP/1.1 connections when the endpoint speaks nothing newer.
 //!
 //! A single HTTP/2 connection carries at most the server's `SETTINGS_MAX_CONCURRENT_STREAMS`
 //! requests at once (100 at Google's front end); with tens of milliseconds per send, that caps
@@ -18,14 +18,24 @@
 //! the limit; the pool then opens `ceil(concurrency / limit)` connections (or the configured
 //! count), replaces one that goes away, and keeps busy ones alive with `PING`s.
 //!
-//! [`Protocol`] leaves room for an HTTP/1.1 transport: a connection would then carry one
-//! request at a time.
+//! # Which HTTP
+//! Over TLS, ALPN offers `h2` and `http/1.1` and each connection speaks what the server picked
+//! (no ALPN answer: HTTP/1.1). Over plain TCP (`http://`, an emulator or a mock) the first
+//! connection tries HTTP/2 with prior knowledge; if the server answers that with anything but
+//! HTTP/2, a second connection asks it `OPTIONS *` in HTTP/1.1, and if that is answered the
+//! pool speaks HTTP/1.1 from then on. An endpoint that answers in neither is a
+//! [`SendError::Protocol`]: no retry will fix it. An endpoint that does not answer at all
+//! (refused, silent) is only unreachable for now.
+//!
+//! An HTTP/1.1 connection carries one request at a time (`http1`): the pool opens them as
+//! requests wait, up to the configured count or `min(concurrency, 100)`, keeps them alive
+//! between requests, and does not replace one the server closed until a request needs it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use axum::http::{Request, header};
+use axum::http::{HeaderMap, Request, header};
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,6 +43,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
+use super::http1;
 use crate::metrics::FcmMetrics;
 
 /// Streams per connection when the server does not say (and until its `SETTINGS` arrive).
@@ -40,6 +51,9 @@ use crate::metrics::FcmMetrics;
 pub const DEFAULT_STREAMS: usize = 100;
 /// The most connections the pool opens.
 pub const MAX_CONNECTIONS: usize = 256;
+/// The most HTTP/1.1 connections unless configured: as many requests at once as one HTTP/2
+/// connection to Google carries.
+pub const MAX_HTTP1_CONNECTIONS: usize = 100;
 /// Times one request refused unprocessed is sent again before the refusal is reported.
 const REFUSALS: u32 = 5;
 /// A busy connection is pinged this often, and dropped if the answer takes longer than
@@ -51,21 +65,33 @@ const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// that drops every connection).
 const REPLACE_IF_LIVED: Duration = Duration::from_secs(1);
 
-/// How requests reach the endpoint.
+/// Which HTTP the endpoint speaks (found out by the first connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     /// HTTP/2 over TLS, agreed by ALPN: FCM itself.
     H2,
     /// HTTP/2 over plain TCP with prior knowledge: a local emulator.
     H2c,
+    /// HTTP/1.1, over TLS (ALPN `http/1.1`, or none) or plain TCP: a mock server, a proxy.
+    Http1,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::H2 => "HTTP/2 (h2)",
+            Protocol::H2c => "HTTP/2 (h2c)",
+            Protocol::Http1 => "HTTP/1.1",
+        })
+    }
 }
 
 /// Where and how to connect.
 pub struct PoolConfig {
-    pub protocol: Protocol,
     pub host: String,
     pub port: u16,
-    /// For [`Protocol::H2`]: the TLS client (offering ALPN `h2`) and the name to verify.
+    /// For `https://`: the TLS client (offering ALPN `h2` and `http/1.1`) and the name to
+    /// verify. `None`: plain TCP.
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Requests in flight the pool should carry at once: with the server's stream limit, this
     /// sizes the pool.
@@ -74,7 +100,7 @@ pub struct PoolConfig {
     pub connections: Option<usize>,
     /// One request, sent to answer read.
     pub timeout: Duration,
-    /// TCP, TLS, HTTP/2 handshake and the first `PING`.
+    /// TCP, TLS, HTTP/2 handshake and the first `PING` (or the HTTP/1.1 probe).
     pub connect_timeout: Duration,
 }
 
@@ -99,12 +125,52 @@ pub enum SendError {
     /// unprocessed too many times in a row.
     #[error("connection error: {0}")]
     Failed(String),
+    /// The endpoint answers, but not in HTTP/2 or HTTP/1.1 (or not in TLS for `https://`):
+    /// no retry will fix it.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl SendError {
+    /// What happened, without the kind.
+    fn detail(&self) -> String {
+        match self {
+            SendError::Connect(why) | SendError::Failed(why) | SendError::Protocol(why) => {
+                why.clone()
+            }
+            SendError::Timeout => "timed out".to_string(),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection's id, until its client half joins the pool.
+struct Http1Conn(u64);
+
+impl Http1Conn {
+    fn with(self, send: http1::SendRequest) -> (Arc<Conn>, Protocol) {
+        let conn = Arc::new(Conn {
+            id: self.0,
+            link: Link::Http1(tokio::sync::Mutex::new(send)),
+            limit: AtomicUsize::new(1),
+            in_flight: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            opened: Instant::now(),
+        });
+        (conn, Protocol::Http1)
+    }
+}
+
+/// How requests go out on one connection.
+enum Link {
+    H2(h2::client::SendRequest<Bytes>),
+    /// One request at a time: the lock is never contended (the connection's limit is 1).
+    Http1(tokio::sync::Mutex<http1::SendRequest>),
 }
 
 struct Conn {
     id: u64,
-    send: h2::client::SendRequest<Bytes>,
-    /// Streams opened on it at most: what the server advertised.
+    link: Link,
+    /// Requests on it at once at most: the streams the server advertised, 1 for HTTP/1.1.
     limit: AtomicUsize,
     in_flight: AtomicUsize,
     /// Out of the pool (going away or broken); its open streams still finish.
@@ -136,9 +202,13 @@ struct State {
     sized: bool,
     /// Failed attempts to connect, and the last one's error.
     failures: u64,
-    last_error: String,
+    last_error: SendError,
     /// Where the next search for a free stream starts (spreads requests over connections).
     next: usize,
+    /// What the endpoint speaks, once a connection opened.
+    protocol: Option<Protocol>,
+    /// Requests waiting for a free connection (HTTP/1.1 connections are opened for them).
+    waiting: usize,
 }
 
 impl State {
@@ -179,13 +249,23 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// A request waiting for a free connection, counted while it waits.
+struct Waiting<'a>(&'a Pool);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.waiting = state.waiting.saturating_sub(1);
+    }
+}
+
 /// What went wrong on one exchange.
-struct Failure {
-    reason: String,
+pub(super) struct Failure {
+    pub(super) reason: String,
     /// FCM never processed the request: it may be sent again.
-    unprocessed: bool,
+    pub(super) unprocessed: bool,
     /// The connection takes no more requests.
-    connection_gone: bool,
+    pub(super) connection_gone: bool,
 }
 
 impl Pool {
@@ -199,8 +279,10 @@ impl Pool {
                 target: fixed.unwrap_or(1),
                 sized: fixed.is_some(),
                 failures: 0,
-                last_error: String::new(),
+                last_error: SendError::Connect(String::new()),
                 next: 0,
+                protocol: None,
+                waiting: 0,
             }),
             changed: Notify::new(),
             metrics,
@@ -223,12 +305,23 @@ impl Pool {
     ) -> Result<Answer, SendError> {
         let mut refusals = 0;
         loop {
-            let lease = self.acquire().await.map_err(SendError::Connect)?;
-            let exchange = exchange(&lease.conn.send, head(), body.clone());
+            let lease = self.acquire().await?;
+            let exchange = async {
+                match &lease.conn.link {
+                    Link::H2(send) => exchange(send, head(), body.clone()).await,
+                    Link::Http1(send) => http1::exchange(send, head(), body.clone()).await,
+                }
+            };
             let failure = match tokio::time::timeout(self.config.timeout, exchange).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(failure)) => failure,
-                Err(_) => return Err(SendError::Timeout),
+                Err(_) => {
+                    if matches!(lease.conn.link, Link::Http1(_)) {
+                        // hyper closes an HTTP/1.1 connection whose request was abandoned.
+                        self.retire(&lease.conn, "request timed out");
+                    }
+                    return Err(SendError::Timeout);
+                }
             };
             if failure.connection_gone {
                 self.retire(&lease.conn, &failure.reason);
@@ -237,9 +330,11 @@ impl Pool {
                 return Err(SendError::Failed(failure.reason));
             }
             self.metrics.streams_refused.inc();
-            if !failure.connection_gone {
+            if !failure.connection_gone
+                && let Link::H2(send) = &lease.conn.link
+            {
                 // A refused stream: the server may have lowered its limit since.
-                let limit = lease.conn.send.current_max_send_streams();
+                let limit = send.current_max_send_streams();
                 lease.conn.limit.store(limit.max(1), Ordering::Relaxed);
             }
             refusals += 1;
@@ -253,8 +348,10 @@ impl Pool {
         }
     }
 
-    /// Opens the connections before a burst; returns how many are open.
-    pub async fn warm_up(&self) -> Result<usize, String> {
+    /// Opens the connections before a burst (HTTP/1.1: one, which found out the protocol);
+    /// returns how many are open. Fails with [`SendError::Protocol`] when the endpoint speaks
+    /// no HTTP the pool can use.
+    pub async fn warm_up(&self) -> Result<usize, SendError> {
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout * 2;
         let mut failures_seen = None;
         loop {
@@ -263,7 +360,12 @@ impl Pool {
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
-                if state.sized && state.live.len() >= state.target {
+                let warm = match state.protocol {
+                    // Opened as requests wait.
+                    Some(Protocol::Http1) => true,
+                    _ => state.sized && state.live.len() >= state.target,
+                };
+                if warm {
                     return Ok(state.live.len());
                 }
                 let seen = *failures_seen.get_or_insert(state.failures);
@@ -274,15 +376,18 @@ impl Pool {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let open = self.lock().live.len();
-                return Err(format!("only {open} FCM connections opened in time"));
+                return Err(SendError::Connect(format!(
+                    "only {open} FCM connections opened in time"
+                )));
             }
         }
     }
 
     /// A free stream slot, opening connections as needed. Fails when no connection is open
     /// and an attempt to open one failed while waiting.
-    async fn acquire(&self) -> Result<Lease<'_>, String> {
+    async fn acquire(&self) -> Result<Lease<'_>, SendError> {
         let mut failures_seen = None;
+        let mut waiting = None;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -297,15 +402,29 @@ impl Pool {
                 if state.failures > seen && state.live.is_empty() {
                     return Err(state.last_error.clone());
                 }
+                if waiting.is_none() {
+                    state.waiting += 1;
+                    waiting = Some(Waiting(self));
+                }
                 self.grow(&mut state);
             }
             notified.await;
         }
     }
 
-    /// Starts opening connections until the target is met.
+    /// Starts opening connections until the target is met; for HTTP/1.1, until every waiting
+    /// request has a free or opening connection, within the target.
     fn grow(&self, state: &mut State) {
-        while state.live.len() + state.connecting < state.target.max(1) {
+        let http1 = state.protocol == Some(Protocol::Http1);
+        let free = if http1 {
+            let idle = |c: &&Arc<Conn>| c.in_flight.load(Ordering::Relaxed) == 0;
+            state.live.iter().filter(idle).count()
+        } else {
+            0
+        };
+        while state.live.len() + state.connecting < state.target.max(1)
+            && (!http1 || free + state.connecting < state.waiting)
+        {
             state.connecting += 1;
             let pool = self.me.clone();
             tokio::spawn(async move {
@@ -323,16 +442,9 @@ impl Pool {
             let mut state = self.lock();
             state.connecting -= 1;
             match result {
-                Ok(conn) => {
-                    if !state.sized {
-                        let limit = conn.limit.load(Ordering::Relaxed);
-                        state.target = pool_size(self.config.concurrency, limit);
-                        state.sized = true;
-                        tracing::info!(
-                            streams_per_connection = limit,
-                            connections = state.target,
-                            "FCM connection pool sized"
-                        );
+                Ok((conn, protocol)) => {
+                    if state.protocol.is_none() {
+                        self.found(&mut state, protocol, &conn);
                     }
                     tracing::debug!(
                         connection = conn.id,
@@ -356,6 +468,43 @@ impl Pool {
         self.changed.notify_waiters();
     }
 
+    /// The first connection told what the endpoint speaks: the pool's size follows, said once.
+    fn found(&self, state: &mut State, protocol: Protocol, conn: &Conn) {
+        state.protocol = Some(protocol);
+        if protocol == Protocol::Http1 {
+            if !state.sized {
+                state.target = self
+                    .config
+                    .concurrency
+                    .clamp(1, MAX_HTTP1_CONNECTIONS.min(MAX_CONNECTIONS));
+                state.sized = true;
+            }
+            let how = if self.config.tls.is_some() {
+                "FCM endpoint agreed only to HTTP/1.1 by ALPN"
+            } else {
+                "FCM endpoint speaks HTTP/1.1 only"
+            };
+            tracing::info!(
+                protocol = %protocol,
+                connections = state.target,
+                "{how}; using up to {} HTTP/1.1 connections, one request each",
+                state.target
+            );
+            return;
+        }
+        let limit = conn.limit.load(Ordering::Relaxed);
+        if !state.sized {
+            state.target = pool_size(self.config.concurrency, limit);
+            state.sized = true;
+        }
+        tracing::info!(
+            protocol = %protocol,
+            streams_per_connection = limit,
+            connections = state.target,
+            "FCM connection pool sized"
+        );
+    }
+
     /// Takes a connection out of the pool; its open streams finish on their own.
     fn retire(&self, conn: &Arc<Conn>, reason: &str) {
         if conn.retired.swap(true, Ordering::Relaxed) {
@@ -377,37 +526,140 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<Arc<Conn>, String> {
+    async fn connect(&self) -> Result<(Arc<Conn>, Protocol), SendError> {
         let c = &self.config;
         let (host, port) = (c.host.as_str(), c.port);
+        let protocol = self.lock().protocol;
         let work = async {
-            let tcp = TcpStream::connect((host, port))
+            let tcp = self.tcp().await?;
+            let Some((connector, name)) = &c.tls else {
+                return match protocol {
+                    Some(Protocol::Http1) => self.http1(tcp).await,
+                    Some(_) => self.h2(tcp, Protocol::H2c).await,
+                    None => self.h2c_or_http1(tcp).await,
+                };
+            };
+            let tls = connector
+                .connect(name.clone(), tcp)
                 .await
-                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-            let _ = tcp.set_nodelay(true);
-            match (&c.protocol, &c.tls) {
-                (Protocol::H2, Some((connector, name))) => {
-                    let tls = connector
-                        .connect(name.clone(), tcp)
-                        .await
-                        .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-                    if tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
-                        return Err(format!("{host}:{port} did not agree to HTTP/2 (ALPN h2)"));
-                    }
-                    self.handshake(tls).await
-                }
-                (Protocol::H2, None) => Err("HTTPS without a TLS client".to_string()),
-                (Protocol::H2c, _) => self.handshake(tcp).await,
+                .map_err(|e| tls_error(&self.endpoint(), e))?;
+            match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => self.h2(tls, Protocol::H2).await,
+                // A server that ignores ALPN speaks HTTP/1.1.
+                Some(b"http/1.1") | None => self.http1(tls).await,
+                Some(other) => Err(SendError::Protocol(format!(
+                    "{} agreed by ALPN to {:?}, neither h2 nor http/1.1",
+                    self.endpoint(),
+                    String::from_utf8_lossy(other)
+                ))),
             }
         };
         tokio::time::timeout(c.connect_timeout, work)
             .await
             .map_err(|_| {
-                format!(
+                SendError::Connect(format!(
                     "connecting to {host}:{port} took longer than {:?}",
                     c.connect_timeout
-                )
+                ))
             })?
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, SendError> {
+        let (host, port) = (self.config.host.as_str(), self.config.port);
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| SendError::Connect(format!("cannot connect to {host}:{port}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// A plain endpoint not yet known: HTTP/2 with prior knowledge, else HTTP/1.1 on a second
+    /// connection, else the reason neither works.
+    async fn h2c_or_http1(&self, tcp: TcpStream) -> Result<(Arc<Conn>, Protocol), SendError> {
+        let h2c = match self.h2(tcp, Protocol::H2c).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e.detail(),
+        };
+        tracing::debug!(error = %h2c, "FCM endpoint: no HTTP/2 with prior knowledge; trying HTTP/1.1");
+        let tcp = self.tcp().await?;
+        let (mut send, conn) = self.http1_conn(tcp).await?;
+        match http1::probe(&mut send, &self.authority()).await {
+            Ok(_) => Ok(conn.with(send)),
+            // It answered, in neither: no retry will change that.
+            Err(http1) if http1.not_http => Err(SendError::Protocol(format!(
+                "{} speaks neither HTTP/2 with prior knowledge ({h2c}) nor HTTP/1.1 ({})",
+                self.endpoint(),
+                http1.reason
+            ))),
+            // Closed or reset without a word (a port forwarder with nothing behind it yet):
+            // unreachable for now.
+            Err(http1) => Err(SendError::Connect(format!(
+                "{} answered neither HTTP/2 with prior knowledge ({h2c}) nor HTTP/1.1 ({})",
+                self.endpoint(),
+                http1.reason
+            ))),
+        }
+    }
+
+    /// `scheme://host:port`, for messages.
+    fn endpoint(&self) -> String {
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.authority())
+    }
+
+    /// `host:port`, as `Host` wants it.
+    fn authority(&self) -> String {
+        let (host, port) = (&self.config.host, self.config.port);
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
+    async fn h2<T>(&self, io: T, protocol: Protocol) -> Result<(Arc<Conn>, Protocol), SendError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.handshake(io).await {
+            Ok(conn) => Ok((conn, protocol)),
+            Err(e) => Err(SendError::Connect(e)),
+        }
+    }
+
+    /// An HTTP/1.1 connection.
+    async fn http1<T>(&self, io: T) -> Result<(Arc<Conn>, Protocol), SendError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = self.http1_conn(io).await?;
+        Ok(conn.with(send))
+    }
+
+    /// The client half of an HTTP/1.1 connection whose driver task runs (and takes it out of
+    /// the pool when it ends), and what makes it a pool connection. Dropping the client half
+    /// instead closes the connection.
+    async fn http1_conn<T>(&self, io: T) -> Result<(http1::SendRequest, Http1Conn), SendError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = http1::handshake(io).await.map_err(SendError::Connect)?;
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let pool = self.me.clone();
+        tokio::spawn(async move {
+            let reason = match connection.await {
+                Ok(()) => "closed".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if let Some(pool) = pool.upgrade() {
+                pool.retire_id(id, &reason);
+            }
+        });
+        Ok((send, Http1Conn(id)))
     }
 
     /// The HTTP/2 handshake, the connection's driver task, and a `PING` round trip so that
@@ -427,9 +679,10 @@ impl Pool {
         let ping_pong = connection
             .ping_pong()
             .ok_or_else(|| "HTTP/2 PING unavailable".to_string())?;
+        let streams = send.clone();
         let conn = Arc::new(Conn {
             id: self.ids.fetch_add(1, Ordering::Relaxed),
-            send,
+            link: Link::H2(send),
             limit: AtomicUsize::new(DEFAULT_STREAMS),
             in_flight: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -448,14 +701,15 @@ impl Pool {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("the connection closed during the handshake".into()),
         }
-        let advertised = conn.send.current_max_send_streams();
+        let advertised = streams.current_max_send_streams();
         conn.limit.store(advertised.max(1), Ordering::Relaxed);
         Ok(conn)
     }
 }
 
-/// Runs one connection until it ends: its first `PING` (reported on `ready`), then keep-alive
-/// `PING`s while it has requests in flight. Takes it out of the pool when it ends.
+/// Runs one connection until it ends: its first `PING` (reported on `ready`, as is the reason
+/// the connection ended before it), then keep-alive `PING`s while it has requests in flight.
+/// Takes it out of the pool when it ends.
 async fn drive<T>(
     connection: h2::client::Connection<T, Bytes>,
     mut ping_pong: h2::PingPong,
@@ -466,6 +720,7 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = conn.upgrade().map(|c| c.id);
+    let mut ready = Some(ready);
     let keepalive = async {
         let first = tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await;
         let first = match first {
@@ -474,7 +729,9 @@ async fn drive<T>(
             Err(_) => Err("no answer to the first HTTP/2 PING".to_string()),
         };
         let failed = first.is_err();
-        let _ = ready.send(first);
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(first);
+        }
         if failed {
             return "no answer to the first PING".to_string();
         }
@@ -501,6 +758,9 @@ async fn drive<T>(
         },
         reason = keepalive => reason,
     };
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(Err(format!("HTTP/2: {reason}")));
+    }
     if let (Some(pool), Some(id)) = (pool.upgrade(), id) {
         pool.retire_id(id, &reason);
     }
@@ -526,12 +786,7 @@ async fn exchange(
     }
     let response = response.await.map_err(failure)?;
     let (parts, mut recv) = response.into_parts();
-    let retry_after = parts
-        .headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after(&parts.headers);
     let mut answer = BytesMut::new();
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(failure)?;
@@ -543,6 +798,33 @@ async fn exchange(
         retry_after,
         body: answer.freeze(),
     })
+}
+
+/// `Retry-After` in seconds, if the answer has one.
+pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// A failed TLS handshake. A server that answers a TLS hello with something that is not TLS
+/// (plain HTTP, most often) is a protocol problem; anything else (certificates, resets) is
+/// reported as a connection failure.
+fn tls_error(endpoint: &str, e: std::io::Error) -> SendError {
+    let not_tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidMessage(_)));
+    if not_tls {
+        SendError::Protocol(format!(
+            "{endpoint} does not speak TLS ({e}); a plain-HTTP endpoint takes an http:// URL"
+        ))
+    } else {
+        let authority = endpoint.trim_start_matches("https://");
+        SendError::Connect(format!("TLS with {authority}: {e}"))
+    }
 }
 
 /// Connections for `concurrency` requests in flight at `limit` streams each.

@@ -533,6 +533,30 @@ async fn h2c_prior_knowledge_clients_are_served() {
     assert_eq!(fcm.statuses(), [200, 404]);
 }
 
+#[tokio::test]
+async fn http1_only_mode_serves_http1_and_refuses_h2c() {
+    let fcm = spawn_fcm("h1-project", EmulatorOptions::default().http1_only()).await;
+    // The token came over HTTP/1.1 (yup-oauth2); so does a send.
+    assert_eq!(fcm.send_to("device-h1").await.status, 200);
+    let accepted = fcm.emulator.messages("h1-project");
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].http_version, "HTTP/1.1");
+    // HTTP/2 with prior knowledge is not understood.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let refused = h2
+        .post(fcm.send_url())
+        .bearer_auth(&fcm.access_token)
+        .json(&json!({"message": {"token": "device-h2"}}))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(fcm.emulator.stats().http2, 0);
+    assert_eq!(fcm.emulator.messages("h1-project").len(), 1);
+}
+
 /// A JWT-bearer form body for `claims`, signed with `key`.
 fn assertion_form(key: &aws_lc_rs::rsa::KeyPair, claims: &Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
@@ -736,7 +760,7 @@ fn start_on_thread_from_sync_code_and_shutdown() {
 }
 
 /// A CA and a `localhost`/`127.0.0.1` certificate it signed: (CA PEM, leaf PEM, leaf key PEM).
-fn test_certificates() -> (String, String, String) {
+pub(crate) fn test_certificates() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");

@@ -55,7 +55,7 @@ async fn connections_follow_the_concurrency_and_the_advertised_stream_limit() {
         .latency(Duration::from_millis(50), Duration::ZERO);
     let (emulator, settings, _dir) = emulator("pool-size", options, 40).await;
     let sender = Sender::new(&settings).await.expect("sender");
-    sender.warm_up().await;
+    sender.warm_up().await.expect("warm up");
     let metrics = sender.metrics();
     assert_eq!(
         metrics.connections.get(),
@@ -94,7 +94,7 @@ async fn connections_closed_by_goaway_are_replaced_without_losing_or_repeating_a
         .goaway_after(25);
     let (emulator, settings, _dir) = emulator("pool-goaway", options, 20).await;
     let sender = Sender::new(&settings).await.expect("sender");
-    sender.warm_up().await;
+    sender.warm_up().await.expect("warm up");
     let results = burst(&sender, "device", 300).await;
     assert!(
         results.iter().all(|r| matches!(r, Ok(Outcome::Sent))),

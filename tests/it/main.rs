@@ -6,6 +6,7 @@
 mod cli;
 mod deploy;
 mod fcm_emulator;
+mod fcm_http1;
 mod fcm_pool;
 mod fcm_quota;
 mod fidelity;

@@ -31,6 +31,9 @@
 //! - `goaway_after`: a graceful `GOAWAY` after that many sends on one connection, as front ends
 //!   recycling their connections do.
 //!
+//! And, unlike Google, as plain as a mock server or an old proxy: `http1_only` serves HTTP/1.1
+//! alone (no h2c; over TLS, ALPN offers only `http/1.1`).
+//!
 //! # Lifetime
 //! The server runs until [`FcmEmulator::shutdown`] is called or the last clone of the handle is
 //! dropped, whichever comes first; in-flight requests are finished first.
@@ -90,6 +93,9 @@ pub struct EmulatorOptions {
     /// After this many send requests on one connection, close it gracefully (`GOAWAY`; the
     /// requests already received are answered). `None`: connections live on.
     pub goaway_after: Option<u64>,
+    /// Serve HTTP/1.1 only, as most mock servers and many proxies do: HTTP/2 with prior
+    /// knowledge is not understood, and over TLS ALPN offers only `http/1.1`.
+    pub http1_only: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -103,6 +109,7 @@ impl Default for EmulatorOptions {
             quota: None,
             quota_window: Duration::from_secs(60),
             goaway_after: None,
+            http1_only: false,
         }
     }
 }
@@ -131,6 +138,12 @@ impl EmulatorOptions {
     /// A graceful GOAWAY after `requests` sends on a connection.
     pub fn goaway_after(mut self, requests: u64) -> Self {
         self.goaway_after = Some(requests);
+        self
+    }
+
+    /// HTTP/1.1 only (see [`EmulatorOptions::http1_only`]).
+    pub fn http1_only(mut self) -> Self {
+        self.http1_only = true;
         self
     }
 
@@ -258,7 +271,7 @@ impl FcmEmulator {
     }
 
     /// Like [`FcmEmulator::start`], but HTTPS only, as FCM is: a rustls server offering `h2` and
-    /// `http/1.1` by ALPN, with the given certificate chain and private key (PEM). Clients trust
+    /// `http/1.1` by ALPN (only `http/1.1` with [`EmulatorOptions::http1_only`]), with the given certificate chain and private key (PEM). Clients trust
     /// it through `FFPUSH_FCM_CA_CERT`; [`FcmEmulator::url`] and the `token_uri` of written keys
     /// are `https://` URLs.
     pub async fn start_tls(
@@ -267,7 +280,7 @@ impl FcmEmulator {
         cert_pem: &[u8],
         key_pem: &[u8],
     ) -> std::io::Result<FcmEmulator> {
-        let acceptor = tls::acceptor(cert_pem, key_pem)?;
+        let acceptor = tls::acceptor(cert_pem, key_pem, options.http1_only)?;
         let listener = TcpListener::bind(addr).await?;
         let (emulator, serve) = prepare(listener, options, Some(acceptor))?;
         tokio::spawn(serve);

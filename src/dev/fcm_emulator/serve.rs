@@ -1,6 +1,6 @@
 //! Accepting and serving connections, plain or TLS: hyper-util's auto server speaks HTTP/1.1,
 //! h2c with prior knowledge (plain) and h2 by ALPN (TLS), and advertises the configured
-//! `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`; or HTTP/1.1 alone (`http1_only`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,9 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let mut server = auto::Builder::new(TokioExecutor::new());
+    if options.http1_only {
+        server = server.http1_only();
+    }
     server.http2().max_concurrent_streams(options.max_streams);
     let connections = TaskTracker::new();
     loop {

@@ -1,5 +1,5 @@
-//! The emulator's HTTPS mode: rustls (aws-lc-rs) offering `h2` and `http/1.1` by ALPN; the
-//! connections are served by `serve`.
+//! The emulator's HTTPS mode: rustls (aws-lc-rs) offering `h2` and `http/1.1` by ALPN (only
+//! `http/1.1` when HTTP/1.1 only); the connections are served by `serve`.
 
 use std::sync::Arc;
 
@@ -8,7 +8,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 /// A TLS acceptor for a PEM certificate chain and its PEM private key.
-pub(super) fn acceptor(cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<TlsAcceptor> {
+pub(super) fn acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    http1_only: bool,
+) -> std::io::Result<TlsAcceptor> {
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -25,6 +29,10 @@ pub(super) fn acceptor(cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<TlsAc
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| invalid(format!("the TLS certificate and key do not fit: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if http1_only {
+        vec![b"http/1.1".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
