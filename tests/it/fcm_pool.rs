@@ -104,9 +104,11 @@ async fn connections_closed_by_goaway_are_replaced_without_losing_or_repeating_a
     let unique: HashSet<_> = tokens.iter().collect();
     assert_eq!(unique.len(), 300, "every send delivered");
     assert_eq!(tokens.len(), 300, "none delivered twice");
-    // 300 sends at 25 per connection: at least 12 connections, each one replaced in turn.
-    assert!(emulator.stats().connections >= 12);
-    assert!(sender.metrics().connections_opened.get() >= 12);
+    // A connection carries its 25 sends plus what was already in flight when its GOAWAY went
+    // out (at most the 10 streams it allows): at least ceil(300 / 35) = 9 connections, each
+    // one replaced in turn. How many beyond that depends on timing (a loaded machine).
+    assert!(emulator.stats().connections >= 9, "{:?}", emulator.stats());
+    assert!(sender.metrics().connections_opened.get() >= 9);
     // Requests sent after a GOAWAY were never processed and went out again, uncounted by FCM.
     assert_eq!(emulator.attempts("pool-goaway").len(), 300);
 }
