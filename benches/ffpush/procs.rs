@@ -13,6 +13,10 @@ pub fn ffpush_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ffpush")
 }
 
+/// `--worker-bin`: the `ffpush` binary run as the worker (`ffpush run`) instead of this
+/// build's, e.g. an older build to compare. The FCM emulator is always this build's.
+pub static WORKER_BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -254,7 +258,8 @@ impl WorkerProcess {
     pub fn start(dir: &Path, env: &WorkerEnv<'_>) -> WorkerProcess {
         let port = free_port();
         let log = dir.join(format!("worker-{port}.log"));
-        let mut cmd = Command::new(ffpush_bin());
+        let bin = WORKER_BIN.get().map(String::as_str).unwrap_or(ffpush_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
