@@ -1,6 +1,7 @@
 //! Scenarios on the real Firestore emulator with `ffpush run` as a child process (configured by
 //! environment, as on Cloud Run): latency of single-user notifications, a 20 000-token
-//! broadcast end to end, and the worker's peak RSS as the audience grows.
+//! broadcast end to end and how fast tokens are read, a notification to 1 000 `user_refs`,
+//! and the worker's peak RSS as the audience grows.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -72,8 +73,25 @@ async fn connect(target: &Target) -> Store {
         .expect("connecting to the Firestore emulator")
 }
 
+/// Who a notification document addresses.
+#[derive(Clone)]
+enum To {
+    User(usize),
+    /// `user_refs` listing users `0, stride, 2 × stride, …` (`n` of them), comma-separated, as
+    /// FlutterFlow writes it.
+    Users {
+        n: usize,
+        stride: usize,
+    },
+    All,
+}
+
+fn user_path(i: usize) -> String {
+    format!("users/u{i:08}")
+}
+
 /// A FlutterFlow notification document: `user_refs` for one user, or a broadcast.
-async fn create(store: &Store, user: Option<usize>) -> String {
+async fn create(store: &Store, to: To) -> String {
     let mut f = HashMap::new();
     let n = crate::fanout::notification();
     f.insert("notification_title".to_string(), store::string(&n.title));
@@ -91,12 +109,18 @@ async fn create(store: &Store, user: Option<usize>) -> String {
         "parameter_data".to_string(),
         store::string(n.parameter_data.as_deref().unwrap_or_default()),
     );
-    match user {
-        Some(i) => f.insert(
+    match to {
+        To::User(i) => f.insert("user_refs".to_string(), store::string(&user_path(i))),
+        To::Users { n, stride } => f.insert(
             "user_refs".to_string(),
-            store::string(&format!("users/u{i:08}")),
+            store::string(
+                &(0..n)
+                    .map(|i| user_path(i * stride))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ),
-        None => f.insert("target_audience".to_string(), store::string("All")),
+        To::All => f.insert("target_audience".to_string(), store::string("All")),
     };
     f.insert("timestamp".to_string(), store::timestamp(Utc::now()));
     let name = store
@@ -161,7 +185,7 @@ pub async fn latency(bench: &crate::Bench) {
     tokio::task::block_in_place(procs::settle);
     let mut docs = Vec::new();
     for i in 0..warm + n {
-        let relative = create(&store, Some(i)).await;
+        let relative = create(&store, To::User(i)).await;
         let doc = finished(
             &store,
             &relative,
@@ -225,34 +249,16 @@ pub async fn latency(bench: &crate::Bench) {
     println!();
 }
 
-pub async fn broadcast(bench: &crate::Bench) {
-    let o = &bench.options;
-    let project = "bench-broadcast";
-    let tokens = if o.quick { 2_000 } else { 20_000 };
-    let fcm = FcmProcess::start(bench.dir.path(), project, Some(&bench.certs), false);
-    let target = Target::new(fcm, &bench.firestore_host, project, Some(&bench.certs.ca));
-    let store = connect(&target).await;
-    let seeded = seed(&store, 0..tokens).await;
-    eprintln!("broadcast: seeded {tokens} tokens at {seeded:.0}/s");
-    let read_all = || async {
-        let started = Instant::now();
-        let mut pages = ffpush::audience::read(
-            store.clone(),
-            Audience::Broadcast {
-                device_type: None,
-                slice: None,
-            },
-        );
-        let mut n = 0;
-        while let Some(page) = pages.pages.recv().await {
-            n += page.expect("a token page").len();
-        }
-        assert_eq!(n, tokens);
-        started.elapsed().as_secs_f64()
-    };
-    // Once unmeasured: the emulator's JIT warms up on the query.
-    read_all().await;
-    let worker = WorkerProcess::start(
+/// The FCM emulator of the broadcast and targeted scenarios: HTTPS, 100 streams per
+/// connection, 30 ms per send, as Google's front end.
+fn realistic_fcm(bench: &crate::Bench, project: &str) -> Target {
+    let args = ["--max-streams", "100", "--latency", "30"].map(String::from);
+    let fcm = FcmProcess::start_with(bench.dir.path(), project, Some(&bench.certs), false, &args);
+    Target::new(fcm, &bench.firestore_host, project, Some(&bench.certs.ca))
+}
+
+fn start_worker(bench: &crate::Bench, project: &str, target: &Target) -> WorkerProcess {
+    WorkerProcess::start(
         bench.dir.path(),
         &WorkerEnv {
             project,
@@ -261,17 +267,28 @@ pub async fn broadcast(bench: &crate::Bench) {
             ca: Some(&bench.certs.ca),
             extra: vec![],
         },
-    );
+    )
+}
+
+/// Notifications to `to`, one after another, each until `succeeded`.
+async fn end_to_end(
+    bench: &crate::Bench,
+    store: &Store,
+    worker: &WorkerProcess,
+    to: To,
+    tokens: usize,
+) -> Vec<Run> {
     let mut runs = Vec::new();
-    for _ in 0..o.repeat.max(1) {
+    for _ in 0..bench.options.repeat.max(1) {
         tokio::task::block_in_place(procs::settle);
         let wait0 = worker.metric("ffpush_fanout_token_wait_seconds_total");
         let cpu0 = procs::cpu_seconds(worker.pid());
-        let relative = create(&store, None).await;
+        let relative = create(store, to.clone()).await;
+        // Polled gently: the times come from the document, and reads compete with the worker.
         let doc = finished(
-            &store,
+            store,
             &relative,
-            Duration::from_millis(20),
+            Duration::from_millis(100),
             Duration::from_secs(300),
         )
         .await;
@@ -290,28 +307,15 @@ pub async fn broadcast(bench: &crate::Bench) {
             waiting_for_tokens: wait,
             cpu,
         };
-        eprintln!("broadcast {tokens}: {run:?}");
+        eprintln!("{tokens} tokens end to end: {run:?}");
         runs.push(run);
     }
-    drop(worker);
-    let reads: Vec<f64> = {
-        let mut v = Vec::new();
-        for _ in 0..o.repeat.max(1) {
-            v.push(read_all().await);
-        }
-        v
-    };
+    runs
+}
+
+/// The table of [`end_to_end`] runs; `reading` is the reference row (reading alone).
+fn print_runs(runs: &[Run], tokens: usize, reading: (&str, Vec<f64>)) {
     let show = |f: &dyn Fn(&Run) -> f64, d| crate::show(runs.iter().map(f).collect(), d);
-    println!(
-        "## Broadcast of {tokens} tokens end to end (worker as a child process, Firestore emulator, HTTPS FCM emulator)\n"
-    );
-    println!(
-        "Median (min–max) of {} broadcasts. Claim, fan-out and report come from the document's own timestamps \
-         (create time, `started_at`, `completed_at`, update time). *Waiting for tokens* is the worker's \
-         `ffpush_fanout_token_wait_seconds_total`: time the fan-out had free send slots but no token, i.e. was \
-         bound by Firestore reads; the rest of the fan-out was bound by sending.\n",
-        runs.len()
-    );
     println!("| | seconds |");
     println!("|---|---:|");
     println!("| create → `succeeded` | {} |", show(&|r| r.total, 2));
@@ -335,15 +339,282 @@ pub async fn broadcast(bench: &crate::Bench) {
         "| report write (`completed_at` → update time) | {} |",
         show(&|r| r.report, 3)
     );
-    println!(
-        "| for reference: reading the {tokens} tokens alone (same reader, no sends) | {} |",
-        crate::show(reads, 2)
-    );
+    println!("| {} | {} |", reading.0, crate::show(reading.1, 2));
     println!("| worker CPU | {} |", show(&|r| r.cpu, 2));
     println!(
         "\nRate: {} messages/s end to end.\n",
         crate::show(runs.iter().map(|r| tokens as f64 / r.total).collect(), 0)
     );
+}
+
+/// Seconds to read a broadcast's tokens with the production reader (one streamed query).
+async fn read_streamed(store: &Store, tokens: usize) -> f64 {
+    let started = Instant::now();
+    let mut pages = ffpush::audience::read(
+        store.clone(),
+        Audience::Broadcast {
+            device_type: None,
+            slice: None,
+        },
+    );
+    let mut n = 0;
+    while let Some(page) = pages.pages.recv().await {
+        n += page.expect("a token page").len();
+    }
+    assert_eq!(n, tokens);
+    started.elapsed().as_secs_f64()
+}
+
+/// Seconds to read a broadcast's tokens as the reader before did: a cursor query per page of
+/// 500 (`Store::token_page`, the same query with a limit and a start cursor).
+async fn read_paged(store: &Store, tokens: usize) -> f64 {
+    let started = Instant::now();
+    let query = store::TokenQuery {
+        page_size: ffpush::audience::PAGE_SIZE,
+        ..Default::default()
+    };
+    let mut after: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let page = store
+            .token_page(&query, after.as_deref())
+            .await
+            .expect("a token page");
+        n += page.len();
+        if page.len() < query.page_size {
+            break;
+        }
+        after = page.last().map(|t| t.doc_name.clone());
+    }
+    assert_eq!(n, tokens);
+    started.elapsed().as_secs_f64()
+}
+
+pub async fn broadcast(bench: &crate::Bench) {
+    let o = &bench.options;
+    let project = "bench-broadcast";
+    let tokens = if o.quick { 2_000 } else { 20_000 };
+    let target = realistic_fcm(bench, project);
+    let store = connect(&target).await;
+    let seeded = seed(&store, 0..tokens).await;
+    eprintln!("broadcast: seeded {tokens} tokens at {seeded:.0}/s");
+    // Once unmeasured: the emulator's JIT warms up on the query.
+    read_streamed(&store, tokens).await;
+    let worker = start_worker(bench, project, &target);
+    let runs = end_to_end(bench, &store, &worker, To::All, tokens).await;
+    drop(worker);
+    tokio::task::block_in_place(procs::settle);
+    let mut reads = Vec::new();
+    for _ in 0..o.repeat.max(1) {
+        reads.push(read_streamed(&store, tokens).await);
+    }
+    println!(
+        "## Broadcast of {tokens} tokens end to end (worker as a child process, Firestore emulator, HTTPS FCM emulator at 100 streams and 30 ms per send)\n"
+    );
+    println!(
+        "Median (min–max) of {} broadcasts. Claim, fan-out and report come from the document's own timestamps \
+         (create time, `started_at`, `completed_at`, update time). *Waiting for tokens* is the worker's \
+         `ffpush_fanout_token_wait_seconds_total`: time the fan-out had free send slots but no token, i.e. was \
+         bound by Firestore reads; the rest of the fan-out was bound by sending (at most FFPUSH_FCM_RATE, \
+         10 000/s by default).{}\n",
+        runs.len(),
+        match &o.worker_bin {
+            Some(bin) => format!(" Worker binary: `{bin}`."),
+            None => String::new(),
+        }
+    );
+    print_runs(
+        &runs,
+        tokens,
+        (
+            &format!("for reference: reading the {tokens} tokens alone (streamed query, no sends)"),
+            reads,
+        ),
+    );
+
+    // How fast tokens are read, by the streamed query and by cursor pages, as the collection
+    // grows (the emulator's cost per cursor page grows with it).
+    let mut sizes: Vec<usize> = o.read_sizes.iter().copied().filter(|&n| n > 0).collect();
+    sizes.sort_unstable();
+    if sizes.is_empty() {
+        return;
+    }
+    println!("### Reading a broadcast's tokens (Firestore emulator, no sends)\n");
+    println!(
+        "The same collection-group query over `fcm_tokens` (`select fcm_token`, ordered by name), read to the end: \
+         *streamed* is the production reader (`audience::read`: one query, cut into pages of 500 that a 4-page \
+         channel paces); *cursor pages* is the reader before it (one query per 500 tokens, each starting after the \
+         last token of the previous page). Streamed: median (min–max) of {} reads after one unmeasured; cursor pages: \
+         {} at 100 000 tokens and more (each read takes minutes).\n",
+        o.repeat.max(1),
+        if o.repeat > 1 { "once" } else { "one read" }
+    );
+    println!(
+        "| tokens | streamed s | streamed tokens/s | cursor pages s | cursor pages tokens/s |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    let mut have = tokens;
+    for size in sizes {
+        if size > have {
+            let rate = seed(&store, have..size).await;
+            eprintln!("broadcast reads: seeded {have}..{size} at {rate:.0}/s");
+            have = size;
+        }
+        if size < have {
+            eprintln!("broadcast reads: {size} < the {have} tokens seeded; skipped");
+            continue;
+        }
+        tokio::task::block_in_place(procs::settle);
+        read_streamed(&store, size).await;
+        let mut streamed = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            streamed.push(read_streamed(&store, size).await);
+        }
+        let paged_runs = if size >= 100_000 { 1 } else { o.repeat.max(1) };
+        let mut paged = Vec::new();
+        for _ in 0..paged_runs {
+            paged.push(read_paged(&store, size).await);
+        }
+        eprintln!("broadcast reads {size}: streamed {streamed:?}, cursor pages {paged:?}");
+        let per_sec = |v: &[f64]| v.iter().map(|s| size as f64 / s).collect::<Vec<_>>();
+        println!(
+            "| {size} | {} | {} | {} | {} |",
+            crate::show(streamed.clone(), 2),
+            crate::show(per_sec(&streamed), 0),
+            crate::show(paged.clone(), 2),
+            crate::show(per_sec(&paged), 0),
+        );
+    }
+    println!();
+}
+
+/// Seconds to read the tokens of users `0, stride, …` (`n` of them), `read_ahead` users at a
+/// time, each user's first page as the production reader reads it (`Store::token_page`, the
+/// user's `fcm_tokens`).
+async fn read_users(store: &Store, n: usize, stride: usize, read_ahead: usize) -> f64 {
+    let started = Instant::now();
+    let tokens: usize = futures::stream::iter(0..n)
+        .map(|i| {
+            let query = store::TokenQuery {
+                user: Some(user_path(i * stride)),
+                page_size: ffpush::audience::PAGE_SIZE,
+                ..Default::default()
+            };
+            async move {
+                store
+                    .token_page(&query, None)
+                    .await
+                    .expect("a user's tokens")
+                    .len()
+            }
+        })
+        .buffered(read_ahead)
+        .fold(0, |sum, n| async move { sum + n })
+        .await;
+    assert_eq!(tokens, n);
+    started.elapsed().as_secs_f64()
+}
+
+/// Seconds the production reader takes for users `0, stride, …` (`n` of them).
+async fn read_users_production(store: &Store, n: usize, stride: usize) -> f64 {
+    let started = Instant::now();
+    let users = (0..n).map(|i| user_path(i * stride)).collect();
+    let mut pages = ffpush::audience::read(store.clone(), Audience::Users(users));
+    let mut tokens = 0;
+    while let Some(page) = pages.pages.recv().await {
+        tokens += page.expect("a token page").len();
+    }
+    assert_eq!(tokens, n);
+    started.elapsed().as_secs_f64()
+}
+
+pub async fn targeted(bench: &crate::Bench) {
+    let o = &bench.options;
+    let project = "bench-targeted";
+    let users = if o.quick { 200 } else { 1_000 };
+    let target = realistic_fcm(bench, project);
+    let store = connect(&target).await;
+    let mut seeded = 0;
+    // First the app has exactly the addressed users; then 20 000 users with a token each, of
+    // which the notification addresses every 20th. The emulator scans the collection group on
+    // every per-user query, so the second costs it about 20 times more per query.
+    for stride in [1, 20] {
+        let app_users = users * stride;
+        seed(&store, seeded..app_users).await;
+        seeded = app_users;
+        // Once unmeasured: the emulator's JIT warms up on the queries.
+        read_users_production(&store, users, stride).await;
+        let worker = start_worker(bench, project, &target);
+        let to = To::Users { n: users, stride };
+        let runs = end_to_end(bench, &store, &worker, to, users).await;
+        drop(worker);
+        tokio::task::block_in_place(procs::settle);
+        let mut reads = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            reads.push(read_users_production(&store, users, stride).await);
+        }
+        println!(
+            "## A notification to {users} `user_refs` among {app_users} users end to end (worker as a child process, Firestore emulator, HTTPS FCM emulator at 100 streams and 30 ms per send)\n"
+        );
+        println!(
+            "The project has {app_users} users with one token each; `user_refs` lists {}, comma-separated, as \
+             FlutterFlow writes it. Median (min–max) of {} notifications; the rows are as in the broadcast.{}\n",
+            if stride == 1 {
+                "all of them".to_string()
+            } else {
+                format!("every {stride}th")
+            },
+            runs.len(),
+            match &o.worker_bin {
+                Some(bin) => format!(" Worker binary: `{bin}`."),
+                None => String::new(),
+            }
+        );
+        print_runs(
+            &runs,
+            users,
+            (
+                &format!(
+                    "for reference: reading the {users} users' tokens alone (production reader, no sends)"
+                ),
+                reads,
+            ),
+        );
+        println!(
+            "### Reading {users} users' tokens among {app_users} at several read-aheads (Firestore emulator, no sends)\n"
+        );
+        println!(
+            "Each user's `fcm_tokens` is one query; *read-ahead* is how many run at once (the production reader's \
+             `USER_READ_AHEAD`). Median (min–max) of {} reads.\n",
+            o.repeat.max(1)
+        );
+        println!("| read-ahead | seconds | users/s |");
+        println!("|---:|---:|---:|");
+        for read_ahead in [1, 4, 16, 64, 256] {
+            tokio::task::block_in_place(procs::settle);
+            let mut secs = Vec::new();
+            for _ in 0..o.repeat.max(1) {
+                secs.push(read_users(&store, users, stride, read_ahead).await);
+            }
+            eprintln!("targeted reads among {app_users}, read-ahead {read_ahead}: {secs:?}");
+            println!(
+                "| {read_ahead} | {} | {} |",
+                crate::show(secs.clone(), 2),
+                crate::show(secs.iter().map(|s| users as f64 / s).collect(), 0)
+            );
+        }
+        tokio::task::block_in_place(procs::settle);
+        let mut secs = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            secs.push(read_users_production(&store, users, stride).await);
+        }
+        println!(
+            "| the production reader (`audience::read`) | {} | {} |",
+            crate::show(secs.clone(), 2),
+            crate::show(secs.iter().map(|s| users as f64 / s).collect(), 0)
+        );
+        println!();
+    }
 }
 
 #[derive(Debug)]
@@ -396,7 +667,7 @@ pub async fn rss(bench: &crate::Bench) {
         let sampler = RssSampler::start(pid, Duration::from_millis(50));
         let cpu0 = procs::cpu_seconds(pid);
         let started = Instant::now();
-        let relative = create(&store, None).await;
+        let relative = create(&store, To::All).await;
         let doc = finished(
             &store,
             &relative,

@@ -7,6 +7,11 @@
 //! ```
 //!
 //! Scenarios:
+//! - `realistic`: the production pipeline at its default settings (a child process per cell)
+//!   against the FCM emulator over TLS at 100 streams per connection and 0/30/60 ms per send,
+//!   10k/100k/1M tokens: messages/s, CPU-ms per 1000 messages, peak RSS (VmHWM).
+//! - `quota`: 100 000 tokens against the emulator's `--quota` (FCM's 600 000 a minute, and the
+//!   same rate in 1 s windows): delivered, refused, instance-wide pauses.
 //! - `fanout`: messages/s and CPU-ms per 1000 messages of the production fan-out (this process)
 //!   against the FCM emulator (another process), h2c and HTTPS (h2 by ALPN), for 10k/100k/1M
 //!   tokens from memory at concurrency 1/64/256/1024. Each cell stops at its token count or its
@@ -14,7 +19,11 @@
 //! - `ceiling`: the FCM emulator's own ceiling under a raw `h2` load generator.
 //! - `latency`: document creation → first FCM request and → `status: succeeded`, one user,
 //!   with `ffpush run` as a child process on the Firestore emulator.
-//! - `broadcast`: a 20 000-token broadcast end to end, and where its time goes.
+//! - `broadcast`: a 20 000-token broadcast end to end (FCM emulator at 30 ms per send), where
+//!   its time goes, and tokens/s read by the streamed reader and by cursor pages of 500 (the
+//!   reader before) at 20 000 and 100 000 tokens.
+//! - `targeted`: one notification to 1 000 `user_refs` end to end, and the users' tokens read
+//!   alone at several read-aheads.
 //! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
 //! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
 //!
@@ -24,8 +33,10 @@
 //! default 0, unpaced: the matrix measures the sender's own ceiling), `--latency MS` (the FCM
 //! emulator answers each send of the fan-out matrix after MS, as Google's front end takes
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
-//! `--pin` (this process on CPU 0, the FCM emulator on CPU 1: steadier numbers for comparing
-//! two builds), `--far-future N` (documents of the `far-future` scenario, default 200000).
+//! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
+//! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
+//! scenario, default 200000), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness: a panic stops the run with its reason
@@ -34,6 +45,7 @@ mod ceiling;
 mod fanout;
 mod firestore;
 mod procs;
+mod realistic;
 
 use std::time::Duration;
 
@@ -56,14 +68,24 @@ pub struct Options {
     /// The FCM emulator's latency in the fan-out matrix, ms.
     pub latency: u64,
     pub pin: bool,
+    /// The realistic cells: FCM latencies (ms) and token counts.
+    pub latencies: Vec<u64>,
+    pub realistic_sizes: Vec<usize>,
+    /// Token counts of the broadcast scenario's read comparison.
+    pub read_sizes: Vec<usize>,
+    /// The worker binary of the broadcast and targeted scenarios (default: this build's).
+    pub worker_bin: Option<String>,
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 9] = [
+    "realistic",
+    "quota",
     "fanout",
     "ceiling",
     "latency",
     "broadcast",
+    "targeted",
     "rss",
     "far-future",
 ];
@@ -82,6 +104,10 @@ impl Options {
             rate: 0,
             latency: 0,
             pin: false,
+            latencies: vec![0, 30, 60],
+            realistic_sizes: vec![10_000, 100_000, 1_000_000],
+            read_sizes: vec![20_000, 100_000],
+            worker_bin: std::env::var("FFPUSH_BENCH_WORKER").ok(),
             scenarios: Vec::new(),
         };
         let list = |v: Option<String>, what: &str| -> Vec<usize> {
@@ -105,6 +131,14 @@ impl Options {
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
+                "--latencies" => {
+                    o.latencies = list(args.next(), "--latencies")
+                        .into_iter()
+                        .map(|n| n as u64)
+                        .collect()
+                }
+                "--realistic-sizes" => o.realistic_sizes = list(args.next(), "--realistic-sizes"),
+                "--read-sizes" => o.read_sizes = list(args.next(), "--read-sizes"),
                 "--transport" => {
                     o.transports = args
                         .next()
@@ -117,7 +151,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --far-future N",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -130,6 +164,9 @@ impl Options {
             o.rss_sizes = vec![5_000, 10_000];
             o.sizes = vec![10_000];
             o.concurrencies = vec![1, 256];
+            o.latencies = vec![0, 30];
+            o.realistic_sizes = vec![10_000];
+            o.read_sizes = vec![2_000];
         }
         if o.scenarios.is_empty() {
             o.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
@@ -158,6 +195,13 @@ pub struct Bench {
 }
 
 fn main() {
+    // A realistic or quota cell in its own process (see `realistic`).
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--child-fanout" {
+            realistic::child_main(&args.next().unwrap_or_default());
+        }
+    }
     let options = Options::parse();
     machine();
     let firestore = match std::env::var("FIRESTORE_EMULATOR_HOST") {
@@ -189,6 +233,12 @@ fn main() {
     // Spawned, not run in `block_on`: the daemon runs fan-outs on the runtime's worker
     // threads, so the measured code does too.
     let work = runtime.spawn(async move {
+        if bench.options.wants("realistic") {
+            realistic::realistic(&bench).await;
+        }
+        if bench.options.wants("quota") {
+            realistic::quota(&bench).await;
+        }
         if bench.options.wants("fanout") {
             fanout_matrix(&bench).await;
         }
@@ -200,6 +250,9 @@ fn main() {
         }
         if bench.options.wants("broadcast") {
             firestore::broadcast(&bench).await;
+        }
+        if bench.options.wants("targeted") {
+            firestore::targeted(&bench).await;
         }
         if bench.options.wants("rss") {
             firestore::rss(&bench).await;

@@ -373,6 +373,31 @@ async fn a_token_shared_by_two_users_is_sent_once_and_users_without_tokens_are_l
 }
 
 #[tokio::test]
+async fn a_user_with_hundreds_of_tokens_gets_every_one_once_among_other_users() {
+    use futures::StreamExt as _;
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    // More than a user's first page, and more than a full page after it.
+    let many: Vec<String> = (0..650).map(|i| format!("{p}-many-{i:04}")).collect();
+    futures::stream::iter(&many)
+        .map(|t| app.add_token("u2", &t[t.len() - 4..], t, "Android"))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    app.add_token("u1", "a", &format!("{p}-u1"), "iOS").await;
+    app.add_token("u3", "a", &format!("{p}-u3"), "iOS").await;
+    let (worker, _) = app.start_worker().await;
+    let doc = app.notify("Many", "users/u1,users/u2,users/u3").await;
+    let done = app.finished(&doc).await;
+    assert_eq!(num(&done, "num_sent"), Some(652));
+    let mut expected = many.clone();
+    expected.extend([format!("{p}-u1"), format!("{p}-u3")]);
+    expected.sort();
+    assert_eq!(tokens_of(&app.delivered(), "Many"), expected);
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn batch_slices_cover_every_user_exactly_once() {
     let app = TestApp::new().await;
     let p = app.project.clone();

@@ -472,6 +472,7 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/emulator/messages", get(list_messages))
         .route("/emulator/stats", get(stats))
+        .route("/emulator/quota", get(quota_windows))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(shared)
@@ -502,6 +503,21 @@ async fn list_messages(
 /// `GET /emulator/stats`: counts of send requests, for load tests that do not record.
 async fn stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
     Json(shared.stats())
+}
+
+/// `GET /emulator/quota?project=p`: what each quota window of `p` admitted and refused
+/// ([`FcmEmulator::quota_windows`]), for a client in another process.
+async fn quota_windows(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<MessagesQuery>,
+) -> Json<Vec<QuotaWindow>> {
+    let state = shared.state();
+    let windows = query
+        .project
+        .and_then(|p| state.quota.get(&p))
+        .map(|windows| windows.values().copied().collect())
+        .unwrap_or_default();
+    Json(windows)
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
