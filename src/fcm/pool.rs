@@ -203,8 +203,6 @@ struct State {
     /// Failed attempts to connect, and the last one's error.
     failures: u64,
     last_error: SendError,
-    /// Where the next search for a free stream starts (spreads requests over connections).
-    next: usize,
     /// What the endpoint speaks, once a connection opened.
     protocol: Option<Protocol>,
     /// Requests waiting for a free connection (HTTP/1.1 connections are opened for them).
@@ -212,16 +210,12 @@ struct State {
 }
 
 impl State {
-    fn pick(&mut self) -> Option<Arc<Conn>> {
-        let n = self.live.len();
-        for i in 0..n {
-            let at = (self.next + i) % n;
-            if self.live[at].try_take() {
-                self.next = at + 1;
-                return Some(Arc::clone(&self.live[at]));
-            }
-        }
-        None
+    /// The first connection with a free stream: connections fill in order, so requests share
+    /// a connection's writes and wake-ups (BENCHMARKS.md, "Realistic FCM"); the pool's size
+    /// still follows the concurrency.
+    fn pick(&self) -> Option<Arc<Conn>> {
+        let conn = self.live.iter().find(|c| c.try_take())?;
+        Some(Arc::clone(conn))
     }
 }
 
@@ -280,7 +274,6 @@ impl Pool {
                 sized: fixed.is_some(),
                 failures: 0,
                 last_error: SendError::Connect(String::new()),
-                next: 0,
                 protocol: None,
                 waiting: 0,
             }),
