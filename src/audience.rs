@@ -15,8 +15,8 @@ use crate::store::{self, DeviceToken, Store, TokenQuery};
 /// Token documents read per query page.
 pub const PAGE_SIZE: usize = 500;
 /// Users whose `fcm_tokens` are read at once: a query each, so reading goes this many round
-/// trips at a time (where the round trip, not the server, is the limit, 1 000 users took 1.6
-/// times as long at 16; BENCHMARKS.md). Each holds at most its first page of
+/// trips at a time (where the round trip, not the server, is the limit, 1 000 users took
+/// 0.47 s at 16, 0.34 s at 64 and at 256; BENCHMARKS.md). Each holds at most its first page of
 /// [`USER_FIRST_PAGE`] tokens until its turn: at most 6 400 tokens (≈ 2 MB) read ahead.
 const USER_READ_AHEAD: usize = 64;
 /// A user's first page; a user with more tokens has the rest read in pages of [`PAGE_SIZE`].

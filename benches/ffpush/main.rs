@@ -10,8 +10,8 @@
 //! - `realistic`: the production pipeline at its default settings (a child process per cell)
 //!   against the FCM emulator over TLS at 100 streams per connection and 0/30/60 ms per send,
 //!   10k/100k/1M tokens: messages/s, CPU-ms per 1000 messages, peak RSS (VmHWM).
-//! - `quota`: 100 000 tokens against the emulator's `--quota` (FCM's 600 000 a minute, and the
-//!   same rate in 1 s windows): delivered, refused, instance-wide pauses.
+//! - `quota`: 100 000 and 1 000 000 tokens against the emulator's `--quota` (FCM's 600 000 a
+//!   minute, and the same rate in 1 s windows): delivered, refused, instance-wide pauses.
 //! - `fanout`: messages/s and CPU-ms per 1000 messages of the production fan-out (this process)
 //!   against the FCM emulator (another process), h2c and HTTPS (h2 by ALPN), for 10k/100k/1M
 //!   tokens from memory at concurrency 1/64/256/1024. Each cell stops at its token count or its

@@ -388,66 +388,86 @@ pub async fn realistic(bench: &crate::Bench) {
     println!();
 }
 
-/// A quota cell: what it is, the emulator's quota arguments, FFPUSH_FCM_RATE and
-/// FFPUSH_QUOTA_BACKOFF (ms) overrides.
-type QuotaCell = (String, Vec<String>, Option<u32>, Option<u64>);
+/// A quota cell.
+struct QuotaCell {
+    what: String,
+    tokens: usize,
+    /// The emulator's quota arguments.
+    quota: Vec<String>,
+    /// FFPUSH_FCM_RATE and FFPUSH_QUOTA_BACKOFF (ms) overrides.
+    rate: Option<u32>,
+    backoff_ms: Option<u64>,
+}
 
 /// FCM's quota on the emulator (`--quota`), 30 ms per send: every token delivered?
 pub async fn quota(bench: &crate::Bench) {
     let o = &bench.options;
     let project = "bench-quota";
     let tokens = if o.quick { 20_000 } else { 100_000 };
-    // (description, emulator quota args, rate override, quota backoff override)
-    // FCM's 600 000 a minute, as 10 000 per 1 s window.
+    let args = |quota: usize, window: Option<&str>| {
+        let mut v = vec!["--quota".to_string(), quota.to_string()];
+        if let Some(w) = window {
+            v.extend(["--quota-window".to_string(), w.to_string()]);
+        }
+        v
+    };
+    // FCM's 600 000 a minute, and the same rate as 10 000 per 1 s window.
     let scaled = 10_000;
-    let cells: Vec<QuotaCell> = vec![
-        (
-            "FCM's default quota: 600 000 per 60 s window; ffpush defaults".into(),
-            vec!["--quota".into(), "600000".into()],
-            None,
-            None,
+    let mut cells = vec![QuotaCell {
+        what: "FCM's default quota: 600 000 per 60 s window; ffpush defaults".into(),
+        tokens,
+        quota: args(600_000, None),
+        rate: None,
+        backoff_ms: None,
+    }];
+    if !o.quick {
+        // 100 s at the default rate: crosses a window boundary with a full window behind it.
+        cells.push(QuotaCell {
+            what: "FCM's default quota, an audience that needs two windows; ffpush defaults".into(),
+            tokens: 1_000_000,
+            quota: args(600_000, None),
+            rate: None,
+            backoff_ms: None,
+        });
+    }
+    cells.push(QuotaCell {
+        what: format!(
+            "the same 10 000/s in 1 s windows ({scaled} per window); ffpush defaults, FFPUSH_QUOTA_BACKOFF=1s"
         ),
-        (
-            format!(
-                "the same 10 000/s in 1 s windows ({scaled} per window); ffpush defaults, FFPUSH_QUOTA_BACKOFF=1s"
-            ),
-            vec![
-                "--quota".into(),
-                scaled.to_string(),
-                "--quota-window".into(),
-                "1s".into(),
-            ],
-            None,
-            Some(1000),
+        tokens,
+        quota: args(scaled, Some("1s")),
+        rate: None,
+        backoff_ms: Some(1000),
+    });
+    cells.push(QuotaCell {
+        what: format!(
+            "{scaled} per 1 s window; ffpush over it: FFPUSH_FCM_RATE={}, FFPUSH_QUOTA_BACKOFF=1s",
+            2 * scaled
         ),
-        (
-            format!(
-                "{scaled} per 1 s window; ffpush over it: FFPUSH_FCM_RATE={}, FFPUSH_QUOTA_BACKOFF=1s",
-                2 * scaled
-            ),
-            vec![
-                "--quota".into(),
-                scaled.to_string(),
-                "--quota-window".into(),
-                "1s".into(),
-            ],
-            Some(2 * scaled as u32),
-            Some(1000),
-        ),
-    ];
+        tokens,
+        quota: args(scaled, Some("1s")),
+        rate: Some(2 * scaled as u32),
+        backoff_ms: Some(1000),
+    });
+    println!("## Quota: the emulator's `--quota` (HTTPS, 100 streams, 30 ms per send)\n");
     println!(
-        "## Quota: {tokens} tokens against the emulator's `--quota` (HTTPS, 100 streams, 30 ms per send)\n"
+        "One child process per cell, as in the realistic cells, against a fresh emulator. Windows are the emulator's \
+         (`GET /emulator/quota`): consecutive from its start, so a cell's first and last windows are partial. *Refused* \
+         are attempts answered 429 `QUOTA_EXCEEDED`; *pauses* are the instance-wide quota pauses \
+         (`ffpush_fcm_quota_pauses_total`); *retries* count refused sends sent again after the pause.\n"
     );
     println!(
-        "One child process per cell, as in the realistic cells. Windows are the emulator's (`GET /emulator/quota`): \
-         consecutive from its start, so a cell's first and last windows are partial. *Pauses* are the instance-wide \
-         quota pauses (`ffpush_fcm_quota_pauses_total`); *retries* count 429s sent again after the pause.\n"
+        "| cell | tokens | sent | undelivered | seconds | msgs/s | windows | most admitted in a window | refused (429) | pauses | retries |"
     );
-    println!(
-        "| cell | sent | undelivered | seconds | msgs/s | windows | most admitted in a window | refused (429) | pauses | retries |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (what, args, rate, backoff) in cells {
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, cell) in cells.into_iter().enumerate() {
+        let QuotaCell {
+            what,
+            tokens,
+            quota: args,
+            rate,
+            backoff_ms: backoff,
+        } = cell;
         let mut extra = vec![
             "--max-streams".to_string(),
             "100".to_string(),
@@ -463,10 +483,7 @@ pub async fn quota(bench: &crate::Bench) {
         spec.rate = rate;
         spec.quota_backoff_ms = backoff;
         spec.limit_secs = 600;
-        let log = bench
-            .dir
-            .path()
-            .join(format!("quota-{}.log", rate.unwrap_or(0)));
+        let log = bench.dir.path().join(format!("quota-{i}.log"));
         let (r, _) = tokio::task::block_in_place(|| run_child(&spec, &target.fcm, &log));
         let windows: Vec<serde_json::Value> = target
             .get_json(&format!("/emulator/quota?project={project}"))
@@ -480,7 +497,7 @@ pub async fn quota(bench: &crate::Bench) {
             .unwrap_or(0);
         eprintln!("quota {what}: {r:?}; windows {windows:?}");
         println!(
-            "| {what} | {} | {} | {:.2} | {:.0} | {} | {most} | {refused} | {} | {} |",
+            "| {what} | {tokens} | {} | {} | {:.2} | {:.0} | {} | {most} | {refused} | {} | {} |",
             r.sent,
             r.undelivered,
             r.secs,
