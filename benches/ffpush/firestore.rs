@@ -833,3 +833,150 @@ pub async fn far_future(bench: &crate::Bench) {
     }
     println!();
 }
+
+/// `benches/flutterflow`: FlutterFlow's generated function, when its npm packages are
+/// installed (`npm ci --prefix benches/flutterflow`).
+fn flutterflow_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/flutterflow");
+    dir.join("node_modules/firebase-admin")
+        .exists()
+        .then_some(dir)
+}
+
+/// Runs FlutterFlow's function on the document `relative`; its seconds from reading the
+/// document to writing the outcome, after checking it sent to `tokens`.
+fn run_function(
+    dir: &std::path::Path,
+    bench: &crate::Bench,
+    target: &Target,
+    relative: &str,
+    tokens: usize,
+) -> f64 {
+    let output = std::process::Command::new("node")
+        .arg(dir.join("function.js"))
+        .arg(relative)
+        .env("FIRESTORE_EMULATOR_HOST", &bench.firestore_host)
+        .env("FFPUSH_BENCH_FCM_URL", &target.fcm.url)
+        .env("FFPUSH_BENCH_KEY", &target.fcm.key)
+        .env("FFPUSH_BENCH_CA", &bench.certs.ca)
+        .env("NODE_EXTRA_CA_CERTS", &bench.certs.ca)
+        .env("FFPUSH_BENCH_PROJECT", &target.settings.project)
+        .output()
+        .expect("running node");
+    assert!(
+        output.status.success(),
+        "FlutterFlow's function failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let answer: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("the function's answer {line:?}: {e}"));
+    assert_eq!(
+        answer["num_sent"].as_u64(),
+        Some(tokens as u64),
+        "FlutterFlow's function sent to every token: {line} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    answer["ms"].as_f64().expect("ms") / 1000.0
+}
+
+/// The same notifications by ffpush (`ffpush run`) and by FlutterFlow's generated function
+/// (firebase-admin 12 under Node), on the same emulators and data.
+pub async fn flutterflow(bench: &crate::Bench) {
+    let Some(dir) = flutterflow_dir() else {
+        println!(
+            "## ffpush and FlutterFlow's function\n\nSkipped: FlutterFlow's function needs Node.js and `npm ci --prefix benches/flutterflow`.\n"
+        );
+        return;
+    };
+    let o = &bench.options;
+    let project = "bench-flutterflow";
+    let (tokens, users) = if o.quick {
+        (2_000, 200)
+    } else {
+        (20_000, 1_000)
+    };
+    let target = realistic_fcm(bench, project);
+    let store = connect(&target).await;
+    println!(
+        "## ffpush and FlutterFlow's function on the same emulators (Firestore emulator, HTTPS FCM emulator at 100 streams and 30 ms per send)\n"
+    );
+    println!(
+        "*ffpush*: `ffpush run` (a child process, default settings), document created → `status: succeeded` (Firestore's \
+         create and update times). *FlutterFlow*: `benches/flutterflow/function.js`, the generated `sendPushNotifications` \
+         under Node {} with firebase-admin 12, warm (connected and authenticated), document read → outcome written; a \
+         trigger's delivery and cold start are not counted. Median (min–max) of {} runs each, one after the other.\n",
+        String::from_utf8_lossy(
+            &std::process::Command::new("node")
+                .arg("--version")
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        )
+        .trim(),
+        o.repeat.max(1)
+    );
+    println!("| notification | tokens | ffpush s | FlutterFlow's function s |");
+    println!("|---|---:|---:|---:|");
+    // The project grows between cases: 1 000 users, then 20 000.
+    let cases = [
+        (
+            format!("{users} `user_refs` among {users} users"),
+            users,
+            To::Users {
+                n: users,
+                stride: 1,
+            },
+        ),
+        (
+            format!("broadcast (`All`) to {tokens} users"),
+            tokens,
+            To::All,
+        ),
+        (
+            format!(
+                "{users} `user_refs` among {tokens} users (every {}th)",
+                tokens / users
+            ),
+            tokens,
+            To::Users {
+                n: users,
+                stride: tokens / users,
+            },
+        ),
+    ];
+    let mut seeded = 0;
+    for (what, app_users, to) in cases {
+        if app_users > seeded {
+            seed(&store, seeded..app_users).await;
+            seeded = app_users;
+        }
+        let sent = match to {
+            To::All => app_users,
+            To::Users { n, .. } => n,
+            To::User(_) => 1,
+        };
+        let worker = start_worker(bench, project, &target);
+        let ffpush: Vec<f64> = end_to_end(bench, &store, &worker, to.clone(), sent)
+            .await
+            .iter()
+            .map(|r| r.total)
+            .collect();
+        drop(worker);
+        let mut function = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            tokio::task::block_in_place(procs::settle);
+            let relative = create(&store, to.clone()).await;
+            function.push(tokio::task::block_in_place(|| {
+                run_function(&dir, bench, &target, &relative, sent)
+            }));
+        }
+        eprintln!("flutterflow {what}: ffpush {ffpush:?}, function {function:?}");
+        println!(
+            "| {what} | {sent} | {} | {} |",
+            crate::show(ffpush, 2),
+            crate::show(function, 2)
+        );
+    }
+    println!();
+}

@@ -24,6 +24,9 @@
 //!   reader before) at 20 000 and 100 000 tokens.
 //! - `targeted`: one notification to 1 000 `user_refs` end to end, and the users' tokens read
 //!   alone at several read-aheads.
+//! - `flutterflow`: the targeted and broadcast notifications above by ffpush and by
+//!   FlutterFlow's generated function (`benches/flutterflow`, Node.js + firebase-admin 12;
+//!   skipped unless `npm ci --prefix benches/flutterflow` was run) on the same emulators.
 //! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
 //! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
 //!
@@ -78,7 +81,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "realistic",
     "quota",
     "fanout",
@@ -86,6 +89,7 @@ const SCENARIOS: [&str; 9] = [
     "latency",
     "broadcast",
     "targeted",
+    "flutterflow",
     "rss",
     "far-future",
 ];
@@ -253,6 +257,9 @@ fn main() {
         }
         if bench.options.wants("targeted") {
             firestore::targeted(&bench).await;
+        }
+        if bench.options.wants("flutterflow") {
+            firestore::flutterflow(&bench).await;
         }
         if bench.options.wants("rss") {
             firestore::rss(&bench).await;
