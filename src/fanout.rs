@@ -198,6 +198,18 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The policy the settings give (`FFPUSH_MAX_ATTEMPTS`, `FFPUSH_MAX_BACKOFF`,
+    /// `FFPUSH_QUOTA_BACKOFF`, `FFPUSH_RETRY_BUDGET`), from a first step of 500 ms.
+    pub fn from_settings(settings: &crate::config::Settings) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: settings.max_attempts,
+            base: Duration::from_millis(500),
+            max_backoff: settings.max_backoff,
+            quota_floor: settings.quota_floor,
+            budget: settings.retry_budget,
+        }
+    }
+
     /// Wait before attempt `attempt + 1` (attempt counts from 1): exponential with jitter in
     /// [½, 1] of the step, never less than FCM's Retry-After, capped by `max_backoff` unless
     /// FCM asked for longer.

@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -348,13 +347,7 @@ impl Worker {
             store: &self.store,
             metrics: &self.metrics,
             concurrency: self.settings.concurrency,
-            retry: RetryPolicy {
-                max_attempts: self.settings.max_attempts,
-                base: Duration::from_millis(500),
-                max_backoff: self.settings.max_backoff,
-                quota_floor: self.settings.quota_floor,
-                budget: self.settings.retry_budget,
-            },
+            retry: RetryPolicy::from_settings(&self.settings),
         };
         let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop).await;
         if renewal.finish().await {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ffpush::audience::{PAGE_SIZE, TokenPages, UsersWithoutTokens};
 use ffpush::config::{CaCert, Settings};
-use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy};
+use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy, Tally};
 use ffpush::fcm::{MessageTemplate, Sender};
 use ffpush::metrics::Metrics;
 use ffpush::model::{Audience, Notification};
@@ -158,19 +158,65 @@ pub async fn cell(
         store,
         metrics: &metrics,
         concurrency,
-        retry: RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base: Duration::from_millis(500),
-            max_backoff: settings.max_backoff,
-            quota_floor: settings.quota_floor,
-            budget: settings.retry_budget,
-        },
+        retry: RetryPolicy::from_settings(&settings),
     };
-    let template = MessageTemplate::new(&notification()).expect("template");
     let all = pages(store.documents_path(), tokens);
+    let before = target.stats().await;
+    let me = std::process::id();
+    let (cpu0, emu0) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()));
+    let Driven {
+        tally,
+        secs,
+        capped,
+    } = drive(&ctx, all.into_iter(), limit).await;
+    let (cpu1, emu1) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()));
+    let after = target.stats().await;
+    assert_eq!(
+        after.accepted - before.accepted,
+        tally.sent,
+        "the emulator accepted what was counted sent"
+    );
+    assert_eq!(
+        after.http2 - before.http2,
+        after.attempts - before.attempts,
+        "every request went over HTTP/2"
+    );
+    assert!(
+        capped || tally.sent == tokens as u64,
+        "{} of {tokens} sent",
+        tally.sent
+    );
+    CellResult {
+        sent: tally.sent,
+        secs,
+        cpu: cpu1 - cpu0,
+        emulator_cpu: emu1 - emu0,
+        capped,
+    }
+}
+
+/// What one run of [`drive`] did.
+pub struct Driven {
+    pub tally: Tally,
+    /// From the first page offered to the last answer.
+    pub secs: f64,
+    /// Stopped by the time limit before every token was sent.
+    pub capped: bool,
+}
+
+/// The production fan-out over `pages`, fed through the same bounded page channel (4 pages)
+/// the Firestore reader fills, with the lease keeper's progress snapshot once a second as in
+/// production; stops after `limit` if not done (in-flight sends finish, the tally counts
+/// what was sent). A fan-out that fails stops the benchmark.
+pub async fn drive(
+    ctx: &Context<'_>,
+    pages: impl Iterator<Item = Vec<DeviceToken>> + Send + 'static,
+    limit: Duration,
+) -> Driven {
+    let template = MessageTemplate::new(&notification()).expect("template");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let feeder = tokio::spawn(async move {
-        for page in all {
+        for page in pages {
             if tx.send(Ok(page)).await.is_err() {
                 break;
             }
@@ -182,7 +228,6 @@ pub async fn cell(
     };
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = CancellationToken::new();
-    // The lease keeper's progress snapshot, once a second as in production.
     let keeper = {
         let ledger = ledger.clone();
         let stop = stop.clone();
@@ -206,13 +251,9 @@ pub async fn cell(
             stop.cancel();
         })
     };
-    let before = target.stats().await;
-    let me = std::process::id();
-    let (cpu0, emu0) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()));
     let started = Instant::now();
-    let result = fanout::fan_out(&ctx, &template, token_pages, ledger.clone(), stop.clone()).await;
+    let result = fanout::fan_out(ctx, &template, token_pages, ledger.clone(), stop.clone()).await;
     let secs = started.elapsed().as_secs_f64();
-    let (cpu1, emu1) = (procs::cpu_seconds(me), procs::cpu_seconds(target.fcm.pid()));
     let capped = stop.is_cancelled();
     stop.cancel();
     timer.abort();
@@ -226,27 +267,9 @@ pub async fn cell(
             .unwrap_or_default(),
         Err(e) => panic!("fan-out failed: {e}"),
     };
-    let after = target.stats().await;
-    assert_eq!(
-        after.accepted - before.accepted,
-        tally.sent,
-        "the emulator accepted what was counted sent"
-    );
-    assert_eq!(
-        after.http2 - before.http2,
-        after.attempts - before.attempts,
-        "every request went over HTTP/2"
-    );
-    assert!(
-        capped || tally.sent == tokens as u64,
-        "{} of {tokens} sent",
-        tally.sent
-    );
-    CellResult {
-        sent: tally.sent,
+    Driven {
+        tally,
         secs,
-        cpu: cpu1 - cpu0,
-        emulator_cpu: emu1 - emu0,
         capped,
     }
 }

@@ -347,16 +347,27 @@ fn print_runs(runs: &[Run], tokens: usize, reading: (&str, Vec<f64>)) {
     );
 }
 
+/// Names the worker binary when it is not this build's (`FFPUSH_BENCH_WORKER`).
+fn worker_note(o: &crate::Options) -> String {
+    match &o.worker_bin {
+        Some(bin) => format!(" Worker binary: `{bin}`."),
+        None => String::new(),
+    }
+}
+
 /// Seconds to read a broadcast's tokens with the production reader (one streamed query).
 async fn read_streamed(store: &Store, tokens: usize) -> f64 {
+    let everyone = Audience::Broadcast {
+        device_type: None,
+        slice: None,
+    };
+    read_production(store, everyone, tokens).await
+}
+
+/// Seconds the production reader (`audience::read`) takes for `audience`'s `tokens` tokens.
+async fn read_production(store: &Store, audience: Audience, tokens: usize) -> f64 {
     let started = Instant::now();
-    let mut pages = ffpush::audience::read(
-        store.clone(),
-        Audience::Broadcast {
-            device_type: None,
-            slice: None,
-        },
-    );
+    let mut pages = ffpush::audience::read(store.clone(), audience);
     let mut n = 0;
     while let Some(page) = pages.pages.recv().await {
         n += page.expect("a token page").len();
@@ -418,10 +429,7 @@ pub async fn broadcast(bench: &crate::Bench) {
          bound by Firestore reads; the rest of the fan-out was bound by sending (at most FFPUSH_FCM_RATE, \
          10 000/s by default).{}\n",
         runs.len(),
-        match &o.worker_bin {
-            Some(bin) => format!(" Worker binary: `{bin}`."),
-            None => String::new(),
-        }
+        worker_note(o)
     );
     print_runs(
         &runs,
@@ -517,15 +525,8 @@ async fn read_users(store: &Store, n: usize, stride: usize, read_ahead: usize) -
 
 /// Seconds the production reader takes for users `0, stride, …` (`n` of them).
 async fn read_users_production(store: &Store, n: usize, stride: usize) -> f64 {
-    let started = Instant::now();
     let users = (0..n).map(|i| user_path(i * stride)).collect();
-    let mut pages = ffpush::audience::read(store.clone(), Audience::Users(users));
-    let mut tokens = 0;
-    while let Some(page) = pages.pages.recv().await {
-        tokens += page.expect("a token page").len();
-    }
-    assert_eq!(tokens, n);
-    started.elapsed().as_secs_f64()
+    read_production(store, Audience::Users(users), n).await
 }
 
 pub async fn targeted(bench: &crate::Bench) {
@@ -565,10 +566,7 @@ pub async fn targeted(bench: &crate::Bench) {
                 format!("every {stride}th")
             },
             runs.len(),
-            match &o.worker_bin {
-                Some(bin) => format!(" Worker binary: `{bin}`."),
-                None => String::new(),
-            }
+            worker_note(o)
         );
         print_runs(
             &runs,

@@ -10,19 +10,17 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ffpush::audience::{PAGE_SIZE, TokenPages, UsersWithoutTokens};
+use ffpush::audience::PAGE_SIZE;
 use ffpush::config::{CaCert, Settings};
-use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy};
-use ffpush::fcm::{MessageTemplate, Sender};
+use ffpush::fanout::{Context, RetryPolicy};
+use ffpush::fcm::Sender;
 use ffpush::metrics::Metrics;
 use ffpush::store::{DeviceToken, Store};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use crate::fanout::{Target, notification, token};
+use crate::fanout::{Driven, Target, drive, token};
 use crate::procs::{self, FcmProcess};
 
 /// What a child cell does.
@@ -128,83 +126,29 @@ async fn child_cell(spec: ChildSpec) -> ChildResult {
         store: &store,
         metrics: &metrics,
         concurrency: settings.concurrency,
-        retry: RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base: Duration::from_millis(500),
-            max_backoff: settings.max_backoff,
-            quota_floor: settings.quota_floor,
-            budget: settings.retry_budget,
-        },
+        retry: RetryPolicy::from_settings(&settings),
     };
-    let template = MessageTemplate::new(&notification()).expect("template");
     // Pages are made one at a time as the channel takes them: the child never holds the
     // audience, only what the pipeline holds.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let documents = store.documents_path().to_string();
     let tokens = spec.tokens;
-    let feeder = tokio::spawn(async move {
-        for start in (0..tokens).step_by(PAGE_SIZE) {
-            let page: Vec<DeviceToken> = (start..(start + PAGE_SIZE).min(tokens))
-                .map(|i| DeviceToken {
-                    doc_name: format!("{documents}/users/u{i:08}/fcm_tokens/t0"),
-                    token: token(i),
-                })
-                .collect();
-            if tx.send(Ok(page)).await.is_err() {
-                break;
-            }
-        }
+    let pages = (0..tokens).step_by(PAGE_SIZE).map(move |start| {
+        (start..(start + PAGE_SIZE).min(tokens))
+            .map(|i| DeviceToken {
+                doc_name: format!("{documents}/users/u{i:08}/fcm_tokens/t0"),
+                token: token(i),
+            })
+            .collect()
     });
-    let pages = TokenPages {
-        pages: rx,
-        without_tokens: Arc::new(Mutex::new(UsersWithoutTokens::default())),
-    };
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = CancellationToken::new();
-    let keeper = {
-        let ledger = ledger.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        let snapshot = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
-                        std::hint::black_box(snapshot);
-                    }
-                }
-            }
-        })
-    };
-    let timer = {
-        let stop = stop.clone();
-        let limit = Duration::from_secs(spec.limit_secs);
-        tokio::spawn(async move {
-            tokio::time::sleep(limit).await;
-            stop.cancel();
-        })
-    };
     let me = std::process::id();
     let hwm_ready_kb = procs::status_kb(me, "VmHWM");
     let cpu0 = procs::cpu_seconds(me);
-    let started = Instant::now();
-    let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), stop.clone()).await;
-    let secs = started.elapsed().as_secs_f64();
+    let Driven {
+        tally,
+        secs,
+        capped,
+    } = drive(&ctx, pages, Duration::from_secs(spec.limit_secs)).await;
     let cpu = procs::cpu_seconds(me) - cpu0;
-    let capped = stop.is_cancelled();
-    stop.cancel();
-    timer.abort();
-    let _ = keeper.await;
-    feeder.abort();
-    let tally = match result {
-        Ok(tally) => tally,
-        Err(Abort::Interrupted) => ledger
-            .lock()
-            .map(|l| l.snapshot().tally)
-            .unwrap_or_default(),
-        Err(e) => panic!("fan-out failed: {e}"),
-    };
     let fcm = sender.metrics();
     let rendered = metrics.render();
     let series = |name: &str| {
