@@ -290,7 +290,13 @@ async fn check_send_permission(sender: &Sender) -> Check {
     });
     match sender.dry_run(message).await {
         // An invalid-token answer means FCM accepted our credentials and looked at the token.
-        Ok(_) => Check::pass("FCM send permission", "a validate_only send was accepted"),
+        Ok(_) => Check::pass(
+            "FCM send permission",
+            match sender.protocol() {
+                Some(protocol) => format!("a validate_only send was accepted over {protocol}"),
+                None => "a validate_only send was accepted".to_string(),
+            },
+        ),
         Err(e) => Check::fail(
             "FCM send permission",
             Chain(&e).to_string(),

@@ -442,6 +442,11 @@ impl Sender {
         Ok(())
     }
 
+    /// The HTTP `FCM_ENDPOINT` speaks, once a connection has opened.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.pool.protocol()
+    }
+
     /// The pool's counters, for `/metrics`.
     pub fn metrics(&self) -> Arc<FcmMetrics> {
         self.metrics.clone()

@@ -289,6 +289,11 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What the endpoint speaks, once a connection has opened.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.lock().protocol
+    }
+
     /// Sends one request (`head` is called again for each try) and reads the answer. Requests
     /// the server refused unprocessed are sent again on another connection.
     pub async fn send(

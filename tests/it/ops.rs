@@ -122,7 +122,15 @@ async fn doctor_passes_a_healthy_setup_and_names_each_mistake() {
         .map(|c| c.to_string())
         .collect();
     assert!(failed.is_empty(), "{failed:?}");
-    assert!(checks.iter().any(|c| c.name == "FCM send permission"));
+    let permission = checks
+        .iter()
+        .find(|c| c.name == "FCM send permission")
+        .expect("the send permission check");
+    // The test emulator speaks HTTP/2 with prior knowledge; the operator sees which HTTP.
+    assert!(
+        permission.to_string().contains("HTTP/2 (h2c)"),
+        "{permission}"
+    );
     assert!(checks.iter().any(|c| c.name == "tokens valid"));
 
     // Every mistake of FlutterFlow's troubleshooting page at once.
