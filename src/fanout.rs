@@ -4,6 +4,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub struct Tally {
     pub dead: u64,
     /// Token documents deleted for dead tokens.
     pub removed: u64,
+    /// Dead tokens left in place because finding their documents needs a Firestore index
+    /// that is missing (`ffpush doctor` names it).
+    pub dead_kept: u64,
     pub sender_id_mismatch: u64,
     pub third_party_auth: u64,
     /// Tokens still failing transiently after every attempt.
@@ -48,6 +52,7 @@ impl Tally {
             None => self.undelivered += 1,
         }
         self.removed += result.removed;
+        self.dead_kept += u64::from(result.dead_kept);
     }
 }
 
@@ -168,10 +173,6 @@ pub enum Abort {
     /// Reading the audience failed (after retries for transient errors).
     #[error("reading device tokens failed")]
     Store(#[source] crate::store::Error),
-    /// Dead tokens cannot be removed: the query finding their documents needs an index
-    /// (`ffpush doctor` names it). Fails the notification rather than keep dead tokens forever.
-    #[error("removing dead tokens failed")]
-    Prune(#[source] crate::store::Error),
     /// Shutdown or a lost lease: stop without a verdict; in-flight sends were let finish.
     #[error("interrupted")]
     Interrupted,
@@ -239,6 +240,8 @@ struct TokenResult {
     /// `None`: undelivered after every attempt.
     outcome: Option<Outcome>,
     removed: u64,
+    /// A dead token whose documents could not be looked up (a missing index).
+    dead_kept: bool,
 }
 
 /// Sends the template to every unique token of `pages`. Tokens the `ledger` says an earlier
@@ -256,6 +259,9 @@ pub async fn fan_out(
     // Keys are already keyed hashes: the set stores them as they are.
     let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
     let mut buffer: VecDeque<DeviceToken> = VecDeque::new();
+    // Set at the first missing-index answer to a dead-token lookup: later dead tokens are
+    // kept without asking again, and sending goes on.
+    let no_index = AtomicBool::new(false);
     let mut in_flight = FuturesUnordered::new();
     let removed_before = lock(&ledger).tally.removed;
     let mut next_seq = 0u64;
@@ -291,7 +297,14 @@ pub async fn fan_out(
                 let seq = next_seq;
                 next_seq += 1;
                 ledger.start(seq, doc_name);
-                in_flight.push(send_one(ctx, template, token, seq, drain.clone()));
+                in_flight.push(send_one(
+                    ctx,
+                    template,
+                    token,
+                    seq,
+                    &no_index,
+                    drain.clone(),
+                ));
             }
         }
         let want_page =
@@ -386,6 +399,7 @@ async fn send_one(
     template: &MessageTemplate,
     token: String,
     seq: u64,
+    no_index: &AtomicBool,
     stop: CancellationToken,
 ) -> Result<TokenResult, Abort> {
     let body = template.body_for(&token);
@@ -404,11 +418,12 @@ async fn send_one(
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, fatal_when_exhausted, error) = match answer {
             Ok(Outcome::Dead) => {
-                let removed = remove_dead(ctx.store, &token).await?;
+                let removed = remove_dead(ctx.store, &token, no_index).await;
                 return Ok(TokenResult {
                     seq,
                     outcome: Some(Outcome::Dead),
-                    removed,
+                    removed: removed.unwrap_or(0),
+                    dead_kept: removed.is_none(),
                 });
             }
             Ok(outcome) => {
@@ -416,6 +431,7 @@ async fn send_one(
                     seq,
                     outcome: Some(outcome),
                     removed: 0,
+                    dead_kept: false,
                 });
             }
             Err(e) => match e.action() {
@@ -440,6 +456,7 @@ async fn send_one(
                     seq,
                     outcome: None,
                     removed: 0,
+                    dead_kept: false,
                 });
             }
             tracing::debug!(token = %redact(&token), error = %Chain(&error), "quota exceeded; waiting for the instance's pause");
@@ -458,6 +475,7 @@ async fn send_one(
                 seq,
                 outcome: None,
                 removed: 0,
+                dead_kept: false,
             });
         }
         tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, error = %Chain(&error), "retrying");
@@ -472,15 +490,25 @@ async fn send_one(
     }
 }
 
-/// Deletes every token document holding `token`; returns how many went. A missing index
-/// fails the notification with Firestore's fix: no dead token could ever be removed.
-async fn remove_dead(store: &Store, token: &str) -> Result<u64, Abort> {
+/// Deletes every token document holding `token`; returns how many went, or `None` when the
+/// lookup needs a Firestore index that is missing. Then the token is kept, the first time is
+/// logged as an error with Firestore's fix, and `no_index` spares the later dead tokens of
+/// the fan-out the same failed query: a missing index costs the cleanup, never the sending.
+async fn remove_dead(store: &Store, token: &str, no_index: &AtomicBool) -> Option<u64> {
+    if no_index.load(Ordering::Relaxed) {
+        return None;
+    }
     let names = match store.token_docs_with(token).await {
         Ok(names) => names,
-        Err(e @ crate::store::Error::MissingIndex { .. }) => return Err(Abort::Prune(e)),
+        Err(e @ crate::store::Error::MissingIndex { .. }) => {
+            if !no_index.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %Chain(&e), "dead tokens cannot be removed: looking up their documents needs a Firestore index that is missing; sending goes on, and the notification's warning says how many were kept");
+            }
+            return None;
+        }
         Err(e) => {
             tracing::warn!(token = %redact(token), error = %Chain(&e), "could not look up a dead token's documents");
-            return Ok(0);
+            return Some(0);
         }
     };
     let mut removed = 0;
@@ -493,7 +521,7 @@ async fn remove_dead(store: &Store, token: &str) -> Result<u64, Abort> {
         }
     }
     tracing::debug!(token = %redact(token), removed, "dead token: its documents removed");
-    Ok(removed)
+    Some(removed)
 }
 
 #[cfg(test)]
@@ -539,6 +567,7 @@ mod tests {
             seq,
             outcome: Some(Outcome::Sent),
             removed: 0,
+            dead_kept: false,
         }
     }
 

@@ -46,6 +46,13 @@ impl Report {
                 t.undelivered
             ));
         }
+        // Not a delivery problem, but the operator's to fix: said whatever the status.
+        let kept = (t.dead_kept > 0).then(|| {
+            format!(
+                "{} dead token(s) kept: finding their documents needs a Firestore index that is missing (`ffpush doctor` gives the link that creates it)",
+                t.dead_kept
+            )
+        });
         let (status, error, warning) = if t.tokens == 0 {
             let error = match &n.audience {
                 Audience::Users(ids) if without.listed.is_empty() => format!(
@@ -73,6 +80,7 @@ impl Report {
             };
             (Status::Failed, Some(error), None)
         } else if t.sent == 0 || t.undelivered > 0 {
+            problems.extend(kept);
             (
                 Status::Failed,
                 Some(format!(
@@ -91,6 +99,7 @@ impl Report {
             if without.count > 0 {
                 warnings.push(format!("{} user(s) have no device token", without.count));
             }
+            warnings.extend(kept);
             (
                 Status::Succeeded,
                 None,
@@ -259,6 +268,39 @@ mod tests {
             "dead tokens are routine, not a warning"
         );
         assert_eq!(f.get("num_failed"), Some(&store::integer(2)));
+    }
+
+    #[test]
+    fn dead_tokens_kept_for_a_missing_index_are_said_whatever_the_status() {
+        let t = Tally {
+            tokens: 3,
+            sent: 2,
+            dead: 1,
+            dead_kept: 1,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 0);
+        assert_eq!(status, Status::Succeeded);
+        let warning = text(&f, "warning");
+        assert!(
+            warning.contains("1 dead token(s) kept") && warning.contains("ffpush doctor"),
+            "{warning}"
+        );
+        let t = Tally {
+            tokens: 3,
+            sent: 1,
+            dead: 1,
+            dead_kept: 1,
+            undelivered: 1,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 0);
+        assert_eq!(status, Status::Failed);
+        let error = text(&f, "error");
+        assert!(
+            error.contains("1 undelivered") && error.contains("1 dead token(s) kept"),
+            "{error}"
+        );
     }
 
     #[test]
