@@ -4,8 +4,9 @@
 //!
 //! The rate is kept as a schedule (GCRA): each send reserves the next free slot, `1 / rate`
 //! after the previous one, and sleeps until it, so waiting costs one timer per send and no
-//! polling. An idle pacer lets [`BURST`] worth of sends go at once; over any interval `T` an
-//! instance sends at most `rate × T + rate × BURST`.
+//! polling. Sends whose slots fall in the same [`TICK`] wake together at its end. An idle
+//! pacer lets [`BURST`] worth of sends go at once; over any interval `T` an instance sends at
+//! most `rate × (T + BURST + TICK)`.
 //!
 //! After a 429 the pause lasts `max(Retry-After, FFPUSH_QUOTA_BACKOFF)`; the rate is halved
 //! (never below [`MIN_FRACTION`] of the setting) and climbs back by [`RAMP`] of the setting
@@ -27,6 +28,8 @@ pub const RAMP: f64 = 0.1;
 pub const MIN_FRACTION: f64 = 0.05;
 
 pub struct Pacer {
+    /// Where the ticks are counted from.
+    origin: Instant,
     /// Messages per second at most; `None`: unpaced (quota pauses still apply).
     ceiling: Option<f64>,
     /// Least pause after a 429 (`FFPUSH_QUOTA_BACKOFF`).
@@ -47,6 +50,20 @@ struct State {
     ramp_from: Instant,
 }
 
+/// Sends whose slots fall in the same tick wake together at its end, so a paced instance
+/// wakes 200 times a second rather than once per send. Slots stay where the
+/// rate puts them; a tick only delays a send by less than itself.
+const TICK: Duration = Duration::from_millis(5);
+
+/// The end of the tick `slot` falls in; ticks are counted from `origin`, so every send of
+/// the instance shares them.
+fn tick_end(slot: Instant, origin: Instant) -> Instant {
+    let since = slot.saturating_duration_since(origin).as_nanos();
+    let tick = TICK.as_nanos();
+    let ticks = since.div_ceil(tick);
+    origin + Duration::from_nanos((ticks * tick).min(u128::from(u64::MAX)) as u64)
+}
+
 /// What a send must wait for.
 enum Wait {
     Go,
@@ -61,6 +78,7 @@ impl Pacer {
         metrics.pace_rate.set(u64::from(rate));
         let now = Instant::now();
         Pacer {
+            origin: now,
             ceiling,
             floor,
             state: Mutex::new(State {
@@ -134,7 +152,8 @@ impl Pacer {
         if slot <= now {
             Wait::Go
         } else {
-            Wait::Slot(slot)
+            // Woken together: a slot is kept, but the wake-up goes to the end of its tick.
+            Wait::Slot(tick_end(slot, self.origin))
         }
     }
 
