@@ -14,28 +14,42 @@ use futures::{StreamExt, TryStreamExt};
 use crate::fanout::{Target, token};
 use crate::procs::{self, FcmProcess, RssSampler, WorkerEnv, WorkerProcess};
 
-/// Writes token documents `users/u{i}/fcm_tokens/t0` for `range`, 500 writes per BatchWrite,
-/// four requests in flight. Returns documents per second.
+/// Writes token documents `users/u{i}/fcm_tokens/t0` for `range`. Returns documents per second.
 pub async fn seed(store: &Store, range: std::ops::Range<usize>) -> f64 {
+    let documents = store.documents_path().to_string();
+    let now = store::timestamp(Utc::now());
+    write_all(store, range, "token", |i| {
+        let mut fields = HashMap::new();
+        fields.insert("fcm_token".to_string(), store::string(&token(i)));
+        let device = if i % 3 == 0 { "iOS" } else { "Android" };
+        fields.insert("device_type".to_string(), store::string(device));
+        fields.insert("created_at".to_string(), now.clone());
+        (format!("{documents}/users/u{i:08}/fcm_tokens/t0"), fields)
+    })
+    .await
+}
+
+/// Writes the document `doc(i)` names and fills for each `i` of `range`, 500 writes per
+/// BatchWrite, four requests in flight. Returns documents per second.
+async fn write_all(
+    store: &Store,
+    range: std::ops::Range<usize>,
+    what: &str,
+    doc: impl Fn(usize) -> (String, HashMap<String, pb::Value>),
+) -> f64 {
     let started = Instant::now();
     let n = range.len();
     let database = store.database_path().to_string();
-    let documents = store.documents_path().to_string();
-    let now = store::timestamp(Utc::now());
     let requests: Vec<pb::BatchWriteRequest> = range
         .clone()
         .step_by(500)
         .map(|start| {
             let writes = (start..(start + 500).min(range.end))
                 .map(|i| {
-                    let mut fields = HashMap::new();
-                    fields.insert("fcm_token".to_string(), store::string(&token(i)));
-                    let device = if i % 3 == 0 { "iOS" } else { "Android" };
-                    fields.insert("device_type".to_string(), store::string(device));
-                    fields.insert("created_at".to_string(), now.clone());
+                    let (name, fields) = doc(i);
                     pb::Write {
                         operation: Some(pb::write::Operation::Update(pb::Document {
-                            name: format!("{documents}/users/u{i:08}/fcm_tokens/t0"),
+                            name,
                             fields,
                             ..Default::default()
                         })),
@@ -56,14 +70,14 @@ pub async fn seed(store: &Store, range: std::ops::Range<usize>) -> f64 {
             async move {
                 let response = client.batch_write(request).await?.into_inner();
                 let failed = response.status.iter().filter(|s| s.code != 0).count();
-                assert_eq!(failed, 0, "{failed} token writes failed");
+                assert_eq!(failed, 0, "{failed} {what} writes failed");
                 Ok::<_, firestore::gcloud_sdk::tonic::Status>(())
             }
         })
         .buffer_unordered(4)
         .try_collect::<Vec<()>>()
         .await
-        .expect("seeding tokens");
+        .unwrap_or_else(|e| panic!("seeding {what} documents: {e}"));
     n as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -693,68 +707,30 @@ pub async fn rss(bench: &crate::Bench) {
 }
 
 /// Writes `ff_user_push_notifications/far{i}` for `range`: app documents as FlutterFlow's
-/// action writes them, each to one user, all scheduled at `at`. 500 writes per BatchWrite,
-/// four requests in flight. Returns documents per second.
+/// action writes them, each to one user, all scheduled at `at`. Returns documents per second.
 async fn seed_scheduled(store: &Store, range: std::ops::Range<usize>, at: DateTime<Utc>) -> f64 {
-    let started = Instant::now();
-    let n = range.len();
-    let database = store.database_path().to_string();
     let documents = store.documents_path().to_string();
     let collection = ffpush::config::DEFAULT_USER_COLLECTION;
     let now = store::timestamp(Utc::now());
     let scheduled = store::timestamp(at);
-    let requests: Vec<pb::BatchWriteRequest> = range
-        .clone()
-        .step_by(500)
-        .map(|start| {
-            let writes = (start..(start + 500).min(range.end))
-                .map(|i| {
-                    let mut fields = HashMap::new();
-                    let text = |s: &str| store::string(s);
-                    fields.insert("notification_title".to_string(), text("Reminder"));
-                    fields.insert(
-                        "notification_text".to_string(),
-                        text("Your appointment is tomorrow"),
-                    );
-                    fields.insert("user_refs".to_string(), text(&format!("users/u{i:08}")));
-                    fields.insert(
-                        "sender".to_string(),
-                        store::reference(format!("{documents}/users/s{:04}", i % 1000)),
-                    );
-                    fields.insert("timestamp".to_string(), now.clone());
-                    fields.insert("scheduled_time".to_string(), scheduled.clone());
-                    pb::Write {
-                        operation: Some(pb::write::Operation::Update(pb::Document {
-                            name: format!("{documents}/{collection}/far{i:08}"),
-                            fields,
-                            ..Default::default()
-                        })),
-                        ..Default::default()
-                    }
-                })
-                .collect();
-            pb::BatchWriteRequest {
-                database: database.clone(),
-                writes,
-                ..Default::default()
-            }
-        })
-        .collect();
-    futures::stream::iter(requests)
-        .map(|request| {
-            let mut client = store.client();
-            async move {
-                let response = client.batch_write(request).await?.into_inner();
-                let failed = response.status.iter().filter(|s| s.code != 0).count();
-                assert_eq!(failed, 0, "{failed} notification writes failed");
-                Ok::<_, firestore::gcloud_sdk::tonic::Status>(())
-            }
-        })
-        .buffer_unordered(4)
-        .try_collect::<Vec<()>>()
-        .await
-        .expect("seeding scheduled notifications");
-    n as f64 / started.elapsed().as_secs_f64()
+    write_all(store, range, "notification", |i| {
+        let mut fields = HashMap::new();
+        let text = |s: &str| store::string(s);
+        fields.insert("notification_title".to_string(), text("Reminder"));
+        fields.insert(
+            "notification_text".to_string(),
+            text("Your appointment is tomorrow"),
+        );
+        fields.insert("user_refs".to_string(), text(&format!("users/u{i:08}")));
+        fields.insert(
+            "sender".to_string(),
+            store::reference(format!("{documents}/users/s{:04}", i % 1000)),
+        );
+        fields.insert("timestamp".to_string(), now.clone());
+        fields.insert("scheduled_time".to_string(), scheduled.clone());
+        (format!("{documents}/{collection}/far{i:08}"), fields)
+    })
+    .await
 }
 
 /// Worker memory with many documents scheduled far ahead: a worker on the empty project, and
