@@ -11,7 +11,8 @@ use ffpush::fcm::{Action, Error, Outcome, SendError, Sender};
 use tokio::io::AsyncWriteExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{TestApp, num, text};
+use crate::fcm_pool::body;
+use crate::{TestApp, assert_succeeded, num};
 
 const USERS: usize = 10;
 const DEVICES: usize = 3;
@@ -48,12 +49,7 @@ async fn every_token_delivered_over_http1(emulator: FcmEmulator, ca: Option<CaCe
     let (worker, _) = app.start_worker().await;
     let doc = app.notify("over HTTP/1.1", &refs.join(",")).await;
     let done = app.finished(&doc).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert_eq!(num(&done, "num_sent"), Some((USERS * DEVICES) as i64));
     let fcm = worker.worker.metrics.fcm.clone();
     worker.stop().await;
@@ -237,25 +233,11 @@ async fn http1_sender(
     options: EmulatorOptions,
     tune: impl FnOnce(&mut Settings),
 ) -> (FcmEmulator, Sender, tempfile::TempDir) {
-    let emulator = FcmEmulator::start(([127, 0, 0, 1], 0).into(), options.http1_only())
-        .await
-        .expect("start the emulator");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = dir.path().join("key.json");
-    emulator
-        .write_service_account(&key, project)
-        .expect("service account");
-    let mut settings =
-        Settings::for_emulators(project, "127.0.0.1:1", &emulator.url(), key).expect("settings");
-    tune(&mut settings);
+    let (emulator, settings, dir) =
+        crate::fcm_pool::emulator(project, options.http1_only(), tune).await;
     let sender = Sender::new(&settings).await.expect("sender");
     sender.warm_up().await.expect("warm up");
     (emulator, sender, dir)
-}
-
-fn body(token: &str) -> bytes::Bytes {
-    format!(r#"{{"message":{{"token":"{token}","notification":{{"title":"Hi","body":"There"}}}}}}"#)
-        .into()
 }
 
 /// The server closes every HTTP/1.1 connection after 5 sends (`Connection: close`, as a

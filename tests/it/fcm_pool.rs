@@ -9,11 +9,11 @@ use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
 use ffpush::fcm::{Action, Error, Outcome, SendError, Sender};
 use futures::future::join_all;
 
-/// An emulator of its own, and settings for a sender that uses it.
-async fn emulator(
+/// An emulator of its own, and settings for a sender that uses it (also the HTTP/1.1 tests').
+pub(crate) async fn emulator(
     project: &str,
     options: EmulatorOptions,
-    concurrency: usize,
+    tune: impl FnOnce(&mut Settings),
 ) -> (FcmEmulator, Settings, tempfile::TempDir) {
     let emulator = FcmEmulator::start(([127, 0, 0, 1], 0).into(), options)
         .await
@@ -26,11 +26,12 @@ async fn emulator(
     // Firestore is not used by a sender alone.
     let mut settings = Settings::for_emulators(project, "127.0.0.1:1", &emulator.url(), key)
         .expect("emulator settings");
-    settings.concurrency = concurrency;
+    tune(&mut settings);
     (emulator, settings, dir)
 }
 
-fn body(token: &str) -> bytes::Bytes {
+/// An FCM send body for `token`.
+pub(crate) fn body(token: &str) -> bytes::Bytes {
     format!(r#"{{"message":{{"token":"{token}","notification":{{"title":"Hi","body":"There"}}}}}}"#)
         .into()
 }
@@ -53,7 +54,7 @@ async fn connections_follow_the_concurrency_and_the_advertised_stream_limit() {
     let options = EmulatorOptions::default()
         .max_streams(10)
         .latency(Duration::from_millis(50), Duration::ZERO);
-    let (emulator, settings, _dir) = emulator("pool-size", options, 40).await;
+    let (emulator, settings, _dir) = emulator("pool-size", options, |s| s.concurrency = 40).await;
     let sender = Sender::new(&settings).await.expect("sender");
     sender.warm_up().await.expect("warm up");
     let metrics = sender.metrics();
@@ -92,7 +93,7 @@ async fn connections_closed_by_goaway_are_replaced_without_losing_or_repeating_a
         .max_streams(10)
         .latency(Duration::from_millis(20), Duration::from_millis(10))
         .goaway_after(25);
-    let (emulator, settings, _dir) = emulator("pool-goaway", options, 20).await;
+    let (emulator, settings, _dir) = emulator("pool-goaway", options, |s| s.concurrency = 20).await;
     let sender = Sender::new(&settings).await.expect("sender");
     sender.warm_up().await.expect("warm up");
     let results = burst(&sender, "device", 300).await;
@@ -120,7 +121,10 @@ async fn an_unreachable_endpoint_is_a_retryable_error() {
         .map(|a| a.port())
         .expect("a free port");
     let (_emulator, mut settings, _dir) =
-        emulator("pool-unreachable", EmulatorOptions::default(), 64).await;
+        emulator("pool-unreachable", EmulatorOptions::default(), |s| {
+            s.concurrency = 64
+        })
+        .await;
     settings.fcm_endpoint = format!("http://127.0.0.1:{port}");
     let sender = Sender::new(&settings).await.expect("sender");
     match sender.send(body("device")).await {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
 use futures::StreamExt;
 
-use crate::{TestApp, num, text};
+use crate::{TestApp, assert_succeeded, num};
 
 /// Two notifications fan out at once from one worker whose rate (FFPUSH_FCM_RATE) is twice the
 /// project's quota, as when several instances share a project. The first 429 pauses every send
@@ -73,12 +73,7 @@ async fn fan_outs_share_one_pace_and_pause_together_on_the_project_quota() {
     let second = app.notify("second", &refs(USERS / 2..USERS)).await;
     for doc in [&first, &second] {
         let done = app.finished(doc).await;
-        assert_eq!(
-            text(&done, "status").as_deref(),
-            Some("succeeded"),
-            "{:?}",
-            text(&done, "error")
-        );
+        assert_succeeded(&done);
         assert_eq!(num(&done, "num_sent"), Some(USERS as i64));
         assert_eq!(num(&done, "num_failed"), Some(0));
     }

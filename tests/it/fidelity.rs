@@ -9,7 +9,7 @@ use chrono::Utc;
 use ffpush::model::Slice;
 use ffpush::store;
 
-use crate::{TestApp, int, num, s, text, wait_until};
+use crate::{TestApp, assert_succeeded, int, num, s, text, wait_until};
 
 const CONSOLE: &str = "ff_push_notifications";
 
@@ -251,12 +251,7 @@ async fn a_users_collection_named_user_data_and_any_document_path_in_user_refs()
         .notify("mixed", "user_data/a,orgs/o1/members/m1, users/nobody")
         .await;
     let done = app.finished(&mixed).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert_eq!(
         delivered_to(&app, "mixed"),
         vec![format!("{p}-a"), format!("{p}-member")]
@@ -322,12 +317,7 @@ async fn a_title_or_text_of_spaces_is_sent_and_only_missing_or_empty_fails() {
         .await;
     for doc in [&body_only, &title_only] {
         let done = app.finished(doc).await;
-        assert_eq!(
-            text(&done, "status").as_deref(),
-            Some("succeeded"),
-            "{:?}",
-            text(&done, "error")
-        );
+        assert_succeeded(&done);
     }
     let done = app.finished(&empty).await;
     assert_eq!(text(&done, "status").as_deref(), Some("failed"));
@@ -458,12 +448,7 @@ async fn old_documents_are_never_sent_late_whatever_their_status() {
     let dir = tempfile::tempdir().expect("temp dir");
     let worker = Logged::start(&app, &[("FFPUSH_MAX_LATENESS", "1h")], dir.path());
     let done = app.finished(&recent).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     for doc in [&stuck, &blank, &absent] {
         let done = app.finished(doc).await;
         assert_eq!(text(&done, "status").as_deref(), Some("failed"), "{doc}");

@@ -9,7 +9,7 @@ use ffpush::dev::fcm_emulator::Script;
 use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use ffpush::store;
 
-use crate::{TestApp, num, s, text, wait_until};
+use crate::{TestApp, assert_succeeded, num, s, text, wait_until};
 
 const CONSOLE: &str = "ff_push_notifications";
 
@@ -225,12 +225,7 @@ async fn a_worker_killed_mid_send_is_taken_over_and_resumed_within_the_bound() {
 
     let (second, _) = app.start_worker().await;
     let done = app.finished(&doc).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert_eq!(num(&done, "num_tokens"), Some(300));
     assert_eq!(num(&done, "num_sent"), Some(300));
     let c = counts(&app.delivered(), "crash");

@@ -254,6 +254,17 @@ pub fn text(doc: &pb::Document, field: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The document's `status` is `succeeded`; else the failure names its `error`.
+#[track_caller]
+pub fn assert_succeeded(doc: &pb::Document) {
+    assert_eq!(
+        text(doc, "status").as_deref(),
+        Some("succeeded"),
+        "{:?}",
+        text(doc, "error")
+    );
+}
+
 pub fn num(doc: &pb::Document, field: &str) -> Option<i64> {
     store::integer_field(doc, field)
 }

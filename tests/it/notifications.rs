@@ -7,7 +7,7 @@ use chrono::Utc;
 use ffpush::dev::fcm_emulator::Script;
 use ffpush::store;
 
-use crate::{TestApp, int, num, s, text};
+use crate::{TestApp, assert_succeeded, int, num, s, text};
 
 const CONSOLE: &str = "ff_push_notifications";
 const APP: &str = "ff_user_push_notifications";
@@ -51,12 +51,7 @@ async fn console_targeted_reaches_every_device_of_both_users_with_flutterflows_m
         )
         .await;
     let done = app.finished(&doc).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert_eq!(num(&done, "num_sent"), Some(3));
     assert_eq!(num(&done, "num_tokens"), Some(3));
     assert_eq!(num(&done, "num_failed"), Some(0));
@@ -290,12 +285,7 @@ async fn dead_tokens_are_removed_and_other_token_errors_counted() {
     let (worker, _) = app.start_worker().await;
     let doc = app.notify("Mixed", "users/u1").await;
     let done = app.finished(&doc).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert_eq!(num(&done, "num_tokens"), Some(8));
     assert_eq!(
         num(&done, "num_sent"),
@@ -639,12 +629,7 @@ async fn an_expired_access_token_is_refreshed_once_and_the_send_succeeds() {
     app.fcm().revoke_access_tokens();
     let second = app.notify("Two", "users/u2").await;
     let done = app.finished(&second).await;
-    assert_eq!(
-        text(&done, "status").as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        text(&done, "error")
-    );
+    assert_succeeded(&done);
     assert!(
         app.fcm().tokens_issued() > issued,
         "a new token was fetched from the token endpoint"
