@@ -5,6 +5,7 @@
 
 mod cli;
 mod deploy;
+mod faults;
 mod fcm_emulator;
 mod fcm_http1;
 mod fcm_pool;

@@ -1,0 +1,1 @@
+//! Documents edited or deleted while they are offered, claimed or sent.

@@ -1,0 +1,1 @@
+//! FCM unavailable for a while, or hanging on one token.

@@ -1,0 +1,1 @@
+//! The connection between a worker and Firestore cut (idle, mid-send, longer than the lease).
