@@ -1,4 +1,5 @@
-//! `ffpush doctor`: the checks of FlutterFlow's push troubleshooting page (seed 000), done by
+//! `ffpush doctor`: the checks of FlutterFlow's push troubleshooting page
+//! (<https://intercom.help/flutterflow/en/articles/7037979-push-notifications-fcm_token-generation-failure>), done by
 //! the program itself, each with PASS/FAIL and the fix in one line.
 
 use std::collections::HashMap;

@@ -1,6 +1,8 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003). The connections (HTTP/2, or HTTP/1.1 through `http1`)
-//! are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
+//! answer means (README, "How FCM's answers are handled"; FCM's error codes:
+//! <https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode>). The connections
+//! (HTTP/2, or HTTP/1.1 through `http1`) are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`,
+//! quota pauses) is `pace`'s.
 
 mod http1;
 mod pace;
@@ -570,7 +572,7 @@ fn tls_config(extra: Option<&crate::config::CaCert>) -> Result<rustls::ClientCon
         .with_no_client_auth())
 }
 
-/// What an FCM answer means (DESIGN.md §1).
+/// What an FCM answer means (README, "How FCM's answers are handled").
 pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Result<Outcome, Error> {
     if status == 200 {
         return Ok(Outcome::Sent);

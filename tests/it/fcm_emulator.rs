@@ -850,7 +850,7 @@ async fn count_only_mode_keeps_no_messages_but_counts() {
     assert_eq!(over_http["accepted"], 1);
 }
 
-/// The QUOTA_EXCEEDED body FCM answers (seed 003's error table), written out here.
+/// The QUOTA_EXCEEDED body FCM answers (FCM's error table: https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode), written out here.
 fn quota_exceeded_body() -> Value {
     json!({"error": {
         "code": 429,
