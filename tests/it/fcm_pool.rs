@@ -141,11 +141,10 @@ async fn an_unreachable_endpoint_is_a_retryable_error() {
 /// another connection than the one that refused it: that one may well refuse it again.
 #[tokio::test]
 async fn a_refused_stream_is_sent_again_on_another_connection() {
-    let (emulator, settings, _dir) =
-        emulator("pool-refused", EmulatorOptions::default(), |s| {
-            s.fcm_connections = Some(3)
-        })
-        .await;
+    let (emulator, settings, _dir) = emulator("pool-refused", EmulatorOptions::default(), |s| {
+        s.fcm_connections = Some(3)
+    })
+    .await;
     let sender = Sender::new(&settings).await.expect("sender");
     sender.warm_up().await.expect("warm up");
     assert_eq!(sender.metrics().connections.get(), 3);
@@ -171,12 +170,11 @@ async fn a_refused_stream_is_sent_again_on_another_connection() {
 /// retired at the first timeout: the next sends go out on a fresh one and are answered.
 #[tokio::test]
 async fn a_timed_out_request_retires_its_connection() {
-    let (emulator, settings, _dir) =
-        emulator("pool-silent", EmulatorOptions::default(), |s| {
-            s.fcm_connections = Some(1);
-            s.fcm_timeout = Duration::from_millis(500);
-        })
-        .await;
+    let (emulator, settings, _dir) = emulator("pool-silent", EmulatorOptions::default(), |s| {
+        s.fcm_connections = Some(1);
+        s.fcm_timeout = Duration::from_millis(500);
+    })
+    .await;
     let sender = Sender::new(&settings).await.expect("sender");
     sender.warm_up().await.expect("warm up");
     emulator.script("silences", Script::HangConnection);

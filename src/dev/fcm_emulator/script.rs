@@ -83,7 +83,9 @@ pub(super) enum Scripted {
     Fail(Failure),
     Delay(Duration),
     /// Held unanswered; `connection`: its connection goes silent too.
-    Hang { connection: bool },
+    Hang {
+        connection: bool,
+    },
     /// Reset with `REFUSED_STREAM`, unprocessed.
     Refuse,
 }
@@ -359,10 +361,7 @@ mod tests {
         assert_eq!(statuses(Script::ThirdPartyAuthError, 2), [401, 401]);
         assert_eq!(statuses(Script::Hang, 2), [0, 0], "held, unanswered");
         let mut slot = Some(Script::HangConnection);
-        assert_eq!(
-            take(&mut slot),
-            Some(Scripted::Hang { connection: true })
-        );
+        assert_eq!(take(&mut slot), Some(Scripted::Hang { connection: true }));
         assert_eq!(
             take(&mut slot),
             Some(Scripted::Hang { connection: false }),

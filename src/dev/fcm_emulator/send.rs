@@ -105,7 +105,10 @@ struct Via {
 enum Answered {
     Now(Response),
     /// A hang script holds the send (`connection`: its connection goes silent too).
-    Held { token: String, connection: bool },
+    Held {
+        token: String,
+        connection: bool,
+    },
 }
 
 async fn answer(
@@ -124,7 +127,14 @@ async fn answer(
     if let Some(retry_after_secs) = shared.outage() {
         let token = validate::token_hint(body);
         tracing::debug!(%project, token = ?token.as_deref().map(redact), "FCM emulator: outage, 503");
-        record_attempt(shared, project, token, StatusCode::SERVICE_UNAVAILABLE, at, on);
+        record_attempt(
+            shared,
+            project,
+            token,
+            StatusCode::SERVICE_UNAVAILABLE,
+            at,
+            on,
+        );
         return Answered::Now(script::fcm_error("UNAVAILABLE", retry_after_secs).into_response());
     }
     // The quota counts send requests, whatever their message.
@@ -135,7 +145,14 @@ async fn answer(
     if let Some(retry_after_secs) = refused {
         let token = validate::token_hint(body);
         tracing::debug!(%project, token = ?token.as_deref().map(redact), retry_after_secs, "FCM emulator: over quota");
-        record_attempt(shared, project, token, StatusCode::TOO_MANY_REQUESTS, at, on);
+        record_attempt(
+            shared,
+            project,
+            token,
+            StatusCode::TOO_MANY_REQUESTS,
+            at,
+            on,
+        );
         return Answered::Now(
             script::fcm_error("QUOTA_EXCEEDED", Some(retry_after_secs)).into_response(),
         );
