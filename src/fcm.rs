@@ -185,6 +185,18 @@ impl Error {
         }
     }
 
+    /// Whether FCM may have delivered the message although no answer says so: the request
+    /// left and its answer never came (a timeout, a reset or closed connection). Retrying such
+    /// a send may deliver it twice; giving up on it may leave it delivered. Every other error
+    /// is an answer (FCM did not deliver) or a request that never left (no connection, refused
+    /// unprocessed).
+    pub fn fate_unknown(&self) -> bool {
+        matches!(
+            self,
+            Error::Transport(SendError::Timeout | SendError::Failed(_))
+        )
+    }
+
     fn setup(
         what: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -735,6 +747,15 @@ mod tests {
             ),
             "no detail: assume the project's quota"
         );
+    }
+
+    #[test]
+    fn only_a_request_left_unanswered_has_an_unknown_fate() {
+        assert!(Error::Transport(SendError::Timeout).fate_unknown());
+        assert!(Error::Transport(SendError::Failed("reset".into())).fate_unknown());
+        assert!(!Error::Transport(SendError::Refused("REFUSED_STREAM".into())).fate_unknown());
+        assert!(!Error::Transport(SendError::Connect("refused".into())).fate_unknown());
+        assert!(!classify(503, b"", None).unwrap_err().fate_unknown());
     }
 
     #[test]

@@ -126,10 +126,12 @@ pub enum SendError {
     /// No answer within the timeout; FCM may or may not have processed it.
     #[error("request timed out")]
     Timeout,
-    /// The connection or stream failed; FCM may or may not have processed it. Also: refused
-    /// unprocessed too many times in a row.
+    /// The connection or stream failed; FCM may or may not have processed it.
     #[error("connection error: {0}")]
     Failed(String),
+    /// Refused unprocessed, as many times in a row as the pool tries: FCM never saw it.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The endpoint answers, but not in HTTP/2 or HTTP/1.1 (or not in TLS for `https://`):
     /// no retry will fix it.
     #[error("{0}")]
@@ -140,9 +142,10 @@ impl SendError {
     /// What happened, without the kind.
     fn detail(&self) -> String {
         match self {
-            SendError::Connect(why) | SendError::Failed(why) | SendError::Protocol(why) => {
-                why.clone()
-            }
+            SendError::Connect(why)
+            | SendError::Failed(why)
+            | SendError::Refused(why)
+            | SendError::Protocol(why) => why.clone(),
             SendError::Timeout => "timed out".to_string(),
         }
     }
@@ -353,8 +356,8 @@ impl Pool {
             refused_by = Some(lease.conn.id);
             tracing::debug!(connection = lease.conn.id, refusals, reason = %failure.reason, "FCM refused a request unprocessed; sending it again");
             if refusals >= REFUSALS {
-                return Err(SendError::Failed(format!(
-                    "refused unprocessed {refusals} times in a row, last: {}",
+                return Err(SendError::Refused(format!(
+                    "unprocessed {refusals} times in a row, last: {}",
                     failure.reason
                 )));
             }
