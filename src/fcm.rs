@@ -1,5 +1,5 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (DESIGN.md §1, seed 003). The connections (HTTP/2, or HTTP/1.1 through `http1`)
+//! answer means (README, "How FCM's answers are handled"). The connections (HTTP/2, or HTTP/1.1 through `http1`)
 //! are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
 
 mod http1;
@@ -604,7 +604,7 @@ fn retry_after_ceiling(retry_after: Option<Duration>, ceiling: Duration) -> Opti
     Some(retry_after.min(ceiling))
 }
 
-/// What an FCM answer means (DESIGN.md §1).
+/// What an FCM answer means (README, "How FCM's answers are handled").
 pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Result<Outcome, Error> {
     if status == 200 {
         return Ok(Outcome::Sent);

@@ -850,7 +850,7 @@ async fn count_only_mode_keeps_no_messages_but_counts() {
     assert_eq!(over_http["accepted"], 1);
 }
 
-/// The QUOTA_EXCEEDED body FCM answers (seed 003's error table), written out here.
+/// The QUOTA_EXCEEDED body FCM answers (tests/fixtures/fcm_errors.json), written out here.
 fn quota_exceeded_body() -> Value {
     json!({"error": {
         "code": 429,
