@@ -1,6 +1,7 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (README, "How FCM's answers are handled"). The connections (HTTP/2, or HTTP/1.1 through `http1`)
-//! are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
+//! answer means (README, "How FCM's answers are handled"). The connections (HTTP/2, or
+//! HTTP/1.1 through `http1`) are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota
+//! pauses) is `pace`'s.
 
 mod http1;
 mod pace;
