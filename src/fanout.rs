@@ -450,7 +450,7 @@ async fn send_one(
             // token waits for that in `pace`, and the refusal spends none of its attempts;
             // the retry budget still bounds how long it keeps trying.
             let pause = retry_after.unwrap_or_default().max(ctx.retry.quota_floor);
-            if first_try.elapsed() + pause > ctx.retry.budget {
+            if first_try.elapsed().saturating_add(pause) > ctx.retry.budget {
                 tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token: the project's FCM quota stayed exhausted for the whole retry budget");
                 return Ok(TokenResult {
                     seq,
@@ -466,7 +466,9 @@ async fn send_one(
         let wait = ctx
             .retry
             .backoff(attempt, retry_after, quota, rand::random::<f64>());
-        if attempt >= ctx.retry.max_attempts || first_try.elapsed() + wait > ctx.retry.budget {
+        if attempt >= ctx.retry.max_attempts
+            || first_try.elapsed().saturating_add(wait) > ctx.retry.budget
+        {
             tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token");
             if fatal_when_exhausted {
                 return Err(Abort::Fatal(error));

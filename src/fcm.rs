@@ -187,6 +187,18 @@ impl Error {
         }
     }
 
+    /// Whether FCM may have delivered the message although no answer says so: the request
+    /// left and its answer never came (a timeout, a reset or closed connection). Retrying such
+    /// a send may deliver it twice; giving up on it may leave it delivered. Every other error
+    /// is an answer (FCM did not deliver) or a request that never left (no connection, refused
+    /// unprocessed).
+    pub fn fate_unknown(&self) -> bool {
+        matches!(
+            self,
+            Error::Transport(SendError::Timeout | SendError::Failed(_))
+        )
+    }
+
     fn setup(
         what: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -288,6 +300,8 @@ pub struct Sender {
     /// Our cached token is reused this long before asking yup-oauth2 (which refreshes a
     /// minute before expiry) again.
     token_reuse: Duration,
+    /// The longest `Retry-After` honoured: `FFPUSH_RETRY_BUDGET` (see [`retry_after_ceiling`]).
+    retry_after_ceiling: Duration,
 }
 
 impl Sender {
@@ -338,6 +352,7 @@ impl Sender {
             auth,
             token: RwLock::new(None),
             token_reuse: Duration::from_secs(30),
+            retry_after_ceiling: settings.retry_budget,
         })
     }
 
@@ -470,7 +485,8 @@ impl Sender {
             request
         };
         let answer = self.pool.send(head, body).await.map_err(Error::Transport)?;
-        classify(answer.status, &answer.body, answer.retry_after)
+        let retry_after = retry_after_ceiling(answer.retry_after, self.retry_after_ceiling);
+        classify(answer.status, &answer.body, retry_after)
     }
 }
 
@@ -570,6 +586,24 @@ fn tls_config(extra: Option<&crate::config::CaCert>) -> Result<rustls::ClientCon
         .map_err(|e| Error::setup("TLS setup", e))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// FCM's `Retry-After`, at most `ceiling` (the retry budget). A longer one cannot be honoured
+/// by any token (each gives up when its budget runs out), so waiting longer only stalls the
+/// instance: a 429's pause would hold every send for as long as the header says (a year, with
+/// healthy-looking leases), and a value near `u64::MAX` seconds would overflow the arithmetic
+/// on instants. Read as the budget, it makes the token give up at once, counted as
+/// undelivered, and a quota pause last no longer than the budget.
+fn retry_after_ceiling(retry_after: Option<Duration>, ceiling: Duration) -> Option<Duration> {
+    let retry_after = retry_after?;
+    if retry_after > ceiling {
+        tracing::debug!(
+            retry_after_secs = retry_after.as_secs(),
+            ceiling_secs = ceiling.as_secs(),
+            "FCM's Retry-After is longer than the retry budget; read as the budget"
+        );
+    }
+    Some(retry_after.min(ceiling))
 }
 
 /// What an FCM answer means (README, "How FCM's answers are handled").
@@ -714,6 +748,31 @@ mod tests {
                 Err(Error::Retryable { quota: true, .. })
             ),
             "no detail: assume the project's quota"
+        );
+    }
+
+    #[test]
+    fn only_a_request_left_unanswered_has_an_unknown_fate() {
+        assert!(Error::Transport(SendError::Timeout).fate_unknown());
+        assert!(Error::Transport(SendError::Failed("reset".into())).fate_unknown());
+        assert!(!Error::Transport(SendError::Refused("REFUSED_STREAM".into())).fate_unknown());
+        assert!(!Error::Transport(SendError::Connect("refused".into())).fate_unknown());
+        assert!(!classify(503, b"", None).unwrap_err().fate_unknown());
+    }
+
+    #[test]
+    fn retry_after_is_read_as_at_most_the_retry_budget() {
+        let budget = Duration::from_secs(600);
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(retry_after_ceiling(None, budget), None);
+        assert_eq!(
+            retry_after_ceiling(Some(Duration::from_secs(60)), budget),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(retry_after_ceiling(Some(year), budget), Some(budget));
+        assert_eq!(
+            retry_after_ceiling(Some(Duration::from_secs(u64::MAX)), budget),
+            Some(budget)
         );
     }
 

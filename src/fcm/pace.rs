@@ -166,7 +166,10 @@ impl Pacer {
             return;
         }
         let pause = retry_after.unwrap_or_default().max(self.floor);
-        let until = now + pause;
+        // The sender bounds Retry-After; this stays total whatever it is given.
+        let until = now
+            .checked_add(pause)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
         state.paused_at = Some(now);
         state.paused_until = Some(until);
         state.next = state.next.max(until);

@@ -11,6 +11,11 @@
 //! Such a request is sent again on another connection at once: FCM never saw it, so this
 //! neither loses nor duplicates a message. A request whose fate is unknown (a reset
 //! connection, a timeout) is reported as an error, and the caller's retry policy decides.
+//! A timeout also retires its connection: it is the only sign of a connection that died
+//! without a word (a NAT or load balancer dropping it answers nothing, not even a reset), which
+//! would otherwise take requests until the keep-alive `PING` noticed, up to [`KEEPALIVE`] +
+//! [`PING_TIMEOUT`] later. A live connection whose one request was slow costs only a new
+//! handshake; the requests still on it finish there.
 //!
 //! Every connection opens with a `PING` round trip, so its `SETTINGS` are known before it
 //! takes a request, and the pool never opens more streams on it than it advertised (h2
@@ -121,10 +126,12 @@ pub enum SendError {
     /// No answer within the timeout; FCM may or may not have processed it.
     #[error("request timed out")]
     Timeout,
-    /// The connection or stream failed; FCM may or may not have processed it. Also: refused
-    /// unprocessed too many times in a row.
+    /// The connection or stream failed; FCM may or may not have processed it.
     #[error("connection error: {0}")]
     Failed(String),
+    /// Refused unprocessed, as many times in a row as the pool tries: FCM never saw it.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The endpoint answers, but not in HTTP/2 or HTTP/1.1 (or not in TLS for `https://`):
     /// no retry will fix it.
     #[error("{0}")]
@@ -135,9 +142,10 @@ impl SendError {
     /// What happened, without the kind.
     fn detail(&self) -> String {
         match self {
-            SendError::Connect(why) | SendError::Failed(why) | SendError::Protocol(why) => {
-                why.clone()
-            }
+            SendError::Connect(why)
+            | SendError::Failed(why)
+            | SendError::Refused(why)
+            | SendError::Protocol(why) => why.clone(),
             SendError::Timeout => "timed out".to_string(),
         }
     }
@@ -212,9 +220,17 @@ struct State {
 impl State {
     /// The first connection with a free stream: connections fill in order, so requests share
     /// a connection's writes and wake-ups (BENCHMARKS.md, "Realistic FCM"); the pool's size
-    /// still follows the concurrency.
-    fn pick(&self) -> Option<Arc<Conn>> {
-        let conn = self.live.iter().find(|c| c.try_take())?;
+    /// still follows the concurrency. Not `avoid` (the connection that just refused the
+    /// request), unless it is the only one there is or will be.
+    fn pick(&self, avoid: Option<u64>) -> Option<Arc<Conn>> {
+        let others = |c: &&Arc<Conn>| Some(c.id) != avoid;
+        let conn = match self.live.iter().filter(others).find(|c| c.try_take()) {
+            Some(conn) => conn,
+            None if self.live.iter().all(|c| Some(c.id) == avoid) && self.connecting == 0 => {
+                self.live.iter().find(|c| c.try_take())?
+            }
+            None => return None,
+        };
         Some(Arc::clone(conn))
     }
 }
@@ -302,8 +318,9 @@ impl Pool {
         body: Bytes,
     ) -> Result<Answer, SendError> {
         let mut refusals = 0;
+        let mut refused_by = None;
         loop {
-            let lease = self.acquire().await?;
+            let lease = self.acquire(refused_by).await?;
             let exchange = async {
                 match &lease.conn.link {
                     Link::H2(send) => exchange(send, head(), body.clone()).await,
@@ -314,10 +331,9 @@ impl Pool {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(failure)) => failure,
                 Err(_) => {
-                    if matches!(lease.conn.link, Link::Http1(_)) {
-                        // hyper closes an HTTP/1.1 connection whose request was abandoned.
-                        self.retire(&lease.conn, "request timed out");
-                    }
+                    // HTTP/2: the connection may be dead (see the module's notes). HTTP/1.1:
+                    // hyper closes a connection whose request was abandoned.
+                    self.retire(&lease.conn, "a request timed out");
                     return Err(SendError::Timeout);
                 }
             };
@@ -336,10 +352,12 @@ impl Pool {
                 lease.conn.limit.store(limit.max(1), Ordering::Relaxed);
             }
             refusals += 1;
+            // Another connection, if there is one: this one may refuse it again.
+            refused_by = Some(lease.conn.id);
             tracing::debug!(connection = lease.conn.id, refusals, reason = %failure.reason, "FCM refused a request unprocessed; sending it again");
             if refusals >= REFUSALS {
-                return Err(SendError::Failed(format!(
-                    "refused unprocessed {refusals} times in a row, last: {}",
+                return Err(SendError::Refused(format!(
+                    "unprocessed {refusals} times in a row, last: {}",
                     failure.reason
                 )));
             }
@@ -381,9 +399,10 @@ impl Pool {
         }
     }
 
-    /// A free stream slot, opening connections as needed. Fails when no connection is open
-    /// and an attempt to open one failed while waiting.
-    async fn acquire(&self) -> Result<Lease<'_>, SendError> {
+    /// A free stream slot, opening connections as needed, not on `avoid` if another connection
+    /// is open or opening. Fails when no connection is open and an attempt to open one failed
+    /// while waiting.
+    async fn acquire(&self, avoid: Option<u64>) -> Result<Lease<'_>, SendError> {
         let mut failures_seen = None;
         let mut waiting = None;
         loop {
@@ -392,7 +411,7 @@ impl Pool {
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
-                if let Some(conn) = state.pick() {
+                if let Some(conn) = state.pick(avoid) {
                     self.metrics.requests_in_flight.add(1);
                     return Ok(Lease { pool: self, conn });
                 }
@@ -509,12 +528,16 @@ impl Pool {
             return;
         }
         tracing::debug!(connection = conn.id, %reason, "FCM connection retired");
-        let mut state = self.lock();
-        state.live.retain(|c| !Arc::ptr_eq(c, conn));
-        self.metrics.connections.set(state.live.len() as u64);
-        if conn.opened.elapsed() >= REPLACE_IF_LIVED {
-            self.grow(&mut state);
+        {
+            let mut state = self.lock();
+            state.live.retain(|c| !Arc::ptr_eq(c, conn));
+            self.metrics.connections.set(state.live.len() as u64);
+            if conn.opened.elapsed() >= REPLACE_IF_LIVED {
+                self.grow(&mut state);
+            }
         }
+        // A request kept off the connection that refused it may now take it, or must open one.
+        self.changed.notify_waiters();
     }
 
     fn retire_id(&self, id: u64, reason: &str) {

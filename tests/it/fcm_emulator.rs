@@ -850,7 +850,7 @@ async fn count_only_mode_keeps_no_messages_but_counts() {
     assert_eq!(over_http["accepted"], 1);
 }
 
-/// The QUOTA_EXCEEDED body FCM answers (FCM's error table: https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode), written out here.
+/// The QUOTA_EXCEEDED body FCM answers (tests/fixtures/fcm_errors.json), written out here.
 fn quota_exceeded_body() -> Value {
     json!({"error": {
         "code": 429,
@@ -1040,4 +1040,82 @@ async fn beyond_the_quota_sends_are_answered_429_with_retry_after() {
     let statuses = fcm.statuses();
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1);
     assert_eq!(statuses.last(), Some(&200));
+}
+
+/// A bad day on demand: an outage (every send 503 UNAVAILABLE, FCM's body) and a token whose
+/// sends are held unanswered, both started and ended over HTTP or through the handle.
+#[tokio::test]
+async fn an_outage_and_a_hung_token_are_caused_and_ended_on_demand() {
+    let fcm = spawn_fcm("http-fault-project", EmulatorOptions::default()).await;
+    let outage_url = format!("{}/emulator/outage", fcm.emulator.url());
+    let started = fcm
+        .http
+        .post(&outage_url)
+        .json(&json!({"secs": 600, "retry_after_secs": 5}))
+        .send()
+        .await
+        .expect("outage");
+    assert_eq!(started.status(), StatusCode::NO_CONTENT);
+    for token in ["device-1", "device-2"] {
+        let during = fcm.send_to(token).await;
+        assert_fixture(&during, "UNAVAILABLE");
+        assert_eq!(during.retry_after.as_deref(), Some("5"));
+    }
+    let ended = fcm.http.delete(&outage_url).send().await.expect("end");
+    assert_eq!(ended.status(), StatusCode::NO_CONTENT);
+    assert_eq!(fcm.send_to("device-1").await.status, 200);
+    let bad = fcm
+        .http
+        .post(&outage_url)
+        .json(&json!({"seconds": 1}))
+        .send()
+        .await
+        .expect("bad outage");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    fcm.emulator.outage(Duration::from_secs(600));
+    let during = fcm.send_to("device-2").await;
+    assert_fixture(&during, "UNAVAILABLE");
+    assert_eq!(during.retry_after, None);
+    fcm.emulator.end_outage();
+    assert_eq!(fcm.send_to("device-2").await.status, 200);
+    assert_eq!(fcm.statuses(), [503, 503, 200, 503, 200]);
+
+    let script_url = format!("{}/emulator/tokens/stuck", fcm.emulator.url());
+    let set = fcm
+        .http
+        .post(&script_url)
+        .json(&json!({"answer": "HANG"}))
+        .send()
+        .await
+        .expect("script");
+    assert!(set.status().is_success());
+    let held = fcm.send_to("stuck");
+    tokio::pin!(held);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut held)
+            .await
+            .is_err(),
+        "a hung token's send is not answered"
+    );
+    assert_eq!(fcm.send_to("device-1").await.status, 200, "others are");
+    let cleared = fcm.http.delete(&script_url).send().await.expect("clear");
+    assert!(cleared.status().is_success());
+    assert_eq!(
+        held.await.status,
+        200,
+        "answered once the script is cleared"
+    );
+    let stuck: Vec<u16> = fcm
+        .emulator
+        .attempts(&fcm.project)
+        .iter()
+        .filter(|a| a.token.as_deref() == Some("stuck"))
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(
+        stuck,
+        [0, 200],
+        "listed unanswered when held, then answered"
+    );
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ffpush::config::Settings;
-use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
 use ffpush::fcm::{Action, Error, Outcome, SendError, Sender};
 use futures::future::join_all;
 
@@ -135,4 +135,72 @@ async fn an_unreachable_endpoint_is_a_retryable_error() {
         other => panic!("{other:?}"),
     }
     assert!(sender.metrics().connect_errors.get() >= 1);
+}
+
+/// A stream refused unprocessed (`RST_STREAM(REFUSED_STREAM)`) is sent again at once, on
+/// another connection than the one that refused it: that one may well refuse it again.
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_on_another_connection() {
+    let (emulator, settings, _dir) = emulator("pool-refused", EmulatorOptions::default(), |s| {
+        s.fcm_connections = Some(3)
+    })
+    .await;
+    let sender = Sender::new(&settings).await.expect("sender");
+    sender.warm_up().await.expect("warm up");
+    assert_eq!(sender.metrics().connections.get(), 3);
+    emulator.script("refused-twice", Script::RefusedStream { times: 2 });
+
+    let result = sender.send(body("refused-twice")).await;
+    assert!(matches!(result, Ok(Outcome::Sent)), "{result:?}");
+    let attempts = emulator.attempts("pool-refused");
+    let statuses: Vec<u16> = attempts.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [0, 0, 200], "refused twice, then answered");
+    let on: Vec<Option<u64>> = attempts.iter().map(|a| a.connection).collect();
+    assert!(
+        on[0] != on[1] && on[1] != on[2],
+        "each retry on another connection than the one that refused it: {on:?}"
+    );
+    assert_eq!(sender.metrics().streams_refused.get(), 2);
+    assert_eq!(delivered(&emulator, "pool-refused"), ["refused-twice"]);
+}
+
+/// A request that times out says nothing about its own fate, but it is the only sign of a
+/// connection that died silently (no reset, no FIN: a NAT dropped it), which would otherwise
+/// take every request for the ~50 s the keep-alive `PING` needs to notice. The connection is
+/// retired at the first timeout: the next sends go out on a fresh one and are answered.
+#[tokio::test]
+async fn a_timed_out_request_retires_its_connection() {
+    let (emulator, settings, _dir) = emulator("pool-silent", EmulatorOptions::default(), |s| {
+        s.fcm_connections = Some(1);
+        s.fcm_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let sender = Sender::new(&settings).await.expect("sender");
+    sender.warm_up().await.expect("warm up");
+    emulator.script("silences", Script::HangConnection);
+
+    let stuck = sender.send(body("silences")).await;
+    assert!(
+        matches!(stuck, Err(Error::Transport(SendError::Timeout))),
+        "{stuck:?}"
+    );
+    // The connection is silent now. What comes next must not go to it.
+    let results = burst(&sender, "after", 20).await;
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(Outcome::Sent))),
+        "{results:?}"
+    );
+    let dead = emulator
+        .attempts("pool-silent")
+        .first()
+        .and_then(|a| a.connection);
+    let after: HashSet<Option<u64>> = emulator
+        .messages("pool-silent")
+        .iter()
+        .map(|m| m.connection)
+        .collect();
+    assert!(!after.contains(&dead), "{dead:?} in {after:?}");
+    assert_eq!(delivered(&emulator, "pool-silent").len(), 20);
+    assert!(sender.metrics().connections_opened.get() >= 2);
+    emulator.clear_script("silences");
 }

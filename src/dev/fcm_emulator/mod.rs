@@ -31,6 +31,15 @@
 //! - `goaway_after`: a graceful `GOAWAY` after that many sends on one connection, as front ends
 //!   recycling their connections do.
 //!
+//! # Bad days
+//! What a production incident looks like from the client, on demand (handle methods and
+//! control routes, so a test or a person with `curl` can cause it mid-send):
+//! - [`FcmEmulator::outage`]: every send answered `503 UNAVAILABLE` with FCM's body for a while.
+//! - [`Script::Hang`]: one token's sends never answered, as by a stuck backend;
+//!   [`Script::HangConnection`]: and the connection carrying it goes silent, as one that died
+//!   without a word.
+//! - [`Script::RefusedStream`]: one token's sends refused unprocessed (`REFUSED_STREAM`).
+//!
 //! And, unlike Google, as plain as a mock server or an old proxy: `http1_only` serves HTTP/1.1
 //! alone (no h2c; over TLS, ALPN offers only `http/1.1`).
 //!
@@ -65,6 +74,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How the emulator behaves where real FCM has no knob we can copy.
@@ -195,14 +205,21 @@ pub struct AcceptedMessage {
     pub validate_only: bool,
     /// `HTTP/2.0` or `HTTP/1.1`: shows whether the client negotiated h2.
     pub http_version: String,
+    /// The connection it came over, numbered from 0 in the order the emulator accepted them.
+    pub connection: Option<u64>,
 }
 
 /// One send request that passed authentication, whatever it was answered.
 #[derive(Clone, Debug, Serialize)]
 pub struct Attempt {
     pub token: Option<String>,
+    /// The status answered; 0 for a send not answered: held by [`Script::Hang`] (listed when
+    /// it arrives; if released, it is answered and listed again) or refused with
+    /// `REFUSED_STREAM`.
     pub status: u16,
     pub at: DateTime<Utc>,
+    /// The connection it came over (see [`AcceptedMessage::connection`]).
+    pub connection: Option<u64>,
 }
 
 /// Handle on a running emulator. Clones share the same server and state.
@@ -225,12 +242,22 @@ struct Shared {
     /// [`Stats::connections`] and [`Stats::peak_streams`], kept outside the lock.
     connections: AtomicU64,
     peak_streams: AtomicU64,
+    /// Told whenever a token's script is set or cleared: held sends look again.
+    scripts_changed: Notify,
+}
+
+/// Every send answered 503 UNAVAILABLE until `until`.
+#[derive(Clone, Copy)]
+struct Outage {
+    until: Instant,
+    retry_after_secs: Option<u64>,
 }
 
 #[derive(Default)]
 struct EmulatorState {
     credentials: oauth::Credentials,
     scripts: HashMap<String, Script>,
+    outage: Option<Outage>,
     messages: Vec<AcceptedMessage>,
     /// (project, attempt); the project is kept apart because `Attempt` is per project already.
     attempts: Vec<(String, Attempt)>,
@@ -256,6 +283,49 @@ impl Shared {
 
     fn token_uri(&self) -> String {
         format!("{}/token", self.url)
+    }
+
+    /// Sets (`Some`) or clears (`None`) the script of `token`, releasing sends it held.
+    fn set_script(&self, token: String, script: Option<Script>) {
+        {
+            let mut state = self.state();
+            match script {
+                Some(script) => state.scripts.insert(token, script),
+                None => state.scripts.remove(&token),
+            };
+        }
+        self.scripts_changed.notify_waiters();
+    }
+
+    /// Waits until `token`'s script no longer holds its sends.
+    async fn released(&self, token: &str) {
+        loop {
+            let changed = self.scripts_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !script::hangs(self.state().scripts.get(token)) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// During an outage: the `Retry-After` its 503s carry (`Some(None)`: none).
+    fn outage(&self) -> Option<Option<u64>> {
+        let state = self.state();
+        let outage = state.outage?;
+        (Instant::now() < outage.until).then_some(outage.retry_after_secs)
+    }
+
+    fn start_outage(&self, duration: Duration, retry_after_secs: Option<u64>) {
+        let until = Instant::now()
+            .checked_add(duration)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        tracing::debug!(?duration, "FCM emulator: outage");
+        self.state().outage = Some(Outage {
+            until,
+            retry_after_secs,
+        });
     }
 }
 
@@ -345,10 +415,34 @@ impl FcmEmulator {
         self.shared.token_uri()
     }
 
-    /// Sets what sends to `token` are answered; replaces an earlier script for that token.
+    /// Sets what sends to `token` are answered; replaces an earlier script for that token
+    /// (and releases sends a [`Script::Hang`] held, to be answered by the new one).
     pub fn script(&self, token: &str, answer: Script) {
         tracing::debug!(token = %redact(token), ?answer, "FCM emulator: script set");
-        self.shared.state().scripts.insert(token.to_owned(), answer);
+        self.shared.set_script(token.to_owned(), Some(answer));
+    }
+
+    /// Back to plain success for `token`; sends a [`Script::Hang`] held are answered 200.
+    pub fn clear_script(&self, token: &str) {
+        tracing::debug!(token = %redact(token), "FCM emulator: script cleared");
+        self.shared.set_script(token.to_owned(), None);
+    }
+
+    /// An outage: for `duration` from now, every send (of any project, whatever its token's
+    /// script) is answered `503 UNAVAILABLE` with FCM's body and no `Retry-After`, as when
+    /// FCM's backend is down. Replaces an outage under way.
+    pub fn outage(&self, duration: Duration) {
+        self.shared.start_outage(duration, None);
+    }
+
+    /// [`FcmEmulator::outage`] whose answers carry `Retry-After: retry_after_secs`.
+    pub fn outage_with_retry_after(&self, duration: Duration, retry_after_secs: u64) {
+        self.shared.start_outage(duration, Some(retry_after_secs));
+    }
+
+    /// Ends an outage at once.
+    pub fn end_outage(&self) {
+        self.shared.state().outage = None;
     }
 
     /// Sends to `project` answered 200, in the order they were received.
@@ -435,6 +529,7 @@ fn prepare(
         state: Mutex::new(EmulatorState::default()),
         connections: AtomicU64::new(0),
         peak_streams: AtomicU64::new(0),
+        scripts_changed: Notify::new(),
     });
     let cancel = CancellationToken::new();
     let app = router(Arc::clone(&shared));
@@ -469,6 +564,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/emulator/tokens/{token}",
             post(script::set_script).delete(script::clear_script),
+        )
+        .route(
+            "/emulator/outage",
+            post(script::start_outage).delete(script::end_outage),
         )
         .route("/emulator/messages", get(list_messages))
         .route("/emulator/stats", get(stats))

@@ -38,6 +38,23 @@ pub enum Script {
     ThirdPartyAuthError,
     /// Success, answered after this delay (the send is recorded when it arrives).
     Latency(Duration),
+    /// Never answered, as by a silently stuck backend: the send is held until the token's
+    /// script is cleared or replaced (then it is answered as scripted then) or the client gives
+    /// up on it (resets the stream, closes the connection). Other sends on the same
+    /// connection are answered as usual.
+    Hang,
+    /// Like [`Script::Hang`], and the HTTP/2 connection that carried the first send goes silent
+    /// with it: nothing more is read or written on it (no answers to its other sends, no
+    /// `PING` acknowledgements), as a connection that died without a word (a NAT or a load
+    /// balancer dropping it). It speaks again when the token's script is cleared or replaced.
+    /// Later sends to the token are held as by [`Script::Hang`] (the script becomes that),
+    /// so one connection dies, not every one a retry lands on. Over HTTP/1.1 (one send per
+    /// connection) it is [`Script::Hang`].
+    HangConnection,
+    /// Refused unprocessed, `times` times, then success: over HTTP/2 the stream is reset with
+    /// `RST_STREAM(REFUSED_STREAM)` (FCM never saw the request); over HTTP/1.1 the
+    /// connection is closed unanswered.
+    RefusedStream { times: u32 },
 }
 
 /// An error answer as FCM writes it.
@@ -65,12 +82,18 @@ impl IntoResponse for Failure {
 pub(super) enum Scripted {
     Fail(Failure),
     Delay(Duration),
+    /// Held unanswered; `connection`: its connection goes silent too.
+    Hang {
+        connection: bool,
+    },
+    /// Reset with `REFUSED_STREAM`, unprocessed.
+    Refuse,
 }
 
 /// Consumes one answer from the script in `slot`, clearing it once a counting script is used up.
 pub(super) fn take(slot: &mut Option<Script>) -> Option<Scripted> {
     let script = slot.as_mut()?;
-    let (failure, times) = match script {
+    let (scripted, times) = match script {
         Script::Unregistered => return Some(Scripted::Fail(fcm_error("UNREGISTERED", None))),
         Script::InvalidToken => return Some(Scripted::Fail(invalid_token())),
         Script::SenderIdMismatch => {
@@ -80,15 +103,27 @@ pub(super) fn take(slot: &mut Option<Script>) -> Option<Scripted> {
             return Some(Scripted::Fail(fcm_error("THIRD_PARTY_AUTH_ERROR", None)));
         }
         Script::Latency(delay) => return Some(Scripted::Delay(*delay)),
+        Script::Hang => return Some(Scripted::Hang { connection: false }),
+        Script::HangConnection => {
+            *slot = Some(Script::Hang);
+            return Some(Scripted::Hang { connection: true });
+        }
         Script::QuotaExceeded {
             retry_after_secs,
             times,
-        } => (fcm_error("QUOTA_EXCEEDED", Some(*retry_after_secs)), times),
+        } => (
+            Scripted::Fail(fcm_error("QUOTA_EXCEEDED", Some(*retry_after_secs))),
+            times,
+        ),
         Script::Unavailable {
             times,
             retry_after_secs,
-        } => (fcm_error("UNAVAILABLE", *retry_after_secs), times),
-        Script::Internal { times } => (fcm_error("INTERNAL", None), times),
+        } => (
+            Scripted::Fail(fcm_error("UNAVAILABLE", *retry_after_secs)),
+            times,
+        ),
+        Script::Internal { times } => (Scripted::Fail(fcm_error("INTERNAL", None)), times),
+        Script::RefusedStream { times } => (Scripted::Refuse, times),
     };
     if *times == 0 {
         *slot = None;
@@ -98,7 +133,12 @@ pub(super) fn take(slot: &mut Option<Script>) -> Option<Scripted> {
     if *times == 0 {
         *slot = None;
     }
-    Some(Scripted::Fail(failure))
+    Some(scripted)
+}
+
+/// Whether the script holds sends unanswered.
+pub(super) fn hangs(script: Option<&Script>) -> bool {
+    matches!(script, Some(Script::Hang | Script::HangConnection))
 }
 
 /// The fixture answer for an FCM error code.
@@ -158,7 +198,8 @@ fn invalid_token() -> Failure {
 }
 
 const ANSWERS: &str = "UNREGISTERED, INVALID_TOKEN, SENDER_ID_MISMATCH, QUOTA_EXCEEDED, \
-                       UNAVAILABLE, INTERNAL, THIRD_PARTY_AUTH_ERROR, LATENCY";
+                       UNAVAILABLE, INTERNAL, THIRD_PARTY_AUTH_ERROR, LATENCY, HANG, \
+                       HANG_CONNECTION, REFUSED_STREAM";
 
 /// Body of `POST /emulator/tokens/{token}`.
 #[derive(Deserialize)]
@@ -197,6 +238,9 @@ impl ScriptRequest {
                 retry_after_secs: self.retry_after_secs,
             },
             "INTERNAL" => Script::Internal { times },
+            "HANG" => Script::Hang,
+            "HANG_CONNECTION" => Script::HangConnection,
+            "REFUSED_STREAM" => Script::RefusedStream { times },
             "LATENCY" => Script::Latency(Duration::from_millis(
                 self.millis.ok_or(ScriptRequestError::MissingMillis)?,
             )),
@@ -217,7 +261,7 @@ pub(super) async fn set_script(
     match script {
         Ok(script) => {
             tracing::debug!(token = %redact(&token), ?script, "FCM emulator: script set over HTTP");
-            shared.state().scripts.insert(token, script);
+            shared.set_script(token, Some(script));
             StatusCode::NO_CONTENT.into_response()
         }
         Err(message) => (
@@ -234,7 +278,43 @@ pub(super) async fn clear_script(
     Path(token): Path<String>,
 ) -> StatusCode {
     tracing::debug!(token = %redact(&token), "FCM emulator: script cleared");
-    shared.state().scripts.remove(&token);
+    shared.set_script(token, None);
+    StatusCode::NO_CONTENT
+}
+
+/// Body of `POST /emulator/outage`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutageRequest {
+    secs: u64,
+    retry_after_secs: Option<u64>,
+}
+
+/// `POST /emulator/outage` with `{"secs": n, "retry_after_secs": s}`: every send answered 503
+/// UNAVAILABLE for `n` seconds ([`super::FcmEmulator::outage`]).
+pub(super) async fn start_outage(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<OutageRequest>(&body) {
+        Ok(request) => {
+            shared.start_outage(Duration::from_secs(request.secs), request.retry_after_secs);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => {
+            let message = format!(
+                "invalid outage: {e}; send {{\"secs\": n}} and optionally \"retry_after_secs\""
+            );
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `DELETE /emulator/outage`: the outage ends at once.
+pub(super) async fn end_outage(State(shared): State<Arc<Shared>>) -> StatusCode {
+    tracing::debug!("FCM emulator: outage ended");
+    shared.state().outage = None;
     StatusCode::NO_CONTENT
 }
 
@@ -247,6 +327,7 @@ mod tests {
         (0..requests)
             .map(|_| match take(&mut slot) {
                 Some(Scripted::Fail(failure)) => failure.status.as_u16(),
+                Some(Scripted::Hang { .. } | Scripted::Refuse) => 0,
                 Some(Scripted::Delay(_)) | None => 200,
             })
             .collect()
@@ -265,6 +346,11 @@ mod tests {
         };
         assert_eq!(statuses(unavailable, 3), [503, 200, 200]);
         assert_eq!(statuses(Script::Internal { times: 0 }, 2), [200, 200]);
+        assert_eq!(
+            statuses(Script::RefusedStream { times: 2 }, 3),
+            [0, 0, 200],
+            "refused, unanswered"
+        );
     }
 
     #[test]
@@ -273,6 +359,14 @@ mod tests {
         assert_eq!(statuses(Script::InvalidToken, 2), [400, 400]);
         assert_eq!(statuses(Script::SenderIdMismatch, 2), [403, 403]);
         assert_eq!(statuses(Script::ThirdPartyAuthError, 2), [401, 401]);
+        assert_eq!(statuses(Script::Hang, 2), [0, 0], "held, unanswered");
+        let mut slot = Some(Script::HangConnection);
+        assert_eq!(take(&mut slot), Some(Scripted::Hang { connection: true }));
+        assert_eq!(
+            take(&mut slot),
+            Some(Scripted::Hang { connection: false }),
+            "one connection silenced, later sends only held"
+        );
     }
 
     #[test]
@@ -315,6 +409,15 @@ mod tests {
         ));
         let unknown = parse(r#"{"answer":"NOPE"}"#).err().unwrap_or_default();
         assert!(unknown.contains("UNREGISTERED"), "{unknown}");
+        assert!(matches!(parse(r#"{"answer":"HANG"}"#), Ok(Script::Hang)));
+        assert!(matches!(
+            parse(r#"{"answer":"HANG_CONNECTION"}"#),
+            Ok(Script::HangConnection)
+        ));
+        assert!(matches!(
+            parse(r#"{"answer":"REFUSED_STREAM","times":2}"#),
+            Ok(Script::RefusedStream { times: 2 })
+        ));
         assert!(parse(r#"{"answer":"LATENCY"}"#).is_err());
         assert!(parse(r#"{"answer":"INTERNAL","tims":1}"#).is_err());
     }

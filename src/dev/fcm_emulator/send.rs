@@ -1,5 +1,6 @@
-//! `POST /v1/projects/{project}/messages:send`: authenticate, check the project's quota,
-//! validate, apply the token's script, record, answer (after the configured latency).
+//! `POST /v1/projects/{project}/messages:send`: authenticate, answer 503 during an outage,
+//! check the project's quota, validate, apply the token's script (hold the send while it
+//! hangs), record, answer (after the configured latency).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use rand::Rng as _;
 use serde_json::json;
 
 use super::script::{self, Scripted};
-use super::serve::ConnectionSends;
+use super::serve::{ConnectionSends, RefusedStream};
 use super::validate;
 use super::{AcceptedMessage, Attempt, EmulatorState, QuotaWindow, Shared, redact};
 
@@ -30,9 +31,26 @@ pub(super) async fn send(
     if action != "messages:send" {
         return super::no_route(&Method::POST, uri.path());
     }
-    let _in_progress = connection.map(|Extension(sends)| sends.start(&shared));
+    let sends = connection.map(|Extension(sends)| sends);
+    let _in_progress = sends.as_ref().map(|sends| sends.start(&shared));
+    let on = Via {
+        version,
+        connection: sends.as_ref().map(|sends| sends.id),
+    };
     let delay = delay(&shared);
-    let response = answer(&shared, project, version, &headers, &body).await;
+    let response = loop {
+        match answer(&shared, &project, on, &headers, &body).await {
+            Answered::Now(response) => break response,
+            // Held until the script changes; then answered as if it had just arrived.
+            Answered::Held { token, connection } => {
+                // One send per HTTP/1.1 connection, and its handler runs inside the
+                // connection's task: silencing it would never let the handler see a release.
+                let silent = connection && version == Version::HTTP_2;
+                let _silent = sends.as_ref().filter(|_| silent).map(|s| s.silence());
+                shared.released(&token).await;
+            }
+        }
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -76,51 +94,78 @@ fn over_quota(shared: &Shared, state: &mut EmulatorState, project: &str) -> Opti
     Some((remaining.div_ceil(1_000_000_000) as u64).max(1))
 }
 
+/// How a send came: its HTTP version and connection.
+#[derive(Clone, Copy)]
+struct Via {
+    version: Version,
+    connection: Option<u64>,
+}
+
+/// What [`answer`] decided.
+enum Answered {
+    Now(Response),
+    /// A hang script holds the send (`connection`: its connection goes silent too).
+    Held {
+        token: String,
+        connection: bool,
+    },
+}
+
 async fn answer(
     shared: &Shared,
-    project: String,
-    version: Version,
+    project: &str,
+    on: Via,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Response {
+) -> Answered {
     // FCM checks credentials before it looks at the message.
     if !authorized(shared, headers) {
         tracing::debug!(%project, "FCM emulator: send refused, bad OAuth token");
-        return (StatusCode::UNAUTHORIZED, Json(unauthenticated())).into_response();
+        return Answered::Now((StatusCode::UNAUTHORIZED, Json(unauthenticated())).into_response());
     }
     let at = Utc::now();
+    if let Some(retry_after_secs) = shared.outage() {
+        let token = validate::token_hint(body);
+        tracing::debug!(%project, token = ?token.as_deref().map(redact), "FCM emulator: outage, 503");
+        record_attempt(
+            shared,
+            project,
+            token,
+            StatusCode::SERVICE_UNAVAILABLE,
+            at,
+            on,
+        );
+        return Answered::Now(script::fcm_error("UNAVAILABLE", retry_after_secs).into_response());
+    }
     // The quota counts send requests, whatever their message.
     let refused = {
         let mut state = shared.state();
-        over_quota(shared, &mut state, &project)
+        over_quota(shared, &mut state, project)
     };
     if let Some(retry_after_secs) = refused {
         let token = validate::token_hint(body);
         tracing::debug!(%project, token = ?token.as_deref().map(redact), retry_after_secs, "FCM emulator: over quota");
         record_attempt(
             shared,
-            &project,
+            project,
             token,
             StatusCode::TOO_MANY_REQUESTS,
             at,
-            version,
+            on,
         );
-        return script::fcm_error("QUOTA_EXCEEDED", Some(retry_after_secs)).into_response();
+        return Answered::Now(
+            script::fcm_error("QUOTA_EXCEEDED", Some(retry_after_secs)).into_response(),
+        );
     }
     let request = match validate::send_request(body) {
         Ok(request) => request,
         Err(violation) => {
             let token = validate::token_hint(body);
             tracing::debug!(%project, token = ?token.as_deref().map(redact), field = ?violation.field, "FCM emulator: send invalid");
-            record_attempt(
-                shared,
-                &project,
-                token,
-                StatusCode::BAD_REQUEST,
-                at,
-                version,
+            record_attempt(shared, project, token, StatusCode::BAD_REQUEST, at, on);
+            return Answered::Now(
+                (StatusCode::BAD_REQUEST, Json(violation.body())).into_response(),
             );
-            return (StatusCode::BAD_REQUEST, Json(violation.body())).into_response();
         }
     };
 
@@ -135,33 +180,37 @@ async fn answer(
             scripted
         });
         let status = match &scripted {
-            Some(Scripted::Fail(failure)) => failure.status,
-            Some(Scripted::Delay(_)) | None => StatusCode::OK,
+            Some(Scripted::Fail(failure)) => failure.status.as_u16(),
+            // Not answered.
+            Some(Scripted::Hang { .. } | Scripted::Refuse) => 0,
+            Some(Scripted::Delay(_)) | None => 200,
         };
-        count_attempt(&mut state.stats, version);
+        count_attempt(&mut state.stats, on.version);
         if shared.options.record {
             state.attempts.push((
-                project.clone(),
+                project.to_owned(),
                 Attempt {
                     token: request.token.clone(),
-                    status: status.as_u16(),
+                    status,
                     at,
+                    connection: on.connection,
                 },
             ));
         }
-        let name = (status == StatusCode::OK).then(|| {
+        let name = (status == 200).then(|| {
             state.stats.accepted += 1;
-            let name = message_name(&project, state.stats.accepted, request.validate_only);
+            let name = message_name(project, state.stats.accepted, request.validate_only);
             if shared.options.record {
                 state.messages.push(AcceptedMessage {
-                    project: project.clone(),
+                    project: project.to_owned(),
                     token: request.token.clone(),
                     topic: request.topic.clone(),
                     message: request.message.clone(),
                     name: name.clone(),
                     received_at: at,
                     validate_only: request.validate_only,
-                    http_version: format!("{version:?}"),
+                    http_version: format!("{:?}", on.version),
+                    connection: on.connection,
                 });
             }
             name
@@ -170,10 +219,23 @@ async fn answer(
     };
 
     let token = request.token.as_deref().map(redact);
-    match (scripted, name) {
+    let response = match (scripted, name) {
         (Some(Scripted::Fail(failure)), _) => {
             tracing::debug!(%project, ?token, status = failure.status.as_u16(), "FCM emulator: scripted failure");
             failure.into_response()
+        }
+        (Some(Scripted::Hang { connection }), _) => {
+            tracing::debug!(%project, ?token, connection, "FCM emulator: send held unanswered");
+            return Answered::Held {
+                token: request.token.unwrap_or_default(),
+                connection,
+            };
+        }
+        (Some(Scripted::Refuse), _) => {
+            tracing::debug!(%project, ?token, "FCM emulator: stream refused");
+            let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            response.extensions_mut().insert(RefusedStream);
+            response
         }
         (scripted, Some(name)) => {
             if let Some(Scripted::Delay(delay)) = scripted {
@@ -184,7 +246,8 @@ async fn answer(
         }
         // A non-failing answer always gets a name; kept total rather than unwrapped.
         (_, None) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    };
+    Answered::Now(response)
 }
 
 fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
@@ -203,10 +266,10 @@ fn record_attempt(
     token: Option<String>,
     status: StatusCode,
     at: chrono::DateTime<Utc>,
-    version: Version,
+    on: Via,
 ) {
     let mut state = shared.state();
-    count_attempt(&mut state.stats, version);
+    count_attempt(&mut state.stats, on.version);
     if shared.options.record {
         state.attempts.push((
             project.to_owned(),
@@ -214,6 +277,7 @@ fn record_attempt(
                 token,
                 status: status.as_u16(),
                 at,
+                connection: on.connection,
             },
         ));
     }

@@ -1,18 +1,23 @@
 //! Accepting and serving connections, plain or TLS: hyper-util's auto server speaks HTTP/1.1,
 //! h2c with prior knowledge (plain) and h2 by ALPN (TLS), and advertises the configured
-//! `SETTINGS_MAX_CONCURRENT_STREAMS`; or HTTP/1.1 alone (`http1_only`).
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`; or HTTP/1.1 alone (`http1_only`). A connection can be
+//! silenced (a hang script) and a stream refused (`REFUSED_STREAM`).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::http::{Request, Response};
 use axum::{Extension, Router};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,8 +28,12 @@ use super::{EmulatorOptions, Shared};
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// The sends of one connection: counted for [`super::Stats`], and the connection closed
-/// gracefully after `goaway_after` of them.
+/// gracefully after `goaway_after` of them, or silenced while a send holds it so.
 pub(super) struct ConnectionSends {
+    /// The connection's number, in accept order from 0.
+    pub(super) id: u64,
+    /// Sends that hold the connection silent ([`ConnectionSends::silence`]).
+    silenced: watch::Sender<u32>,
     count: AtomicU64,
     in_progress: AtomicU64,
     goaway_after: Option<u64>,
@@ -40,7 +49,29 @@ impl Drop for InProgress {
     }
 }
 
+/// A send holding its connection silent; it speaks again when the last one is dropped.
+pub(super) struct Silence(Arc<ConnectionSends>);
+
+impl Drop for Silence {
+    fn drop(&mut self) {
+        self.0.silenced.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Put into a response's extensions: the stream is reset with `REFUSED_STREAM` instead of
+/// answered (on HTTP/1.1 the connection is closed unanswered).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RefusedStream;
+
 impl ConnectionSends {
+    /// Nothing more is read from or written to the connection (no answers, no `PING`
+    /// acknowledgements) until the returned guard is dropped.
+    pub(super) fn silence(self: &Arc<Self>) -> Silence {
+        self.silenced.send_modify(|n| *n += 1);
+        tracing::debug!(connection = self.id, "FCM emulator: connection silenced");
+        Silence(Arc::clone(self))
+    }
+
     /// Called by the send handler for every send request on this connection.
     pub(super) fn start(self: &Arc<Self>, shared: &Shared) -> InProgress {
         let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
@@ -70,6 +101,7 @@ pub(super) async fn serve(
     }
     server.http2().max_concurrent_streams(options.max_streams);
     let connections = TaskTracker::new();
+    let mut accepted = 0u64;
     loop {
         let tcp = tokio::select! {
             _ = stop.cancelled() => break,
@@ -86,11 +118,14 @@ pub(super) async fn serve(
         // No Nagle delay: answers are small and latency is measured.
         let _ = tcp.set_nodelay(true);
         let sends = Arc::new(ConnectionSends {
+            id: accepted,
+            silenced: watch::Sender::new(0),
             count: AtomicU64::new(0),
             in_progress: AtomicU64::new(0),
             goaway_after: options.goaway_after,
             close: Notify::new(),
         });
+        accepted += 1;
         let app = app.clone().layer(Extension(Arc::clone(&sends)));
         let server = server.clone();
         let tls = tls.clone();
@@ -122,13 +157,23 @@ async fn connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connection = server.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    let service = Refusing(TowerToHyperService::new(app));
+    let connection = server.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let recycle = sends.close.notified();
     tokio::pin!(recycle);
+    let mut silenced = sends.silenced.subscribe();
     let mut closing = false;
     loop {
+        if *silenced.borrow_and_update() > 0 {
+            // Silent: the connection is not driven at all, so nothing is read or written.
+            tokio::select! {
+                _ = silenced.changed() => continue,
+                _ = stop.cancelled() => return,
+            }
+        }
         tokio::select! {
+            _ = silenced.changed() => {}
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "FCM emulator: connection ended with an error");
@@ -145,5 +190,35 @@ async fn connection<I>(
                 connection.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// The router, with [`RefusedStream`] answers turned into a service error carrying
+/// `REFUSED_STREAM`: hyper's HTTP/2 server resets the stream with the h2 reason it finds in a
+/// service error, and its HTTP/1.1 server closes the connection.
+#[derive(Clone)]
+struct Refusing<S>(S);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S> hyper::service::Service<Request<Incoming>> for Refusing<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await.map_err(Into::into)?;
+            if response.extensions().get::<RefusedStream>().is_some() {
+                return Err(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)) as BoxError);
+            }
+            Ok(response)
+        })
     }
 }
