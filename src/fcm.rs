@@ -860,6 +860,27 @@ mod tests {
         );
     }
 
+    /// A document without any of the message options gets byte for byte the body FlutterFlow's
+    /// function sends (the JSON of `message_matches_flutterflow_exactly`, keys in this order).
+    #[test]
+    fn without_options_the_body_is_byte_for_byte_todays() {
+        let full = MessageTemplate::new(&notification()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&full.body_for("tok-u1-android")).unwrap(),
+            r#"{"message":{"token":"tok-u1-android","android":{"notification":{"sound":"default"}},"apns":{"payload":{"aps":{"sound":"default"}}},"data":{"initialPageName":"ChatPage","parameterData":"{\"chatRef\":\"chats/c42\"}"},"notification":{"body":"Just for you two","image":"https://example.com/banner.png","title":"Hello"}}}"#
+        );
+        let mut n = notification();
+        n.image = None;
+        n.sound = None;
+        n.initial_page = None;
+        n.parameter_data = None;
+        let bare = MessageTemplate::new(&n).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&bare.body_for("t")).unwrap(),
+            r#"{"message":{"token":"t","data":{"initialPageName":"","parameterData":""},"notification":{"body":"Just for you two","title":"Hello"}}}"#
+        );
+    }
+
     #[test]
     fn oversized_payload_is_refused_before_sending() {
         let mut n = notification();
