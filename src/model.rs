@@ -189,7 +189,8 @@ pub const MAX_TTL_SECONDS: u32 = 2_419_200;
 /// APNs refuses an `apns-collapse-id` longer than this (BadCollapseId:
 /// <https://developer.apple.com/documentation/usernotifications/sending-notification-requests-to-apns>).
 pub const MAX_COLLAPSE_KEY_BYTES: usize = 64;
-/// `notification_count` is an int32 in FCM's `AndroidNotification`.
+/// `notification_count` is an int32 in FCM's `AndroidNotification`
+/// (<https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#AndroidNotification>).
 const MAX_BADGE: i64 = i32::MAX as i64;
 /// Topics FCM allows in one condition ("You can include up to five topics in your conditional
 /// expression": <https://firebase.google.com/docs/cloud-messaging/send-message#send-messages-to-topics>).

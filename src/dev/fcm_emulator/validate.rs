@@ -44,7 +44,8 @@ const ANDROID_FCM_OPTIONS: &[&str] = &["analytics_label"];
 const APNS_FCM_OPTIONS: &[&str] = &["analytics_label", "image"];
 const WEBPUSH_FCM_OPTIONS: &[&str] = &["link", "analytics_label"];
 
-// `AndroidNotification`'s fields by type; the enums and nested messages are not checked.
+// `AndroidNotification`'s fields by type; the enums and nested messages are not checked
+// (<https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#AndroidNotification>).
 #[rustfmt::skip]
 const ANDROID_NOTIFICATION_STRINGS: &[&str] = &[
     "title", "body", "icon", "color", "sound", "tag", "click_action", "body_loc_key",
@@ -54,8 +55,11 @@ const ANDROID_NOTIFICATION_STRINGS: &[&str] = &[
 const ANDROID_NOTIFICATION_BOOLS: &[&str] = &[
     "sticky", "local_only", "default_sound", "default_vibrate_timings", "default_light_settings",
 ];
-/// `AndroidMessagePriority`: its names, and the numbers proto3 JSON also takes for them.
+/// `AndroidMessagePriority`: its names, and the numbers proto3 JSON also takes for them
+/// (<https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#AndroidMessagePriority>).
 const ANDROID_PRIORITIES: &[&str] = &["NORMAL", "HIGH"];
+// The APNs request headers' values
+// (<https://developer.apple.com/documentation/usernotifications/sending-notification-requests-to-apns>).
 /// `apns-priority` values APNs takes.
 const APNS_PRIORITIES: &[&str] = &["10", "5", "1"];
 /// `apns-push-type` values APNs takes.
@@ -69,7 +73,9 @@ const MAX_APNS_COLLAPSE_ID: usize = 64;
 /// `aps` keys that show, sound or badge: never in a background push.
 const APS_SHOWN: &[&str] = &["alert", "badge", "sound"];
 
-/// Data keys FCM keeps for itself.
+/// Data keys FCM keeps for itself (`data` in
+/// <https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#Message>, and the
+/// legacy protocol's list: `from`, `notification`, `message_type`, `google…`, `gcm…`).
 const RESERVED_DATA_KEYS: &[&str] = &["from", "gcm", "notification", "message_type"];
 const RESERVED_DATA_PREFIXES: &[&str] = &["google.", "gcm."];
 
