@@ -24,6 +24,9 @@ const USER_FIRST_PAGE: usize = 100;
 /// Users without tokens listed on the document (all are counted).
 pub const MAX_LISTED_USERS_WITHOUT_TOKENS: usize = 20;
 
+/// The progress cursor's name for the one request of a topic or condition notification.
+pub const TARGET_REQUEST: &str = "target";
+
 /// Users of a `user_refs` notification who have no token at all.
 #[derive(Clone, Debug, Default)]
 pub struct UsersWithoutTokens {
@@ -58,6 +61,17 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
                 // first and last slices are open-ended, so tokens elsewhere are skipped.
                 let users = slice.map(|_| format!("{}/", store.users_collection()));
                 read_query(&store, &query, users.as_deref(), &tx).await
+            }
+            // One request to FCM's own fan-out: a single entry whose "token" is the topic or
+            // condition (the template puts it under `message.topic` / `message.condition`).
+            // Its name stands for the request in the progress cursor.
+            Audience::Topic(target) | Audience::Condition(target) => {
+                let request = DeviceToken {
+                    doc_name: TARGET_REQUEST.to_string(),
+                    token: target,
+                };
+                let _ = tx.send(Ok(vec![request])).await;
+                Ok(())
             }
         };
         if let Err(e) = result {

@@ -16,6 +16,7 @@ use crate::daemon;
 use crate::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
 use crate::dev::firestore_emulator::FirestoreEmulator;
 use crate::dev::seed;
+use crate::model::pb::value::ValueType;
 use crate::model::user_doc_path;
 use crate::store::{self, Store};
 
@@ -74,12 +75,12 @@ struct DevArgs {
 struct SendArgs {
     #[command(flatten)]
     settings: SettingsArgs,
-    /// notification_title
+    /// notification_title (optional with --silent)
     #[arg(long)]
-    title: String,
-    /// notification_text
+    title: Option<String>,
+    /// notification_text (optional with --silent)
     #[arg(long)]
-    text: String,
+    text: Option<String>,
     /// A recipient: a user document path (`users/ID`), or `ID` in the users collection; repeat
     /// for more. None: a broadcast.
     #[arg(long = "user")]
@@ -103,6 +104,37 @@ struct SendArgs {
     /// Send at this time (RFC 3339, e.g. 2026-11-25T17:00:00Z) instead of now.
     #[arg(long)]
     at: Option<String>,
+    /// notification_badge: the app icon's badge count (0 or more).
+    #[arg(long)]
+    badge: Option<i64>,
+    /// android_channel_id: the Android notification channel.
+    #[arg(long)]
+    channel: Option<String>,
+    /// priority: "high" or "normal".
+    #[arg(long)]
+    priority: Option<String>,
+    /// ttl_seconds: how long FCM and APNs keep trying an offline device (0-2419200).
+    #[arg(long)]
+    ttl: Option<i64>,
+    /// collapse_key: a newer message with this key replaces an undelivered older one.
+    #[arg(long)]
+    collapse_key: Option<String>,
+    /// silent: a background data message; nothing is shown.
+    #[arg(long)]
+    silent: bool,
+    /// A `data` entry, KEY=VALUE; repeat for more.
+    #[arg(long = "data")]
+    data: Vec<String>,
+    /// analytics_label: FCM's label for delivery reports (^[a-zA-Z0-9-_.~%]{1,50}$).
+    #[arg(long)]
+    analytics_label: Option<String>,
+    /// target_topic: send to the subscribers of this topic (one request) instead of users.
+    #[arg(long)]
+    topic: Option<String>,
+    /// target_condition: send to the devices matching this condition of topics, e.g.
+    /// "'a' in topics && 'b' in topics".
+    #[arg(long)]
+    condition: Option<String>,
     /// Write into the app users' collection (ff_user_push_notifications) instead.
     #[arg(long)]
     app: bool,
@@ -665,12 +697,26 @@ fn notification_fields(
     users: &str,
 ) -> Result<HashMap<String, crate::model::pb::Value>, Usage> {
     let mut f = HashMap::new();
-    // As FlutterFlow: only empty fails; a title of spaces makes a body-only notification.
-    if args.title.is_empty() || args.text.is_empty() {
-        return Err(Usage("--title and --text must not be empty".into()));
+    // As FlutterFlow: only empty fails; a title of spaces makes a body-only notification. A
+    // silent message shows nothing: its text is optional.
+    for (name, flag, text) in [
+        ("notification_title", "--title", &args.title),
+        ("notification_text", "--text", &args.text),
+    ] {
+        match text.as_deref() {
+            Some("") if !args.silent => {
+                return Err(Usage(format!("{flag} must not be empty")));
+            }
+            None if !args.silent => {
+                return Err(Usage(format!("{flag} is required (except with --silent)")));
+            }
+            Some(text) => {
+                f.insert(name.to_string(), store::string(text));
+            }
+            None => {}
+        }
     }
-    f.insert("notification_title".into(), store::string(&args.title));
-    f.insert("notification_text".into(), store::string(&args.text));
+    message_options(args, &mut f)?;
     let optional = [
         ("notification_image_url", &args.image),
         ("notification_sound", &args.sound),
@@ -689,7 +735,20 @@ fn notification_fields(
             "--params {params:?} is not JSON text (the app parses it as JSON)"
         )));
     }
-    if !args.users.is_empty() {
+    let target = match (&args.topic, &args.condition) {
+        (Some(topic), None) => Some(("target_topic", topic)),
+        (None, Some(condition)) => Some(("target_condition", condition)),
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err(Usage("give --topic or --condition, not both".into())),
+    };
+    if let Some((field, value)) = target {
+        if !args.users.is_empty() || args.audience.is_some() || args.batch.is_some() || args.app {
+            return Err(Usage(
+                "--topic and --condition are their own audience: leave out --user, --audience, --batch and --app".into(),
+            ));
+        }
+        f.insert(field.to_string(), store::string(value));
+    } else if !args.users.is_empty() {
         let mut paths = Vec::new();
         for user in &args.users {
             let path = if user.contains('/') {
@@ -742,5 +801,61 @@ fn notification_fields(
         f.insert("scheduled_time".into(), store::timestamp(at));
     }
     f.insert("timestamp".into(), store::timestamp(Utc::now()));
+    // What the worker would fail the document for, said now instead.
+    let source = if args.app {
+        crate::model::Source::App
+    } else {
+        crate::model::Source::Console
+    };
+    crate::model::Notification::parse(source, &f).map_err(|e| Usage(e.0))?;
     Ok(f)
+}
+
+fn pb_value(value: ValueType) -> crate::model::pb::Value {
+    crate::model::pb::Value {
+        value_type: Some(value),
+    }
+}
+
+/// The message options' fields from their flags; the values are checked with the document.
+fn message_options(
+    args: &SendArgs,
+    f: &mut HashMap<String, crate::model::pb::Value>,
+) -> Result<(), Usage> {
+    let texts = [
+        ("android_channel_id", &args.channel),
+        ("priority", &args.priority),
+        ("collapse_key", &args.collapse_key),
+        ("analytics_label", &args.analytics_label),
+    ];
+    for (name, value) in texts {
+        if let Some(v) = value {
+            f.insert(name.to_string(), store::string(v));
+        }
+    }
+    for (name, value) in [
+        ("notification_badge", args.badge),
+        ("ttl_seconds", args.ttl),
+    ] {
+        if let Some(n) = value {
+            f.insert(name.to_string(), store::integer(n));
+        }
+    }
+    if args.silent {
+        f.insert("silent".into(), pb_value(ValueType::BooleanValue(true)));
+    }
+    if !args.data.is_empty() {
+        let mut data = HashMap::new();
+        for entry in &args.data {
+            let (key, value) = entry.split_once('=').ok_or_else(|| {
+                Usage(format!(
+                    "--data {entry:?}: use KEY=VALUE, e.g. --data kind=chat"
+                ))
+            })?;
+            data.insert(key.to_string(), store::string(value));
+        }
+        let map = crate::model::pb::MapValue { fields: data };
+        f.insert("data".into(), pb_value(ValueType::MapValue(map)));
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! [`Notification`] here, or a one-line [`Invalid`] reason that goes onto the document;
 //! nothing downstream re-checks strings.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use firestore::gcloud_sdk::google::firestore::v1::{Document, Value, value};
@@ -130,6 +130,11 @@ pub enum Audience {
         device_type: Option<String>,
         slice: Option<Slice>,
     },
+    /// `target_topic`: one request with `message.topic`; FCM reaches the topic's subscribers.
+    Topic(String),
+    /// `target_condition`: one request with `message.condition` (topics combined with `&&`,
+    /// `||` and `!`).
+    Condition(String),
 }
 
 /// The error of a document that addresses nobody: FlutterFlow would match no token at all.
@@ -146,7 +151,52 @@ pub struct Notification {
     pub parameter_data: Option<String>,
     pub audience: Audience,
     pub scheduled_time: Option<DateTime<Utc>>,
+    /// The message options beyond FlutterFlow's fields; all unset on FlutterFlow's documents.
+    pub options: MessageOptions,
 }
+
+/// `priority`: Android's delivery priority and APNs' `apns-priority`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    High,
+    Normal,
+}
+
+/// The optional message fields ffpush reads beyond FlutterFlow's (README, "The document
+/// contract"). A document without them has them all unset, and its message is FlutterFlow's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MessageOptions {
+    /// `notification_badge`: the app icon's badge count.
+    pub badge: Option<u32>,
+    /// `android_channel_id`.
+    pub channel_id: Option<String>,
+    pub priority: Option<Priority>,
+    /// `ttl_seconds`: how long FCM and APNs keep trying an offline device.
+    pub ttl_seconds: Option<u32>,
+    /// `collapse_key`: a newer message with the same key replaces an undelivered older one.
+    pub collapse_key: Option<String>,
+    /// `silent`: a data-only (background) message; no notification is shown.
+    pub silent: bool,
+    /// `data`: merged into the message's `data`, next to FlutterFlow's two keys.
+    pub data: BTreeMap<String, String>,
+    /// `analytics_label`: `fcm_options.analytics_label`.
+    pub analytics_label: Option<String>,
+}
+
+/// FCM's longest time to live, 28 days ("ttl", maximum four weeks:
+/// <https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#AndroidConfig>).
+pub const MAX_TTL_SECONDS: u32 = 2_419_200;
+/// APNs refuses an `apns-collapse-id` longer than this (BadCollapseId:
+/// <https://developer.apple.com/documentation/usernotifications/sending-notification-requests-to-apns>).
+pub const MAX_COLLAPSE_KEY_BYTES: usize = 64;
+/// `notification_count` is an int32 in FCM's `AndroidNotification`
+/// (<https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#AndroidNotification>).
+const MAX_BADGE: i64 = i32::MAX as i64;
+/// Topics FCM allows in one condition ("You can include up to five topics in your conditional
+/// expression": <https://firebase.google.com/docs/cloud-messaging/send-message#send-messages-to-topics>).
+pub const MAX_CONDITION_TOPICS: usize = 5;
+/// FlutterFlow's two data keys, filled from `initial_page_name` and `parameter_data`.
+const FLUTTERFLOW_DATA_KEYS: [&str; 2] = ["initialPageName", "parameterData"];
 
 /// Why a document cannot be sent, in words for the `error` field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -159,10 +209,24 @@ fn invalid(msg: impl Into<String>) -> Invalid {
 
 impl Notification {
     pub fn parse(source: Source, fields: &HashMap<String, Value>) -> Result<Self, Invalid> {
-        let title = required_text(fields, "notification_title")?;
-        let body = required_text(fields, "notification_text")?;
+        let options = MessageOptions::parse(fields)?;
+        // A silent message shows nothing: its title and text are optional data for the app.
+        let (title, body) = if options.silent {
+            (
+                silent_text(fields, "notification_title")?,
+                silent_text(fields, "notification_text")?,
+            )
+        } else {
+            (
+                required_text(fields, "notification_title")?,
+                required_text(fields, "notification_text")?,
+            )
+        };
         let image = optional_text(fields, "notification_image_url")?;
         let sound = optional_text(fields, "notification_sound")?;
+        if options.silent {
+            options.refuse_shown_parts(image.is_some(), sound.is_some())?;
+        }
         let initial_page = optional_text(fields, "initial_page_name")?;
         let parameter_data = optional_text(fields, "parameter_data")?;
         let scheduled_time = match fields
@@ -182,7 +246,9 @@ impl Notification {
             }
         };
         let users = parse_user_refs(fields.get("user_refs"))?;
-        let audience = if !users.is_empty() {
+        let audience = if let Some(target) = parse_target(source, fields, users.is_empty())? {
+            target
+        } else if !users.is_empty() {
             Audience::Users(users)
         } else if source == Source::App {
             return Err(invalid(
@@ -221,7 +287,372 @@ impl Notification {
             parameter_data,
             audience,
             scheduled_time,
+            options,
         })
+    }
+}
+
+impl MessageOptions {
+    /// The options of a notification document; the first bad one fails it, in one line naming
+    /// the field and what it may be.
+    pub fn parse(fields: &HashMap<String, Value>) -> Result<MessageOptions, Invalid> {
+        let badge =
+            optional_whole(fields, "notification_badge", 0, MAX_BADGE, "")?.map(|n| n as u32);
+        let channel_id = optional_text(fields, "android_channel_id")?;
+        let priority = match fields.get("priority").and_then(|v| v.value_type.as_ref()) {
+            None | Some(value::ValueType::NullValue(_)) => None,
+            Some(value::ValueType::StringValue(s)) if s == "high" => Some(Priority::High),
+            Some(value::ValueType::StringValue(s)) if s == "normal" => Some(Priority::Normal),
+            Some(other) => {
+                let what = match other {
+                    value::ValueType::StringValue(s) => format!("{s:?}"),
+                    other => type_name(other).to_string(),
+                };
+                return Err(invalid(format!(
+                    "priority must be \"high\" or \"normal\", not {what}"
+                )));
+            }
+        };
+        let ttl_seconds = optional_whole(
+            fields,
+            "ttl_seconds",
+            0,
+            i64::from(MAX_TTL_SECONDS),
+            " seconds (28 days; 0: now or never)",
+        )?
+        .map(|n| n as u32);
+        let collapse_key = optional_text(fields, "collapse_key")?;
+        if let Some(key) = &collapse_key
+            && key.len() > MAX_COLLAPSE_KEY_BYTES
+        {
+            return Err(invalid(format!(
+                "collapse_key must be at most {MAX_COLLAPSE_KEY_BYTES} bytes (APNs' limit on apns-collapse-id), not {} bytes",
+                key.len()
+            )));
+        }
+        let silent = match fields.get("silent").and_then(|v| v.value_type.as_ref()) {
+            None | Some(value::ValueType::NullValue(_)) => false,
+            Some(value::ValueType::BooleanValue(b)) => *b,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "silent must be true or false, not {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let data = parse_data(fields.get("data"), silent)?;
+        let analytics_label = optional_text(fields, "analytics_label")?;
+        if let Some(label) = &analytics_label
+            && !is_analytics_label(label)
+        {
+            return Err(invalid(format!(
+                "analytics_label must be 1 to 50 letters, digits or - _ . ~ % (FCM's ^[a-zA-Z0-9-_.~%]{{1,50}}$), not {label:?}"
+            )));
+        }
+        Ok(MessageOptions {
+            badge,
+            channel_id,
+            priority,
+            ttl_seconds,
+            collapse_key,
+            silent,
+            data,
+            analytics_label,
+        })
+    }
+
+    /// A silent message is a background one: nothing may show, sound or badge (APNs: "the aps
+    /// dictionary must not contain any keys that would trigger user interactions",
+    /// <https://developer.apple.com/documentation/usernotifications/pushing-background-updates-to-your-app>).
+    fn refuse_shown_parts(&self, image: bool, sound: bool) -> Result<(), Invalid> {
+        let shown = [
+            ("notification_image_url", image),
+            ("notification_sound", sound),
+            ("notification_badge", self.badge.is_some()),
+            ("android_channel_id", self.channel_id.is_some()),
+        ];
+        match shown.iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(invalid(format!(
+                "{field} cannot be used with silent: true (a silent push shows nothing, plays no sound and sets no badge); remove one of them"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether `label` is an analytics label FCM accepts: `^[a-zA-Z0-9-_.~%]{1,50}$`
+/// (<https://firebase.google.com/docs/cloud-messaging/understand-delivery#adding-analytics-labels-to-messages>).
+pub fn is_analytics_label(label: &str) -> bool {
+    (1..=50).contains(&label.len()) && label.bytes().all(is_label_byte)
+}
+
+/// Whether `topic` is a topic name FCM accepts: `[a-zA-Z0-9-_.~%]+`, without `/topics/`
+/// (<https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#Message>,
+/// `topic`; the pattern is the one `subscribeToTopic` enforces,
+/// <https://firebase.google.com/docs/cloud-messaging/android/topic-messaging>).
+pub fn is_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && topic.bytes().all(is_label_byte)
+}
+
+fn is_label_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%')
+}
+
+/// Checks an FCM condition: `'topic' in topics` terms joined by `&&` and `||`, each optionally
+/// negated with `!`, grouped with parentheses, at most [`MAX_CONDITION_TOPICS`] topics
+/// (<https://firebase.google.com/docs/cloud-messaging/send-message#send-messages-to-topics>).
+/// Returns the number of topics, or what is wrong.
+pub fn condition_topics(condition: &str) -> Result<usize, String> {
+    let mut parser = Condition {
+        rest: condition.trim_start(),
+        topics: 0,
+    };
+    parser.expression(0)?;
+    if !parser.rest.is_empty() {
+        return Err(format!("unexpected {:?}", parser.rest));
+    }
+    if parser.topics > MAX_CONDITION_TOPICS {
+        return Err(format!(
+            "{} topics, at most {MAX_CONDITION_TOPICS} are allowed",
+            parser.topics
+        ));
+    }
+    Ok(parser.topics)
+}
+
+/// A recursive-descent reader of a condition; `rest` is what is left, without leading blanks.
+struct Condition<'a> {
+    rest: &'a str,
+    topics: usize,
+}
+
+impl Condition<'_> {
+    fn eat(&mut self, token: &str) -> bool {
+        match self.rest.strip_prefix(token) {
+            Some(rest) => {
+                self.rest = rest.trim_start();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn expression(&mut self, depth: usize) -> Result<(), String> {
+        loop {
+            self.term(depth)?;
+            if !(self.eat("&&") || self.eat("||")) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn term(&mut self, depth: usize) -> Result<(), String> {
+        // Five topics need little nesting; a deep one is refused before it costs stack.
+        if depth > 16 {
+            return Err("too deeply nested".into());
+        }
+        if self.eat("!") {
+            return self.term(depth + 1);
+        }
+        if self.eat("(") {
+            self.expression(depth + 1)?;
+            return if self.eat(")") {
+                Ok(())
+            } else {
+                Err("a ( is not closed".into())
+            };
+        }
+        let quote = match self.rest.chars().next() {
+            Some(q @ ('\'' | '"')) => q,
+            _ => return Err("expected 'topic' in topics".into()),
+        };
+        let inner = &self.rest[1..];
+        let end = inner
+            .find(quote)
+            .ok_or_else(|| "a topic's quote is not closed".to_string())?;
+        let topic = &inner[..end];
+        if !is_topic_name(topic) {
+            return Err(format!(
+                "{topic:?} is not a topic name (letters, digits and - _ . ~ %)"
+            ));
+        }
+        self.rest = inner[end + 1..].trim_start();
+        // `in` and `topics` are words: `intopics` is neither.
+        let word = |s: &str, w: &str| {
+            s.strip_prefix(w)
+                .filter(|r| !r.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+                .is_some()
+        };
+        if !word(self.rest, "in") {
+            return Err(format!("expected `in topics` after '{topic}'"));
+        }
+        self.rest = self.rest[2..].trim_start();
+        if !word(self.rest, "topics") {
+            return Err(format!("expected `in topics` after '{topic}'"));
+        }
+        self.rest = self.rest[6..].trim_start();
+        self.topics += 1;
+        Ok(())
+    }
+}
+
+/// `target_topic` / `target_condition`: one request to FCM's own fan-out. Console documents
+/// only, and instead of (never beside) `user_refs` or a broadcast.
+fn parse_target(
+    source: Source,
+    fields: &HashMap<String, Value>,
+    no_users: bool,
+) -> Result<Option<Audience>, Invalid> {
+    let topic = optional_text(fields, "target_topic")?;
+    let condition = optional_text(fields, "target_condition")?;
+    let (field, target) = match (topic, condition) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "target_topic and target_condition are both set: set one (a condition may name the topic: 'news' in topics)",
+            ));
+        }
+        (Some(topic), None) => {
+            if !is_topic_name(&topic) {
+                return Err(invalid(format!(
+                    "target_topic must be a topic name of letters, digits and - _ . ~ % (e.g. news, without /topics/), not {topic:?}"
+                )));
+            }
+            ("target_topic", Audience::Topic(topic))
+        }
+        (None, Some(condition)) => {
+            if let Err(why) = condition_topics(&condition) {
+                return Err(invalid(format!(
+                    "target_condition must be up to {MAX_CONDITION_TOPICS} topics as 'a' in topics, joined with && and || (and ! or parentheses), e.g. 'a' in topics && ('b' in topics || 'c' in topics); {condition:?}: {why}"
+                )));
+            }
+            ("target_condition", Audience::Condition(condition))
+        }
+    };
+    if source == Source::App {
+        return Err(invalid(format!(
+            "{field} is for ff_push_notifications only: notifications from the app are only sent to the users in user_refs"
+        )));
+    }
+    let broadcast = ["target_audience", "batch_index", "num_batches"]
+        .into_iter()
+        .find(|f| {
+            fields
+                .get(*f)
+                .and_then(|v| v.value_type.as_ref())
+                .is_some_and(|v| match v {
+                    value::ValueType::NullValue(_) => false,
+                    value::ValueType::StringValue(s) => !s.trim().is_empty(),
+                    _ => true,
+                })
+        });
+    let beside = if no_users {
+        broadcast
+    } else {
+        Some("user_refs")
+    };
+    if let Some(other) = beside {
+        return Err(invalid(format!(
+            "{field} cannot be used with {other}: a topic or condition is its own audience (FCM sends to its subscribers); remove one of them"
+        )));
+    }
+    Ok(Some(target))
+}
+
+/// `data`: a map of strings, none of them a key FlutterFlow's fields fill or FCM keeps for
+/// itself (`from`, `notification`, `message_type`, `google…`, `gcm…`:
+/// <https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages#Message>, `data`).
+/// A silent message carries the title and text as `title` and `body`: those are taken too.
+fn parse_data(value: Option<&Value>, silent: bool) -> Result<BTreeMap<String, String>, Invalid> {
+    let map = match value.and_then(|v| v.value_type.as_ref()) {
+        None | Some(value::ValueType::NullValue(_)) => return Ok(BTreeMap::new()),
+        Some(value::ValueType::MapValue(map)) => map,
+        Some(other) => {
+            return Err(invalid(format!(
+                "data must be a map of string values, not {}",
+                type_name(other)
+            )));
+        }
+    };
+    let mut data = BTreeMap::new();
+    for (key, v) in &map.fields {
+        let text = match v.value_type.as_ref() {
+            Some(value::ValueType::StringValue(s)) => s,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "data.{key} must be a string (FCM's data values are strings), not {}",
+                    type_name(other)
+                )));
+            }
+            None => {
+                return Err(invalid(format!(
+                    "data.{key} must be a string (FCM's data values are strings)"
+                )));
+            }
+        };
+        let lower = key.to_ascii_lowercase();
+        let why = if key.is_empty() {
+            Some("an empty key is not allowed")
+        } else if FLUTTERFLOW_DATA_KEYS.contains(&key.as_str()) {
+            Some("it is set from initial_page_name / parameter_data; set those fields instead")
+        } else if matches!(key.as_str(), "from" | "notification" | "message_type")
+            || lower.starts_with("google")
+            || lower.starts_with("gcm")
+        {
+            Some(
+                "FCM reserves from, notification, message_type and keys starting with google or gcm",
+            )
+        } else if silent && matches!(key.as_str(), "title" | "body") {
+            Some(
+                "a silent push carries notification_title and notification_text there; set those fields instead",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(invalid(format!("data key {key:?} cannot be used: {why}")));
+        }
+        data.insert(key.clone(), text.clone());
+    }
+    Ok(data)
+}
+
+/// `notification_title` / `notification_text` of a silent message: optional, "" when unset.
+fn silent_text(fields: &HashMap<String, Value>, name: &str) -> Result<String, Invalid> {
+    match fields.get(name).and_then(|v| v.value_type.as_ref()) {
+        None | Some(value::ValueType::NullValue(_)) => Ok(String::new()),
+        Some(value::ValueType::StringValue(s)) => Ok(s.clone()),
+        Some(other) => Err(invalid(format!(
+            "{name} must be a string, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// A whole number field within `min..=max`; `unit` follows the bounds in the error.
+fn optional_whole(
+    fields: &HashMap<String, Value>,
+    name: &str,
+    min: i64,
+    max: i64,
+    unit: &str,
+) -> Result<Option<i64>, Invalid> {
+    let bad = |what: String| {
+        invalid(format!(
+            "{name} must be a whole number from {min} to {max}{unit}, not {what}"
+        ))
+    };
+    let n = match fields.get(name).and_then(|v| v.value_type.as_ref()) {
+        None | Some(value::ValueType::NullValue(_)) => return Ok(None),
+        Some(value::ValueType::IntegerValue(n)) => *n,
+        Some(value::ValueType::DoubleValue(d)) if d.fract() == 0.0 && d.abs() < 1e15 => *d as i64,
+        Some(value::ValueType::DoubleValue(d)) => return Err(bad(d.to_string())),
+        Some(other) => return Err(bad(type_name(other).to_string())),
+    };
+    if (min..=max).contains(&n) {
+        Ok(Some(n))
+    } else {
+        Err(bad(n.to_string()))
     }
 }
 
@@ -684,6 +1115,310 @@ mod tests {
                 .0
                 .contains("scheduled_time")
         );
+    }
+
+    fn boolean(b: bool) -> Value {
+        Value {
+            value_type: Some(value::ValueType::BooleanValue(b)),
+        }
+    }
+    fn map(pairs: &[(&str, Value)]) -> Value {
+        Value {
+            value_type: Some(value::ValueType::MapValue(pb::MapValue {
+                fields: fields(pairs),
+            })),
+        }
+    }
+    fn targeted(extra: Vec<(&'static str, Value)>) -> HashMap<String, Value> {
+        fields(&[base(), vec![("user_refs", s("users/a"))], extra].concat())
+    }
+    fn parse_error(source: Source, f: &HashMap<String, Value>) -> String {
+        Notification::parse(source, f).unwrap_err().0
+    }
+
+    #[test]
+    fn every_option_is_read() {
+        let f = targeted(vec![
+            ("notification_badge", int(3)),
+            ("android_channel_id", s("chat")),
+            ("priority", s("normal")),
+            ("ttl_seconds", int(MAX_TTL_SECONDS.into())),
+            ("collapse_key", s(&"k".repeat(MAX_COLLAPSE_KEY_BYTES))),
+            ("data", map(&[("kind", s("chat")), ("empty", s(""))])),
+            ("analytics_label", s("Spring-sale_2.0~%")),
+        ]);
+        let n = Notification::parse(Source::App, &f).unwrap();
+        assert_eq!(
+            n.options,
+            MessageOptions {
+                badge: Some(3),
+                channel_id: Some("chat".into()),
+                priority: Some(Priority::Normal),
+                ttl_seconds: Some(MAX_TTL_SECONDS),
+                collapse_key: Some("k".repeat(MAX_COLLAPSE_KEY_BYTES)),
+                silent: false,
+                data: [
+                    ("empty".into(), String::new()),
+                    ("kind".into(), "chat".into())
+                ]
+                .into(),
+                analytics_label: Some("Spring-sale_2.0~%".into()),
+            }
+        );
+        let plain = Notification::parse(Source::App, &targeted(vec![])).unwrap();
+        assert_eq!(plain.options, MessageOptions::default());
+    }
+
+    #[test]
+    fn a_bad_option_names_the_field_and_what_it_may_be() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "notification_badge",
+                int(-1),
+                "notification_badge must be a whole number from 0 to 2147483647, not -1",
+            ),
+            (
+                "notification_badge",
+                s("3"),
+                "notification_badge must be a whole number from 0 to 2147483647, not a string",
+            ),
+            (
+                "notification_badge",
+                int(1 << 31),
+                "notification_badge must be a whole number from 0 to 2147483647, not 2147483648",
+            ),
+            (
+                "android_channel_id",
+                int(1),
+                "android_channel_id must be a string, not an integer",
+            ),
+            (
+                "priority",
+                s("HIGH"),
+                "priority must be \"high\" or \"normal\", not \"HIGH\"",
+            ),
+            (
+                "priority",
+                int(10),
+                "priority must be \"high\" or \"normal\", not an integer",
+            ),
+            (
+                "ttl_seconds",
+                int(2_419_201),
+                "ttl_seconds must be a whole number from 0 to 2419200 seconds (28 days; 0: now or never), not 2419201",
+            ),
+            (
+                "ttl_seconds",
+                s("1h"),
+                "ttl_seconds must be a whole number from 0 to 2419200 seconds (28 days; 0: now or never), not a string",
+            ),
+            (
+                "collapse_key",
+                s(&"é".repeat(33)),
+                "collapse_key must be at most 64 bytes (APNs' limit on apns-collapse-id), not 66 bytes",
+            ),
+            (
+                "silent",
+                s("true"),
+                "silent must be true or false, not a string",
+            ),
+            (
+                "data",
+                s("{}"),
+                "data must be a map of string values, not a string",
+            ),
+            (
+                "data",
+                map(&[("n", int(1))]),
+                "data.n must be a string (FCM's data values are strings), not an integer",
+            ),
+            (
+                "analytics_label",
+                s("spring sale"),
+                "analytics_label must be 1 to 50 letters, digits or - _ . ~ % (FCM's ^[a-zA-Z0-9-_.~%]{1,50}$), not \"spring sale\"",
+            ),
+            (
+                "analytics_label",
+                s(&"a".repeat(51)),
+                "analytics_label must be 1 to 50",
+            ),
+        ];
+        for (field, value, expected) in cases {
+            let err = parse_error(Source::Console, &targeted(vec![(field, value)]));
+            assert!(err.starts_with(expected), "{field}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        for key in [
+            "initialPageName",
+            "parameterData",
+            "from",
+            "notification",
+            "message_type",
+            "google.c.a",
+            "gcm.n.e",
+            "gcm",
+            "google",
+        ] {
+            let err = parse_error(
+                Source::Console,
+                &targeted(vec![("data", map(&[(key, s("v"))]))]),
+            );
+            assert!(
+                err.starts_with(&format!("data key {key:?} cannot be used: ")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_silent_push_needs_no_text_and_shows_nothing() {
+        let f = fields(&[("user_refs", s("users/a")), ("silent", boolean(true))]);
+        let n = Notification::parse(Source::App, &f).unwrap();
+        assert!(n.options.silent);
+        assert_eq!((n.title.as_str(), n.body.as_str()), ("", ""));
+        // silent: false is an ordinary notification: the text is required.
+        let f = fields(&[("user_refs", s("users/a")), ("silent", boolean(false))]);
+        assert!(parse_error(Source::App, &f).starts_with("notification_title is missing"));
+        for (field, value) in [
+            ("notification_image_url", s("https://x/y.png")),
+            ("notification_sound", s("default")),
+            ("notification_badge", int(1)),
+            ("android_channel_id", s("chat")),
+        ] {
+            let f = targeted(vec![("silent", boolean(true)), (field, value)]);
+            let err = parse_error(Source::Console, &f);
+            assert!(
+                err.starts_with(&format!("{field} cannot be used with silent: true")),
+                "{err}"
+            );
+        }
+        for key in ["title", "body"] {
+            let f = targeted(vec![
+                ("silent", boolean(true)),
+                ("data", map(&[(key, s("x"))])),
+            ]);
+            assert!(parse_error(Source::Console, &f).starts_with(&format!("data key {key:?}")));
+            // Not silent: the app's own keys.
+            let f = targeted(vec![("data", map(&[(key, s("x"))]))]);
+            Notification::parse(Source::Console, &f).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_topic_or_condition_is_its_own_audience_on_console_documents_only() {
+        let with = |extra: Vec<(&'static str, Value)>| fields(&[base(), extra].concat());
+        let n = Notification::parse(
+            Source::Console,
+            &with(vec![("target_topic", s("news-1_a.b~c%d"))]),
+        )
+        .unwrap();
+        assert_eq!(n.audience, Audience::Topic("news-1_a.b~c%d".into()));
+        let condition = "'a' in topics && ('b' in topics || !('c' in topics))";
+        let n = Notification::parse(
+            Source::Console,
+            &with(vec![("target_condition", s(condition))]),
+        )
+        .unwrap();
+        assert_eq!(n.audience, Audience::Condition(condition.into()));
+
+        let refused = [
+            (
+                vec![("target_topic", s("/topics/news"))],
+                "target_topic must be a topic name",
+            ),
+            (
+                vec![("target_topic", s("news sport"))],
+                "target_topic must be a topic name",
+            ),
+            (
+                vec![("target_condition", s("'a' in topics &&"))],
+                "target_condition must be up to 5 topics",
+            ),
+            (
+                vec![
+                    ("target_topic", s("a")),
+                    ("target_condition", s("'a' in topics")),
+                ],
+                "target_topic and target_condition are both set",
+            ),
+            (
+                vec![("target_topic", s("news")), ("user_refs", s("users/a"))],
+                "target_topic cannot be used with user_refs",
+            ),
+            (
+                vec![
+                    ("target_condition", s("'a' in topics")),
+                    ("target_audience", s("All")),
+                ],
+                "target_condition cannot be used with target_audience",
+            ),
+            (
+                vec![("target_topic", s("news")), ("num_batches", int(2))],
+                "target_topic cannot be used with num_batches",
+            ),
+            (
+                vec![("target_topic", int(1))],
+                "target_topic must be a string",
+            ),
+        ];
+        for (extra, expected) in refused {
+            let err = parse_error(Source::Console, &with(extra.clone()));
+            assert!(err.starts_with(expected), "{extra:?}: {err}");
+        }
+        let err = parse_error(
+            Source::App,
+            &with(vec![
+                ("target_topic", s("news")),
+                ("user_refs", s("users/a")),
+            ]),
+        );
+        assert!(
+            err.starts_with("target_topic is for ff_push_notifications only"),
+            "{err}"
+        );
+        let err = parse_error(
+            Source::App,
+            &with(vec![("target_condition", s("'a' in topics"))]),
+        );
+        assert!(
+            err.starts_with("target_condition is for ff_push_notifications only"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn conditions_are_read_as_fcm_reads_them() {
+        for (good, topics) in [
+            ("'a' in topics", 1),
+            ("\"a\" in topics", 1),
+            (
+                "'TopicA' in topics && ('TopicB' in topics || 'TopicC' in topics)",
+                3,
+            ),
+            ("!('a' in topics)||'b'in topics", 2),
+            (
+                "('a' in topics && 'b' in topics) || ('c' in topics && 'd' in topics) || 'e' in topics",
+                5,
+            ),
+        ] {
+            assert_eq!(condition_topics(good), Ok(topics), "{good}");
+        }
+        for bad in [
+            "",
+            "a in topics",
+            "'a' in topic",
+            "'a' intopics",
+            "'a' in topics &",
+            "'a' in topics && ",
+            "('a' in topics",
+            "'a' in topics)",
+            "'a b' in topics",
+            "'a' in topics && 'b' in topics && 'c' in topics && 'd' in topics && 'e' in topics && 'f' in topics",
+        ] {
+            assert!(condition_topics(bad).is_err(), "{bad}");
+        }
+        assert!(condition_topics(&"!".repeat(100_000)).is_err());
+        assert!(condition_topics(&"(".repeat(100_000)).is_err());
     }
 
     #[test]

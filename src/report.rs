@@ -64,6 +64,10 @@ impl Report {
                     ids.len(),
                     without.listed.join(", ")
                 ),
+                // A topic or condition is always one request: never without one.
+                Audience::Topic(_) | Audience::Condition(_) => {
+                    "no request was made to the topic or condition".to_string()
+                }
                 Audience::Broadcast { device_type, slice } => {
                     let batch = slice
                         .map(|s| format!(" in batch {} of {}", s.index, s.count))
@@ -187,6 +191,7 @@ mod tests {
             parameter_data: None,
             audience,
             scheduled_time: None,
+            options: Default::default(),
         }
     }
 

@@ -32,6 +32,7 @@ pub fn notification() -> Notification {
             slice: None,
         },
         scheduled_time: None,
+        options: Default::default(),
     }
 }
 

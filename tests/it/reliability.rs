@@ -58,6 +58,7 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
         parameter_data: None,
         audience: Audience::Users(vec!["u".into()]),
         scheduled_time: None,
+        options: Default::default(),
     })
     .expect("a valid message");
     let tokens: Vec<DeviceToken> = (0..4)

@@ -27,6 +27,8 @@ const MAX_NAME: usize = 256;
 const MAX_USER_ID: usize = 128;
 const MAX_TOKEN: usize = 4096;
 const MAX_CLOCK_SKEW_MINUTES: i64 = 5;
+const MAX_DATA_ENTRIES: usize = 16;
+const MAX_DATA_LENGTH: usize = 2048;
 
 fn migrations_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")
@@ -586,7 +588,9 @@ async fn fields_flutterflow_does_not_write_are_denied() {
         ("batch_index", int(0)),
         ("num_batches", int(10)),
         ("not_ffpush_", s("x")),
-        ("priority", s("high")),
+        ("target_topic", s("news")),
+        ("target_condition", s("'news' in topics")),
+        ("notification_badges", int(1)),
         (
             "data",
             json!({"mapValue": {"fields": {"a": s(&"x".repeat(100_000))}}}),
@@ -600,6 +604,217 @@ async fn fields_flutterflow_does_not_write_are_denied() {
             &format!("a notification carrying `{field}`"),
         );
     }
+    assert_eq!(c.stored("ff_user_push_notifications").await, 0);
+}
+
+fn boolean(b: bool) -> Value {
+    json!({ "booleanValue": b })
+}
+
+/// A `data` map of `pairs`, as the SDKs write a map.
+fn data_map(pairs: &[(String, Value)]) -> Value {
+    let fields: serde_json::Map<String, Value> = pairs.iter().cloned().collect();
+    json!({ "mapValue": { "fields": fields } })
+}
+
+/// `n` entries whose keys and values come to `length` characters together.
+fn data_of(n: usize, length: usize) -> Value {
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:02}")).collect();
+    let key_chars: usize = keys.iter().map(String::len).sum();
+    let mut left = length - key_chars;
+    let pairs: Vec<(String, Value)> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let size = if i + 1 == n { left } else { left / (n - i) };
+            left -= size;
+            (k, s(&"v".repeat(size)))
+        })
+        .collect();
+    data_map(&pairs)
+}
+
+/// Every message option at its most.
+fn all_options() -> Value {
+    json!({
+        "notification_badge": int(2147483647),
+        "android_channel_id": s(&"c".repeat(MAX_NAME)),
+        "priority": s("high"),
+        "ttl_seconds": int(2419200),
+        "collapse_key": s(&"k".repeat(64)),
+        "silent": boolean(false),
+        "data": data_of(MAX_DATA_ENTRIES, MAX_DATA_LENGTH),
+        "analytics_label": s(&format!("Spring-sale_2.0~%{}", "x".repeat(33))),
+    })
+}
+
+#[tokio::test]
+async fn app_documents_may_set_the_message_options() {
+    let c = Client::new();
+    let cases = [
+        ("every option at its most", all_options()),
+        (
+            "normal priority, nothing kept, no data",
+            json!({"priority": s("normal"), "ttl_seconds": int(0), "notification_badge": int(0), "data": data_map(&[])}),
+        ),
+        (
+            "a silent push with data",
+            json!({"silent": boolean(true), "data": data_map(&[("sync".into(), s("inbox"))])}),
+        ),
+    ];
+    for (i, (what, extra)) in cases.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "users/bob", extra);
+        let path = format!("ff_user_push_notifications/ok{i}");
+        allowed(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+    // A silent push shows nothing: its title and text may be left out.
+    let silent = without(
+        without(
+            c.flutterflow_action("users/alice", "users/bob", json!({"silent": boolean(true)})),
+            "notification_title",
+        ),
+        "notification_text",
+    );
+    allowed(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/silent",
+            silent,
+        )
+        .await,
+        "a silent push without title and text",
+    );
+}
+
+#[tokio::test]
+async fn message_options_are_bounded_and_topics_are_for_trusted_back_ends() {
+    let c = Client::new();
+    let data = |key: &str, value: Value| data_map(&[(key.to_string(), value)]);
+    let cases = [
+        ("a negative badge", json!({"notification_badge": int(-1)})),
+        (
+            "a badge over int32",
+            json!({"notification_badge": int(2147483648)}),
+        ),
+        ("a badge as text", json!({"notification_badge": s("3")})),
+        (
+            "a channel over the limit",
+            json!({"android_channel_id": s(&"c".repeat(MAX_NAME + 1))}),
+        ),
+        ("priority in capitals", json!({"priority": s("HIGH")})),
+        ("priority as a number", json!({"priority": int(10)})),
+        ("a TTL over 28 days", json!({"ttl_seconds": int(2419201)})),
+        ("a negative TTL", json!({"ttl_seconds": int(-1)})),
+        (
+            "a collapse key over 64",
+            json!({"collapse_key": s(&"k".repeat(65))}),
+        ),
+        ("silent as text", json!({"silent": s("true")})),
+        ("data as text", json!({"data": s("kind=chat")})),
+        ("a number in data", json!({"data": data("n", int(1))})),
+        (
+            "a number as the last of the most entries",
+            json!({"data": {"mapValue": {"fields": (0..MAX_DATA_ENTRIES)
+                .map(|i| (format!("k{i:02}"), if i + 1 == MAX_DATA_ENTRIES { int(1) } else { s("v") }))
+                .collect::<serde_json::Map<String, Value>>()}}}),
+        ),
+        (
+            "a map in data",
+            json!({"data": data("m", data("a", s("b")))}),
+        ),
+        (
+            "data over its length",
+            json!({"data": data_of(4, MAX_DATA_LENGTH + 1)}),
+        ),
+        (
+            "data over its entries",
+            json!({"data": data_of(MAX_DATA_ENTRIES + 1, 100)}),
+        ),
+        (
+            "data: initialPageName",
+            json!({"data": data("initialPageName", s("x"))}),
+        ),
+        (
+            "data: parameterData",
+            json!({"data": data("parameterData", s("x"))}),
+        ),
+        ("data: from", json!({"data": data("from", s("x"))})),
+        (
+            "data: notification",
+            json!({"data": data("notification", s("x"))}),
+        ),
+        (
+            "data: message_type",
+            json!({"data": data("message_type", s("x"))}),
+        ),
+        (
+            "data: google.*",
+            json!({"data": data("google.c.a.e", s("1"))}),
+        ),
+        ("data: gcm.*", json!({"data": data("gcm.n.e", s("1"))})),
+        (
+            "an analytics label with a space",
+            json!({"analytics_label": s("spring sale")}),
+        ),
+        (
+            "an analytics label over 50",
+            json!({"analytics_label": s(&"a".repeat(51))}),
+        ),
+        (
+            "an empty analytics label",
+            json!({"analytics_label": s("")}),
+        ),
+        (
+            "a silent push with a sound",
+            json!({"silent": boolean(true), "notification_sound": s("default")}),
+        ),
+        (
+            "a silent push with a badge",
+            json!({"silent": boolean(true), "notification_badge": int(1)}),
+        ),
+        ("a topic", json!({"target_topic": s("news")})),
+        (
+            "a condition",
+            json!({"target_condition": s("'news' in topics")}),
+        ),
+    ];
+    for (i, (what, extra)) in cases.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "users/bob", extra);
+        let path = format!("ff_user_push_notifications/bad{i}");
+        denied(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+    // Not silent: the title and text stay required.
+    let untitled = without(
+        c.flutterflow_action(
+            "users/alice",
+            "users/bob",
+            json!({"silent": boolean(false)}),
+        ),
+        "notification_title",
+    );
+    denied(
+        &c.create(
+            As::User("alice"),
+            "ff_user_push_notifications/untitled",
+            untitled,
+        )
+        .await,
+        "a notification without a title that is not silent",
+    );
+    // A topic without user_refs is no app notification either.
+    let topic = without(
+        c.flutterflow_action(
+            "users/alice",
+            "users/bob",
+            json!({"target_topic": s("news")}),
+        ),
+        "user_refs",
+    );
+    denied(
+        &c.create(As::User("alice"), "ff_user_push_notifications/topic", topic)
+            .await,
+        "a topic instead of user_refs",
+    );
     assert_eq!(c.stored("ff_user_push_notifications").await, 0);
 }
 
@@ -813,6 +1028,8 @@ fn the_limits_these_tests_assume_are_the_rules_files() {
         ("maxNameLength", MAX_NAME.to_string()),
         ("maxUserIdLength", MAX_USER_ID.to_string()),
         ("maxTokenLength", MAX_TOKEN.to_string()),
+        ("maxDataEntries", MAX_DATA_ENTRIES.to_string()),
+        ("maxDataLength", MAX_DATA_LENGTH.to_string()),
         (
             "maxClockSkew",
             format!("duration.value({MAX_CLOCK_SKEW_MINUTES}, 'm')"),

@@ -144,7 +144,14 @@ fn unknown_fields_are_rejected_at_every_level() {
 fn every_android_notification_field_is_known() {
     let notification: Map<String, Value> = ANDROID_NOTIFICATION
         .iter()
-        .map(|k| (k.to_string(), json!("x")))
+        .map(|k| {
+            let value = match *k {
+                k if ANDROID_NOTIFICATION_BOOLS.contains(&k) => json!(true),
+                "notification_count" => json!(1),
+                _ => json!("x"),
+            };
+            (k.to_string(), value)
+        })
         .collect();
     check(json!({"message": {"token": "t", "android": {"notification": notification}}}))
         .expect("valid");
@@ -288,4 +295,250 @@ fn token_hint_reads_what_it_can() {
         Some("abc")
     );
     assert_eq!(token_hint(b"garbage"), None);
+}
+
+/// A token message with `android` / `apns` / `fcm_options` parts merged in.
+fn with(part: &str, value: Value) -> Value {
+    let mut message = json!({"token": "t", "notification": {"title": "x", "body": "y"}});
+    message[part] = value;
+    json!({"message": message})
+}
+
+#[test]
+fn android_priority_is_fcms_enum() {
+    for good in [json!("HIGH"), json!("NORMAL"), json!(1), json!(0)] {
+        check(with("android", json!({"priority": good}))).expect("valid priority");
+    }
+    for bad in [
+        json!("high"),
+        json!("normal"),
+        json!("URGENT"),
+        json!(2),
+        json!(true),
+    ] {
+        let violation = rejected(with("android", json!({"priority": bad.clone()})));
+        assert_eq!(
+            violation.field.as_deref(),
+            Some("message.android.priority"),
+            "{bad}"
+        );
+        assert_eq!(
+            violation.description,
+            format!(
+                "Invalid value at 'message.android.priority' (type.googleapis.com/google.firebase.fcm.v1.AndroidMessagePriority), {bad}"
+            )
+        );
+    }
+}
+
+#[test]
+fn android_notification_fields_have_their_types() {
+    check(with(
+        "android",
+        json!({"notification": {"channel_id": "chat", "notification_count": 3, "sound": "default"}}),
+    ))
+    .expect("valid");
+    // proto3 JSON takes an int32 as a number or a decimal string.
+    check(with(
+        "android",
+        json!({"notification": {"notification_count": "3"}}),
+    ))
+    .expect("string int");
+    for (key, bad, kind) in [
+        ("notification_count", json!("three"), "TYPE_INT32"),
+        ("notification_count", json!(1.5), "TYPE_INT32"),
+        ("notification_count", json!(4_294_967_296_u64), "TYPE_INT32"),
+        ("channel_id", json!(5), "TYPE_STRING"),
+        ("sound", json!({"name": "x"}), "TYPE_STRING"),
+        ("sticky", json!("yes"), "TYPE_BOOL"),
+    ] {
+        let violation = rejected(with("android", json!({"notification": {key: bad.clone()}})));
+        let path = format!("message.android.notification.{key}");
+        assert_eq!(violation.field.as_deref(), Some(path.as_str()), "{key}");
+        assert_eq!(
+            violation.description,
+            format!("Invalid value at '{path}' ({kind}), {bad}")
+        );
+    }
+}
+
+#[test]
+fn apns_header_values_are_what_apns_accepts() {
+    let headers = |h: Value| check(with("apns", json!({"headers": h})));
+    for good in [
+        json!({"apns-priority": "10"}),
+        json!({"apns-priority": "5"}),
+        json!({"apns-priority": "1"}),
+        json!({"apns-expiration": "0"}),
+        json!({"apns-expiration": "1735689600"}),
+        json!({"apns-collapse-id": "x".repeat(64)}),
+        json!({"apns-push-type": "alert"}),
+    ] {
+        headers(good.clone()).unwrap_or_else(|v| panic!("{good}: {v:?}"));
+    }
+    for (bad, reason) in [
+        (json!({"apns-priority": "high"}), "BadPriority"),
+        (json!({"apns-priority": "7"}), "BadPriority"),
+        (json!({"apns-expiration": "3600s"}), "BadExpirationDate"),
+        (json!({"apns-expiration": "-1"}), "BadExpirationDate"),
+        (json!({"apns-expiration": ""}), "BadExpirationDate"),
+        (json!({"apns-collapse-id": "x".repeat(65)}), "BadCollapseId"),
+        (json!({"apns-push-type": "silent"}), "InvalidPushType"),
+    ] {
+        let violation = headers(bad.clone()).expect_err("bad header");
+        assert_eq!(
+            violation.field.as_deref(),
+            Some("message.apns.headers"),
+            "{bad}"
+        );
+        assert!(
+            violation.description.contains(reason),
+            "{bad}: {}",
+            violation.description
+        );
+    }
+}
+
+#[test]
+fn a_background_push_is_priority_5_and_shows_nothing() {
+    let background = json!({"token": "t", "data": {"a": "b"},
+        "apns": {"headers": {"apns-push-type": "background", "apns-priority": "5"},
+            "payload": {"aps": {"content-available": 1}}}});
+    check(json!({"message": background.clone()})).expect("a background push");
+    let variant = |pointer: &str, value: Value| {
+        let mut message = background.clone();
+        *message.pointer_mut(pointer).expect("pointer") = value;
+        check(json!({"message": message}))
+    };
+    let priority = variant("/apns/headers/apns-priority", json!("10")).expect_err("priority 10");
+    assert!(
+        priority.description.contains("BadPriority"),
+        "{}",
+        priority.description
+    );
+    for aps in [
+        json!({"content-available": 1, "badge": 1}),
+        json!({"content-available": 1, "sound": "default"}),
+        json!({"content-available": 1, "alert": "hi"}),
+    ] {
+        let violation = variant("/apns/payload/aps", aps.clone()).expect_err("shown");
+        assert_eq!(
+            violation.field.as_deref(),
+            Some("message.apns.payload.aps"),
+            "{aps}"
+        );
+    }
+    let mut shown = background.clone();
+    shown["notification"] = json!({"title": "x"});
+    assert_eq!(
+        check(json!({"message": shown}))
+            .expect_err("a notification")
+            .field
+            .as_deref(),
+        Some("message.apns.headers")
+    );
+    // FCM: a data-only message to iOS may only be normal priority.
+    let data_only = json!({"message": {"token": "t", "data": {"a": "b"},
+        "apns": {"headers": {"apns-priority": "10"}}}});
+    assert_eq!(
+        rejected(data_only).field.as_deref(),
+        Some("message.apns.headers")
+    );
+}
+
+#[test]
+fn aps_badge_and_content_available_are_numbers() {
+    let aps = |aps: Value| check(with("apns", json!({"payload": {"aps": aps}})));
+    aps(json!({"badge": 0, "sound": "default"})).expect("badge 0");
+    aps(json!({"badge": 12})).expect("badge 12");
+    for (bad, key) in [
+        (json!({"badge": "3"}), "badge"),
+        (json!({"badge": -1}), "badge"),
+        (json!({"badge": 1.5}), "badge"),
+        (json!({"content-available": true}), "content-available"),
+        (json!({"content-available": "1"}), "content-available"),
+    ] {
+        let violation = aps(bad.clone()).expect_err("bad aps");
+        assert_eq!(
+            violation.field.as_deref(),
+            Some("message.apns.payload.aps"),
+            "{bad}"
+        );
+        assert!(
+            violation.description.contains(key),
+            "{}",
+            violation.description
+        );
+    }
+}
+
+#[test]
+fn analytics_labels_match_fcms_pattern_at_every_level() {
+    for good in ["a", "Spring-sale_2.0~%", &"x".repeat(50)] {
+        check(with("fcm_options", json!({"analytics_label": good}))).expect(good);
+        check(with(
+            "android",
+            json!({"fcm_options": {"analytics_label": good}}),
+        ))
+        .expect(good);
+        check(with(
+            "apns",
+            json!({"fcm_options": {"analytics_label": good}}),
+        ))
+        .expect(good);
+    }
+    for bad in [
+        json!(""),
+        json!("spring sale"),
+        json!("x".repeat(51)),
+        json!("ünï"),
+        json!(5),
+    ] {
+        for (part, value, path) in [
+            (
+                "fcm_options",
+                json!({"analytics_label": bad.clone()}),
+                "message.fcm_options.analytics_label",
+            ),
+            (
+                "android",
+                json!({"fcm_options": {"analytics_label": bad.clone()}}),
+                "message.android.fcm_options.analytics_label",
+            ),
+            (
+                "apns",
+                json!({"fcm_options": {"analytics_label": bad.clone()}}),
+                "message.apns.fcm_options.analytics_label",
+            ),
+        ] {
+            let violation = rejected(with(part, value));
+            assert_eq!(violation.field.as_deref(), Some(path), "{bad}");
+        }
+    }
+}
+
+#[test]
+fn topics_and_conditions_are_checked() {
+    for good in ["news", "a-b_c.d~e%f"] {
+        check(json!({"message": {"topic": good}})).expect(good);
+    }
+    // "/topics/" prefix should not be provided" (the reference's `topic`).
+    for bad in ["", "news sport", "news/sport", "/topics/news", "ünï"] {
+        let violation = rejected(json!({"message": {"topic": bad}}));
+        assert_eq!(violation.field.as_deref(), Some("message.topic"), "{bad:?}");
+    }
+    check(json!({"message": {"condition": "'a' in topics && ('b' in topics || 'c' in topics)"}}))
+        .expect("condition");
+    for bad in [
+        "a",
+        "'a' in topics &&",
+        "'a' in topics && 'b' in topics && 'c' in topics && 'd' in topics && 'e' in topics && 'f' in topics",
+    ] {
+        let violation = rejected(json!({"message": {"condition": bad}}));
+        assert_eq!(
+            violation.field.as_deref(),
+            Some("message.condition"),
+            "{bad:?}"
+        );
+    }
 }
