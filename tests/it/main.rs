@@ -18,6 +18,7 @@ mod migrate;
 mod monitoring;
 mod notifications;
 mod ops;
+mod proxy;
 mod reliability;
 mod resilience;
 mod rules;
