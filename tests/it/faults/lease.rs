@@ -1,0 +1,199 @@
+//! The lease and the progress written with it, driven through the production `Claim`: a
+//! panic while a claim is held, a claim from a copy without its update time, and progress
+//! writes while one token stalls among very many.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ffpush::audience::TokenPages;
+use ffpush::claim::{Claim, LeaseTerms};
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
+use ffpush::fanout::{self, Context, Ledger, RetryPolicy};
+use ffpush::fcm::{MessageTemplate, Sender};
+use ffpush::metrics::Metrics;
+use ffpush::model::{Audience, Notification};
+use ffpush::store::{self, DeviceToken};
+use tokio_util::sync::CancellationToken;
+
+use crate::{TestApp, text};
+
+const LEASE: &str = "ffpush_lease_expires_at";
+
+async fn lease_of(app: &TestApp, doc: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let doc = app.store.get(doc).await.unwrap().unwrap();
+    store::timestamp_field(&doc, LEASE)
+}
+
+#[tokio::test]
+async fn a_panic_while_a_claim_is_held_stops_its_lease_renewal() {
+    let app = TestApp::new().await;
+    let doc = app.notify("panic", "users/nobody").await;
+    let read = app.store.get(&doc).await.unwrap().unwrap();
+    let terms = LeaseTerms::new(Duration::from_secs(3), Duration::from_millis(100));
+    let claim = Claim::take(&app.store, terms, "w1", &read)
+        .await
+        .unwrap()
+        .expect("claimed");
+    let renewal = claim.renew(Arc::new(Mutex::new(Ledger::default())), CancellationToken::new());
+    let first = lease_of(&app, &doc).await;
+    // A bug in processing: the task holding the renewal panics.
+    let processing = tokio::spawn(async move {
+        let _renewal = renewal;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        panic!("a bug while processing");
+    });
+    assert!(processing.await.unwrap_err().is_panic());
+    assert_ne!(lease_of(&app, &doc).await, first, "renewed while held");
+    // At most a write that was under way when it panicked lands after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_panic = lease_of(&app, &doc).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        lease_of(&app, &doc).await,
+        after_panic,
+        "the lease is still renewed after the task holding it panicked"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_from_a_copy_without_its_update_time_cannot_take_a_claimed_document() {
+    let app = TestApp::new().await;
+    let doc = app.notify("claimed", "users/nobody").await;
+    let read = app.store.get(&doc).await.unwrap().unwrap();
+    let terms = LeaseTerms::new(Duration::from_secs(30), Duration::from_secs(1));
+    let first = Claim::take(&app.store, terms, "first", &read).await.unwrap();
+    assert!(first.is_some(), "the first claim wins");
+    let mut stale = read.clone();
+    stale.update_time = None;
+    let second = Claim::take(&app.store, terms, "second", &stale).await;
+    assert!(
+        !matches!(second, Ok(Some(_))),
+        "a claim without an update-time precondition took a claimed document"
+    );
+    let now = app.store.get(&doc).await.unwrap().unwrap();
+    assert_eq!(text(&now, "ffpush_worker").as_deref(), Some("first"));
+}
+
+/// One token stalls (FCM never answers it in time, so it is retried) while `n` others are
+/// sent: the progress written with every lease renewal stays small and is accepted.
+async fn one_stalled_token_among(n: usize) {
+    let fcm = FcmEmulator::start_on_thread(
+        ([127, 0, 0, 1], 0).into(),
+        EmulatorOptions::default().count_only(),
+    )
+    .expect("an FCM emulator that keeps counts only");
+    let app = TestApp::with(|s| {
+        let key = s.credentials.clone().unwrap();
+        fcm.write_service_account(&key, &s.project).unwrap();
+        s.fcm_endpoint = fcm.url();
+        s.fcm_rate = 0;
+        s.concurrency = 256;
+        s.fcm_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let p = app.project.clone();
+    let sender = Sender::new(&app.settings).await.expect("the FCM client");
+    let metrics = Metrics::default();
+    let ctx = Context {
+        sender: &sender,
+        store: &app.store,
+        metrics: &metrics,
+        concurrency: app.settings.concurrency,
+        retry: RetryPolicy {
+            max_attempts: 100,
+            base: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(500),
+            quota_floor: Duration::from_millis(200),
+            budget: Duration::from_secs(600),
+        },
+    };
+    let template = MessageTemplate::new(&Notification {
+        title: "Stalled".into(),
+        body: "x".into(),
+        image: None,
+        sound: None,
+        initial_page: None,
+        parameter_data: None,
+        audience: Audience::Users(vec!["users/big".into()]),
+        scheduled_time: None,
+    })
+    .expect("a valid message");
+    let stalled = format!("{p}-000000");
+    fcm.script(&stalled, Script::Latency(Duration::from_secs(600)));
+
+    let doc = app.notify("Stalled", "users/big").await;
+    let read = app.store.get(&doc).await.unwrap().unwrap();
+    let terms = LeaseTerms::new(Duration::from_secs(3), Duration::from_millis(200));
+    let claim = Claim::take(&app.store, terms, "w1", &read)
+        .await
+        .unwrap()
+        .expect("claimed");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = CancellationToken::new();
+    let renewal = claim.renew(ledger.clone(), stop.clone());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let pages = TokenPages {
+        pages: rx,
+        without_tokens: Default::default(),
+    };
+    let store = app.store.clone();
+    let feed = tokio::spawn(async move {
+        for first in (0..n).step_by(500) {
+            let page: Vec<DeviceToken> = (first..(first + 500).min(n))
+                .map(|i| DeviceToken {
+                    doc_name: store.doc_name(&format!("users/big/fcm_tokens/{i:06}")),
+                    token: format!("{p}-{i:06}"),
+                })
+                .collect();
+            if tx.send(Ok(page)).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Watches what the renewals write, and lets the stalled token through once every other
+    // token was sent.
+    let watch = {
+        let store = app.store.clone();
+        let doc = doc.clone();
+        let fcm = fcm.clone();
+        let stalled = stalled.clone();
+        tokio::spawn(async move {
+            let mut largest = 0usize;
+            let mut released = false;
+            loop {
+                if let Ok(Some(d)) = store.get(&doc).await
+                    && let Some(progress) = d.fields.get("ffpush_progress")
+                {
+                    largest = largest.max(firestore::gcloud_sdk::prost::Message::encoded_len(progress));
+                }
+                if !released && fcm.stats().accepted >= n as u64 - 1 {
+                    fcm.script(&stalled, Script::Latency(Duration::ZERO));
+                    released = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if released && fcm.stats().accepted >= n as u64 {
+                    return largest;
+                }
+            }
+        })
+    };
+    let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), stop).await;
+    feed.await.unwrap();
+    let largest = watch.await.unwrap();
+    let lost = renewal.finish().await;
+    assert!(!lost);
+    let tally = result.expect("every token sent");
+    assert_eq!(tally.sent, n as u64);
+    eprintln!("{n} tokens, one stalled: the largest progress written was {largest} bytes");
+    assert!(
+        largest < 64 * 1024,
+        "a progress write of {largest} bytes with one token stalled"
+    );
+    fcm.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_stalled_among_100_000_keeps_every_progress_write_small() {
+    one_stalled_token_among(100_000).await;
+}
