@@ -61,11 +61,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy {
-            addr,
-            mode,
-            accept,
-        }
+        Proxy { addr, mode, accept }
     }
 
     /// `host:port` to give ffpush as `FIRESTORE_EMULATOR_HOST`.

@@ -67,7 +67,7 @@ mod mid_send {
             let mut f = HashMap::new();
             f.insert(field.to_string(), s(value));
             app.store
-                .update_fields(&name, f, &[], None)
+                .update_existing(&name, f, &[])
                 .await
                 .expect("the app's edit");
         }
@@ -103,9 +103,13 @@ mod mid_send {
         wait_until(Duration::from_secs(30), || worker.worker.tasks.is_empty()).await;
         let after = app.delivered().len() - at_delete;
         // In flight, plus the paced rate until the next lease write finds it gone.
-        let bound = CONCURRENCY + (f64::from(RATE) * (2.0 * INTERVAL.as_secs_f64() + 0.05)).ceil() as usize;
+        let bound =
+            CONCURRENCY + (f64::from(RATE) * (2.0 * INTERVAL.as_secs_f64() + 0.05)).ceil() as usize;
         eprintln!("deleted mid-send: {after} sends after the delete (bound {bound})");
-        assert!(after <= bound, "{after} sends after the delete (bound {bound})");
+        assert!(
+            after <= bound,
+            "{after} sends after the delete (bound {bound})"
+        );
         assert!(app.delivered().len() < 120, "the send was stopped");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(

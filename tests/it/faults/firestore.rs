@@ -168,7 +168,10 @@ async fn cut_while_sending_pauses_within_the_stop_window_and_finishes_once_heale
         .into_iter()
         .filter(|t| *t > cut_at && *t < healed_at)
         .collect();
-    let last = during.iter().max().map(|t| (*t - cut_at).num_milliseconds());
+    let last = during
+        .iter()
+        .max()
+        .map(|t| (*t - cut_at).num_milliseconds());
     eprintln!(
         "cut while sending: {} sends during the 2 s cut (bound {}), the last {last:?} ms after it",
         during.len(),
@@ -243,7 +246,10 @@ async fn longer_than_the_lease(fault: Fault) {
         .into_iter()
         .filter(|t| *t > cut_at)
         .collect();
-    let a_last = a_after.iter().max().map(|t| (*t - cut_at).num_milliseconds());
+    let a_last = a_after
+        .iter()
+        .max()
+        .map(|t| (*t - cut_at).num_milliseconds());
     let a_after_takeover = a_after.iter().filter(|t| **t > taken_over_at).count();
     let b_sent = arrivals(&app, &fcm_b, &title).len();
     let dups = duplicates(&per_token(&app, &[app.fcm(), &fcm_b], &title), &tokens);

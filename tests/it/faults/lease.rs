@@ -34,7 +34,10 @@ async fn a_panic_while_a_claim_is_held_stops_its_lease_renewal() {
         .await
         .unwrap()
         .expect("claimed");
-    let renewal = claim.renew(Arc::new(Mutex::new(Ledger::default())), CancellationToken::new());
+    let renewal = claim.renew(
+        Arc::new(Mutex::new(Ledger::default())),
+        CancellationToken::new(),
+    );
     let first = lease_of(&app, &doc).await;
     // A bug in processing: the task holding the renewal panics.
     let processing = tokio::spawn(async move {
@@ -61,7 +64,9 @@ async fn a_claim_from_a_copy_without_its_update_time_cannot_take_a_claimed_docum
     let doc = app.notify("claimed", "users/nobody").await;
     let read = app.store.get(&doc).await.unwrap().unwrap();
     let terms = LeaseTerms::new(Duration::from_secs(30), Duration::from_secs(1));
-    let first = Claim::take(&app.store, terms, "first", &read).await.unwrap();
+    let first = Claim::take(&app.store, terms, "first", &read)
+        .await
+        .unwrap();
     assert!(first.is_some(), "the first claim wins");
     let mut stale = read.clone();
     stale.update_time = None;
@@ -106,6 +111,7 @@ async fn one_stalled_token_among(n: usize) {
             quota_floor: Duration::from_millis(200),
             budget: Duration::from_secs(600),
         },
+        gate: None,
     };
     let template = MessageTemplate::new(&Notification {
         title: "Stalled".into(),
@@ -165,7 +171,8 @@ async fn one_stalled_token_among(n: usize) {
                 if let Ok(Some(d)) = store.get(&doc).await
                     && let Some(progress) = d.fields.get("ffpush_progress")
                 {
-                    largest = largest.max(firestore::gcloud_sdk::prost::Message::encoded_len(progress));
+                    largest =
+                        largest.max(firestore::gcloud_sdk::prost::Message::encoded_len(progress));
                 }
                 if !released && fcm.stats().accepted >= n as u64 - 1 {
                     fcm.script(&stalled, Script::Latency(Duration::ZERO));
@@ -178,17 +185,45 @@ async fn one_stalled_token_among(n: usize) {
             }
         })
     };
+    // What the ledger holds in memory, sampled while it sends.
+    let done_sending = CancellationToken::new();
+    let held = {
+        let ledger = ledger.clone();
+        let done_sending = done_sending.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !done_sending.is_cancelled() {
+                most = most.max(ledger.lock().unwrap().held());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            most
+        })
+    };
+    let ctx = Context {
+        gate: Some(claim.gate()),
+        ..ctx
+    };
     let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), stop).await;
+    done_sending.cancel();
     feed.await.unwrap();
     let largest = watch.await.unwrap();
-    let lost = renewal.finish().await;
-    assert!(!lost);
+    let renewed = renewal.finish().await;
+    let held = held.await.unwrap();
     let tally = result.expect("every token sent");
     assert_eq!(tally.sent, n as u64);
-    eprintln!("{n} tokens, one stalled: the largest progress written was {largest} bytes");
+    eprintln!(
+        "{n} tokens, one stalled: the largest progress written was {largest} bytes; the ledger held at most {held} token names; {} progress writes failed",
+        renewed.failed_writes
+    );
+    assert!(renewed.lost.is_none(), "{renewed:?}");
+    assert_eq!(renewed.failed_writes, 0, "every progress write succeeded");
     assert!(
         largest < 64 * 1024,
         "a progress write of {largest} bytes with one token stalled"
+    );
+    assert!(
+        held <= app.settings.concurrency,
+        "the ledger held {held} names: memory grows with the stall"
     );
     fcm.shutdown();
 }
