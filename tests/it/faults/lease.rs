@@ -232,3 +232,63 @@ async fn one_stalled_token_among(n: usize) {
 async fn one_token_stalled_among_100_000_keeps_every_progress_write_small() {
     one_stalled_token_among(100_000).await;
 }
+
+/// A rolling deploy: an older ffpush saved its progress (a cursor, and every token finished
+/// past it listed in `beyond`) and stopped; this version takes the document over and sends
+/// exactly the tokens the older one had not finished.
+#[tokio::test]
+async fn progress_an_older_version_saved_is_resumed_exactly() {
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let tokens: Vec<String> = (0..10).map(|i| format!("{p}-old-{i}")).collect();
+    for (i, token) in tokens.iter().enumerate() {
+        app.add_token("big", &format!("t{i:03}"), token, "Android")
+            .await;
+    }
+    let token_doc =
+        |i: usize| store::string(&app.store.doc_name(&format!("users/big/fcm_tokens/t{i:03}")));
+    let mut progress = std::collections::HashMap::new();
+    progress.insert("cursor".to_string(), token_doc(2));
+    progress.insert(
+        "beyond".to_string(),
+        store::array(vec![token_doc(4), token_doc(7)]),
+    );
+    progress.insert("tokens".to_string(), crate::int(5));
+    progress.insert("sent".to_string(), crate::int(5));
+    let now = chrono::Utc::now();
+    let doc = app
+        .write(
+            "ff_push_notifications",
+            vec![
+                ("notification_title", crate::s("Rolling")),
+                ("notification_text", crate::s("x")),
+                ("user_refs", crate::s("users/big")),
+                ("status", crate::s("started")),
+                ("started_at", store::timestamp(now)),
+                ("ffpush_worker", crate::s("an-older-ffpush")),
+                (LEASE, store::timestamp(now - chrono::Duration::seconds(1))),
+                (
+                    "ffpush_progress",
+                    ffpush::model::pb::Value {
+                        value_type: Some(ffpush::model::pb::value::ValueType::MapValue(
+                            ffpush::model::pb::MapValue { fields: progress },
+                        )),
+                    },
+                ),
+            ],
+        )
+        .await;
+    let (worker, _) = app.start_worker().await;
+    let done = app.finished(&doc).await;
+    crate::assert_succeeded(&done);
+    assert_eq!(crate::num(&done, "num_sent"), Some(10));
+    assert_eq!(crate::num(&done, "num_tokens"), Some(10));
+    let mut sent: Vec<String> = app.delivered().into_iter().map(|(t, _)| t).collect();
+    sent.sort();
+    let expected: Vec<String> = [3, 5, 6, 8, 9].iter().map(|i| tokens[*i].clone()).collect();
+    assert_eq!(
+        sent, expected,
+        "exactly what the older version had not finished"
+    );
+    worker.stop().await;
+}
