@@ -63,9 +63,9 @@ impl LeaseTerms {
     /// How long after the start of a lease write that succeeded the fan-out may go on sending:
     /// two renewal intervals, so that a worker whose writes fail stops within two progress
     /// intervals and a worker taking over repeats at most what was sent in that window; and
-    /// never once the lease written then could have run out on another worker's clock (less
-    /// [`CLOCK_SKEW`]). Measured from the write's start, when the expiry it wrote was
-    /// computed.
+    /// never once the lease written then could have run out on another worker's clock (less a
+    /// margin for clock skew: 1 s, at most a quarter of the lease). Measured from the write's
+    /// start, when the expiry it wrote was computed.
     pub fn send_window(&self) -> Duration {
         let skew = CLOCK_SKEW.min(self.length / 4);
         (self.renew_every * 2).min(self.length.saturating_sub(skew))

@@ -203,7 +203,9 @@ async fn one_stalled_token_among(n: usize) {
         gate: Some(claim.gate()),
         ..ctx
     };
+    let started = std::time::Instant::now();
     let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), stop).await;
+    let took = started.elapsed();
     done_sending.cancel();
     feed.await.unwrap();
     let largest = watch.await.unwrap();
@@ -212,7 +214,7 @@ async fn one_stalled_token_among(n: usize) {
     let tally = result.expect("every token sent");
     assert_eq!(tally.sent, n as u64);
     eprintln!(
-        "{n} tokens, one stalled: the largest progress written was {largest} bytes; the ledger held at most {held} token names; {} progress writes failed",
+        "{n} tokens, one stalled, sent in {took:?}: the largest progress written was {largest} bytes; the ledger held at most {held} token names; {} progress writes failed",
         renewed.failed_writes
     );
     assert!(renewed.lost.is_none(), "{renewed:?}");
