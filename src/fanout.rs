@@ -2,7 +2,7 @@
 //! backoff, dead-token pruning, and a progress cursor that says exactly which tokens are done.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audience::TokenPages;
@@ -38,8 +40,25 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Tokens not sent. Never negative, whatever a progress field read back says.
     pub fn failed(&self) -> u64 {
-        self.tokens - self.sent
+        self.tokens.saturating_sub(self.sent)
+    }
+
+    /// Every token counted in `tokens` has exactly one outcome; a progress field that says
+    /// otherwise (written by hand, or by something else) is read as covering its outcomes.
+    pub fn normalized(mut self) -> Tally {
+        let outcomes = [
+            self.sent,
+            self.dead,
+            self.sender_id_mismatch,
+            self.third_party_auth,
+            self.undelivered,
+        ]
+        .into_iter()
+        .fold(0u64, u64::saturating_add);
+        self.tokens = self.tokens.max(outcomes);
+        self
     }
 
     fn add(&mut self, result: &TokenResult) {
@@ -56,12 +75,26 @@ impl Tally {
     }
 }
 
-/// How far a fan-out has got: every token document at or before `cursor` (in document-path
-/// order), and every one listed in `beyond`, has a final answer and is counted in `tally`.
+/// How far a fan-out has got, as written with each lease renewal. Tokens are started in
+/// document-path order, so a position in that order plus the few started tokens without an
+/// answer say exactly which are done, in a size bounded by the concurrency, however many
+/// finished while one stalled.
+///
+/// A token document is finished when it is at or before `cursor`, or at or before
+/// `last_started` and not in `unfinished`, or in `beyond`. Every finished one is counted in
+/// `tally`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
+    /// Every token document at or before it is finished. The only position older ffpush
+    /// versions read (with `beyond`), so a document they resume is never sent short.
     pub cursor: Option<String>,
-    /// Finished out of order, past the cursor (at most the concurrency).
+    /// The furthest token document started.
+    pub last_started: Option<String>,
+    /// Started, at or before `last_started`, with no final answer yet: on the wire, or
+    /// waiting for a retry, the pace or the lease. At most the concurrency, in path order.
+    pub unfinished: Vec<String>,
+    /// Finished past `last_started`. Only older ffpush versions wrote this (every token
+    /// finished past their cursor, however many); it is carried until the run passes it.
     pub beyond: Vec<String>,
     pub tally: Tally,
 }
@@ -72,90 +105,192 @@ pub fn path_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     a.split('/').cmp(b.split('/'))
 }
 
+/// `name` is at or before `bound` in path order.
+fn at_or_before(name: &str, bound: Option<&str>) -> bool {
+    bound.is_some_and(|b| path_cmp(name, b) != std::cmp::Ordering::Greater)
+}
+
+/// The later of two positions in path order.
+fn furthest(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if path_cmp(&a, &b) == std::cmp::Ordering::Less {
+            b
+        } else {
+            a
+        }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A token started and not finished.
+#[derive(Debug)]
+struct Started {
+    name: String,
+    /// The token started just before it in this run: every token up to that one is finished
+    /// once every token started before this one is.
+    prev: Option<String>,
+}
+
 /// Which tokens have a final answer. Shared with the lease keeper, which persists snapshots.
+/// It holds the started tokens without an answer and what it resumed from, never the
+/// finished ones: its size follows the concurrency, not the audience.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    cursor: Option<String>,
-    /// The cursor of the run this one resumes: tokens at or before it are done. Kept apart from
-    /// the moving `cursor` so that a fresh fan-out compares no paths at all.
+    /// What the run this one resumes had finished: up to `resumed_cursor`, and up to
+    /// `resumed_last` except `pending`, and `resumed_beyond`.
     resumed_cursor: Option<String>,
-    /// Sequence number of `window[0]`.
-    first_seq: u64,
-    /// (document name, finished?) of every started token from `first_seq` on, in start order.
-    /// The first unfinished one holds the cursor back.
-    window: VecDeque<(String, bool)>,
-    /// Finished in an earlier run past its cursor.
+    resumed_last: Option<String>,
+    /// The resumed run's unfinished tokens this run has not reached yet, in path order.
+    pending: VecDeque<String>,
     resumed_beyond: HashSet<String>,
-    /// Every finished token, including those past the cursor.
+    /// Started and unfinished, by sequence number (start order, which is path order).
+    in_flight: BTreeMap<u64, Started>,
+    /// The furthest token started in this run.
+    last: Option<String>,
+    /// Every finished token, including those of the runs resumed.
     tally: Tally,
 }
 
 impl Ledger {
     pub fn resume(p: &Progress) -> Ledger {
+        let mut pending: Vec<String> = p.unfinished.clone();
+        pending.sort_by(|a, b| path_cmp(a, b));
         Ledger {
-            cursor: p.cursor.clone(),
             resumed_cursor: p.cursor.clone(),
-            first_seq: 0,
-            window: VecDeque::new(),
+            resumed_last: p.last_started.clone(),
+            pending: pending.into(),
             resumed_beyond: p.beyond.iter().cloned().collect(),
+            in_flight: BTreeMap::new(),
+            last: None,
             tally: p.tally,
         }
     }
 
-    /// Whether an earlier run already has a final answer for this token document.
-    fn done_before(&self, doc_name: &str) -> bool {
-        self.resumed_cursor
-            .as_deref()
-            .is_some_and(|c| path_cmp(doc_name, c) != std::cmp::Ordering::Greater)
+    /// Whether an earlier run already has a final answer for this token document. Called for
+    /// every token document in stream (path) order: an unfinished token of the earlier run
+    /// that the stream passes without presenting is gone, or held a token sent under another
+    /// document, and needs nothing more.
+    fn done_before(&mut self, doc_name: &str) -> bool {
+        while let Some(front) = self.pending.front() {
+            match path_cmp(front, doc_name) {
+                std::cmp::Ordering::Less => {
+                    self.pending.pop_front();
+                }
+                std::cmp::Ordering::Equal => {
+                    self.pending.pop_front();
+                    return false;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        at_or_before(doc_name, self.resumed_cursor.as_deref())
+            || at_or_before(doc_name, self.resumed_last.as_deref())
             || (!self.resumed_beyond.is_empty() && self.resumed_beyond.contains(doc_name))
     }
 
-    /// Sequence numbers are handed out consecutively from 0.
+    /// Sequence numbers are handed out in start order.
     fn start(&mut self, seq: u64, doc_name: String) {
-        debug_assert_eq!(seq, self.first_seq + self.window.len() as u64);
-        self.window.push_back((doc_name, false));
+        let prev = self.last.replace(doc_name.clone());
+        self.in_flight.insert(
+            seq,
+            Started {
+                name: doc_name,
+                prev,
+            },
+        );
     }
 
     fn finish(&mut self, result: &TokenResult) {
         self.tally.add(result);
-        let slot = result
-            .seq
-            .checked_sub(self.first_seq)
-            .and_then(|i| self.window.get_mut(i as usize));
-        if let Some(slot) = slot {
-            slot.1 = true;
-        }
-        while self.window.front().is_some_and(|(_, done)| *done) {
-            if let Some((name, _)) = self.window.pop_front() {
-                self.cursor = Some(name);
-            }
-            self.first_seq += 1;
-        }
+        self.in_flight.remove(&result.seq);
+    }
+
+    /// Names of tokens this ledger holds: started and unfinished, and what it resumed from
+    /// and has not passed yet. Bounded by the concurrency (plus an older version's `beyond`).
+    pub fn held(&self) -> usize {
+        self.in_flight.len() + self.pending.len() + self.resumed_beyond.len()
     }
 
     pub fn snapshot(&self) -> Progress {
-        let past_cursor = |name: &String| {
-            self.cursor
-                .as_deref()
-                .is_none_or(|c| path_cmp(name, c) == std::cmp::Ordering::Greater)
+        let last_started = furthest(
+            furthest(self.resumed_cursor.clone(), self.resumed_last.clone()),
+            self.last.clone(),
+        );
+        let mut unfinished: Vec<String> = self
+            .pending
+            .iter()
+            .chain(self.in_flight.values().map(|s| &s.name))
+            .cloned()
+            .collect();
+        unfinished.sort_by(|a, b| path_cmp(a, b));
+        let cursor = match self.in_flight.first_key_value() {
+            // Everything started before the oldest unfinished token is finished, and what was
+            // passed between them needed no send.
+            Some((_, oldest)) => oldest.prev.clone().or_else(|| self.resumed_cursor.clone()),
+            None if self.pending.is_empty() => {
+                furthest(self.resumed_cursor.clone(), self.last.clone())
+            }
+            None => self.resumed_cursor.clone(),
         };
         let mut beyond: Vec<String> = self
-            .window
+            .resumed_beyond
             .iter()
-            .filter(|(_, done)| *done)
-            .map(|(name, _)| name.clone())
-            .chain(
-                self.resumed_beyond
-                    .iter()
-                    .filter(|n| past_cursor(n))
-                    .cloned(),
-            )
+            .filter(|n| !at_or_before(n, last_started.as_deref()))
+            .cloned()
             .collect();
         beyond.sort_by(|a, b| path_cmp(a, b));
         Progress {
-            cursor: self.cursor.clone(),
+            cursor,
+            last_started,
+            unfinished,
             beyond,
             tally: self.tally,
+        }
+    }
+}
+
+/// Until when the fan-out may put a send on the wire. The lease keeper moves it on after each
+/// progress write that succeeded; when writes fail it is not moved and sending pauses until
+/// one succeeds, so that no more is sent than what a worker taking over would send again
+/// (see [`crate::claim::LeaseTerms::send_window`]).
+#[derive(Debug)]
+pub struct SendGate {
+    until: watch::Sender<Instant>,
+}
+
+impl SendGate {
+    pub fn new(until: Instant) -> SendGate {
+        SendGate {
+            until: watch::Sender::new(until),
+        }
+    }
+
+    /// Sending is allowed until `until` (never moved back).
+    pub fn extend(&self, until: Instant) {
+        self.until.send_if_modified(|current| {
+            let later = until > *current;
+            if later {
+                *current = until;
+            }
+            later
+        });
+    }
+
+    pub fn is_open(&self) -> bool {
+        Instant::now() < *self.until.borrow()
+    }
+
+    /// Returns once sending is allowed.
+    async fn opened(&self) {
+        let mut until = self.until.subscribe();
+        loop {
+            if Instant::now() < *until.borrow_and_update() {
+                return;
+            }
+            if until.changed().await.is_err() {
+                // The sender is `self`, alive while this runs: not reached.
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
@@ -185,6 +320,8 @@ pub struct Context<'a> {
     pub metrics: &'a Metrics,
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// The claim's gate on durable progress; `None` sends without one (nothing to resume).
+    pub gate: Option<&'a SendGate>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -288,10 +425,9 @@ pub async fn fan_out(
                 let Some(DeviceToken { doc_name, token }) = buffer.pop_front() else {
                     break;
                 };
-                if token.is_empty()
-                    || !seen.insert(hasher.hash_one(&token))
-                    || ledger.done_before(&doc_name)
-                {
+                // Asked of every token document, in order, before anything is skipped.
+                let done = ledger.done_before(&doc_name);
+                if token.is_empty() || !seen.insert(hasher.hash_one(&token)) || done {
                     continue;
                 }
                 let seq = next_seq;
@@ -394,6 +530,32 @@ fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Waits for durable progress (the claim's gate) and the instance's pace (FFPUSH_FCM_RATE,
+/// quota pauses), then looks at the gate again, right before the request goes on the wire:
+/// the pace may have taken long. Waiting here is not being in flight: on shutdown, or when
+/// the lease is lost, the token is left for the next run.
+async fn cleared_to_send(ctx: &Context<'_>, stop: &CancellationToken) -> Result<(), Abort> {
+    loop {
+        if let Some(gate) = ctx.gate
+            && !gate.is_open()
+        {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Err(Abort::Interrupted),
+                _ = gate.opened() => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+            _ = ctx.sender.pace() => {}
+        }
+        if ctx.gate.is_none_or(SendGate::is_open) {
+            return Ok(());
+        }
+    }
+}
+
 async fn send_one(
     ctx: &Context<'_>,
     template: &MessageTemplate,
@@ -406,13 +568,7 @@ async fn send_one(
     let first_try = std::time::Instant::now();
     let mut attempt = 1;
     loop {
-        // The instance's pace (FFPUSH_FCM_RATE, quota pauses). Waiting here is not being in
-        // flight: on shutdown the token is left for the next run.
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Err(Abort::Interrupted),
-            _ = ctx.sender.pace() => {}
-        }
+        cleared_to_send(ctx, &stop).await?;
         let started = std::time::Instant::now();
         let answer = ctx.sender.send_now(body.clone()).await;
         ctx.metrics.observe_fcm(&answer, started.elapsed());
@@ -573,47 +729,214 @@ mod tests {
         }
     }
 
+    fn unfinished(seq: u64) -> TokenResult {
+        TokenResult {
+            seq,
+            outcome: None,
+            removed: 0,
+            dead_kept: false,
+        }
+    }
+
+    /// Which of `names` (all the token documents, in path order) a run resuming from `p`
+    /// skips as finished.
+    fn skipped(p: &Progress, names: &[String]) -> Vec<bool> {
+        let mut ledger = Ledger::resume(p);
+        names.iter().map(|n| ledger.done_before(n)).collect()
+    }
+
     #[test]
-    fn the_cursor_only_passes_finished_tokens_and_the_rest_is_listed() {
+    fn started_tokens_without_an_answer_are_listed_and_the_cursor_waits_for_them() {
         let mut ledger = Ledger::default();
         for (seq, name) in ["u/a", "u/b", "u/c"].iter().enumerate() {
+            assert!(!ledger.done_before(name));
             ledger.start(seq as u64, name.to_string());
         }
         ledger.finish(&sent(1));
         let p = ledger.snapshot();
         assert_eq!(p.cursor, None, "b finished before a: the cursor must wait");
-        assert_eq!(p.beyond, vec!["u/b".to_string()]);
+        assert_eq!(p.last_started.as_deref(), Some("u/c"));
+        assert_eq!(p.unfinished, vec!["u/a".to_string(), "u/c".to_string()]);
+        assert!(p.beyond.is_empty());
         ledger.finish(&sent(0));
         let p = ledger.snapshot();
         assert_eq!(p.cursor.as_deref(), Some("u/b"));
-        assert!(p.beyond.is_empty());
+        assert_eq!(p.unfinished, vec!["u/c".to_string()]);
         assert_eq!(p.tally.sent, 2);
+        ledger.finish(&sent(2));
+        let p = ledger.snapshot();
+        assert_eq!(p.cursor.as_deref(), Some("u/c"));
+        assert!(p.unfinished.is_empty());
     }
 
     #[test]
-    fn a_resumed_ledger_skips_exactly_what_was_finished() {
+    fn progress_an_older_version_wrote_resumes_exactly_and_is_carried_on() {
+        // An older ffpush: everything up to the cursor, and what `beyond` lists, finished.
         let before = Progress {
             cursor: Some("users/a/fcm_tokens/2".into()),
-            beyond: vec!["users/b/fcm_tokens/1".into()],
+            beyond: vec!["users/b/fcm_tokens/1".into(), "users/c/fcm_tokens/1".into()],
             tally: Tally {
-                tokens: 3,
-                sent: 3,
+                tokens: 4,
+                sent: 4,
                 ..Default::default()
             },
+            ..Default::default()
         };
-        let ledger = Ledger::resume(&before);
+        let mut ledger = Ledger::resume(&before);
         assert!(ledger.done_before("users/a/fcm_tokens/1"));
         assert!(ledger.done_before("users/a/fcm_tokens/2"));
         assert!(!ledger.done_before("users/a/fcm_tokens/3"));
-        assert!(ledger.done_before("users/b/fcm_tokens/1"));
-        assert!(!ledger.done_before("users/a0/fcm_tokens/1"));
         // Segment order: `users/a-b/…` comes after `users/a/…` in Firestore.
         assert!(!ledger.done_before("users/a-b/fcm_tokens/1"));
+        assert!(!ledger.done_before("users/a0/fcm_tokens/1"));
+        assert!(ledger.done_before("users/b/fcm_tokens/1"));
+        ledger.start(0, "users/a/fcm_tokens/3".into());
+        ledger.start(1, "users/a-b/fcm_tokens/1".into());
+        ledger.finish(&sent(1));
+        // Written in this version's form, the same tokens count as finished, and the older
+        // `beyond` past where this run got to is carried.
+        let after = ledger.snapshot();
+        assert_eq!(after.cursor.as_deref(), Some("users/a/fcm_tokens/2"));
+        assert_eq!(after.unfinished, vec!["users/a/fcm_tokens/3".to_string()]);
         assert_eq!(
-            ledger.snapshot(),
-            before,
-            "nothing new finished: the same progress"
+            after.beyond,
+            vec![
+                "users/b/fcm_tokens/1".to_string(),
+                "users/c/fcm_tokens/1".to_string()
+            ]
         );
+        let names: Vec<String> = [
+            "users/a/fcm_tokens/1",
+            "users/a/fcm_tokens/3",
+            "users/a-b/fcm_tokens/1",
+            "users/a0/fcm_tokens/1",
+            "users/b/fcm_tokens/1",
+            "users/b/fcm_tokens/2",
+            "users/c/fcm_tokens/1",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            skipped(&after, &names),
+            [true, false, true, false, true, false, true]
+        );
+        assert_eq!(after.tally.tokens, 5);
+    }
+
+    #[test]
+    fn a_resumed_run_skips_exactly_what_was_finished_across_interruptions() {
+        // Many runs over one audience, each interrupted at a random point with tokens in
+        // flight and finishing in random order; some documents hold a token seen before (the
+        // fan-out skips those). After every interruption the progress must name exactly the
+        // finished tokens: none sent twice, none lost.
+        let names: Vec<String> = (0..400)
+            .map(|i| format!("users/u{:02}/fcm_tokens/{:03}", i / 7, i))
+            .collect();
+        let duplicate = |i: usize| i % 11 == 5;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut finished = vec![false; names.len()];
+        let mut progress = Progress::default();
+        for run in 0..40 {
+            let mut ledger = Ledger::resume(&progress);
+            let concurrency = 1 + random(12);
+            let mut in_flight: Vec<(u64, usize)> = Vec::new();
+            let mut seq = 0;
+            let stop_after = random(60);
+            let mut steps = 0;
+            let mut next = 0;
+            while steps < stop_after && (next < names.len() || !in_flight.is_empty()) {
+                steps += 1;
+                if next < names.len() && in_flight.len() < concurrency && random(3) > 0 {
+                    let done = ledger.done_before(&names[next]);
+                    // The fan-out skips a duplicate whatever the ledger says.
+                    assert!(
+                        duplicate(next) || done == finished[next],
+                        "run {run}: {} skipped wrongly",
+                        names[next]
+                    );
+                    if !done && !duplicate(next) {
+                        ledger.start(seq, names[next].clone());
+                        in_flight.push((seq, next));
+                        seq += 1;
+                    }
+                    next += 1;
+                } else if !in_flight.is_empty() {
+                    let (seq, i) = in_flight.swap_remove(random(in_flight.len()));
+                    ledger.finish(&sent(seq));
+                    finished[i] = true;
+                }
+                assert!(ledger.held() <= concurrency.max(progress.unfinished.len()));
+            }
+            progress = ledger.snapshot();
+            assert!(progress.unfinished.len() <= 12, "{progress:?}");
+            let expected: Vec<bool> = (0..names.len())
+                .map(|i| finished[i] && !duplicate(i))
+                .collect();
+            let seen: Vec<bool> = skipped(&progress, &names)
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| s && !duplicate(i))
+                .collect();
+            assert_eq!(seen, expected, "run {run}: {progress:?}");
+            // An older version reads only `cursor` and `beyond`: it may send again what
+            // finished past the cursor, but never skips what did not finish.
+            let older = Progress {
+                last_started: None,
+                unfinished: Vec::new(),
+                ..progress.clone()
+            };
+            for (i, skips) in skipped(&older, &names).into_iter().enumerate() {
+                assert!(
+                    !skips || finished[i] || duplicate(i),
+                    "run {run}: an older version would skip {}: {progress:?}",
+                    names[i]
+                );
+            }
+        }
+        assert_eq!(
+            progress.tally.sent,
+            finished.iter().filter(|f| **f).count() as u64
+        );
+    }
+
+    #[test]
+    fn a_stalled_token_keeps_the_progress_as_small_as_the_concurrency_whatever_the_count() {
+        let concurrency = 64u64;
+        let name = |i: u64| format!("users/u{:07}/fcm_tokens/{i:07}", i / 3);
+        let mut ledger = Ledger::default();
+        ledger.start(0, name(0));
+        let mut largest = 0;
+        for seq in 1..200_000 {
+            ledger.start(seq, name(seq));
+            if seq >= concurrency - 1 {
+                ledger.finish(&sent(seq + 1 - (concurrency - 1)));
+            }
+            if seq % 5_000 == 0 {
+                let p = ledger.snapshot();
+                assert!(
+                    p.unfinished.len() as u64 <= concurrency,
+                    "{}",
+                    p.unfinished.len()
+                );
+                assert!(ledger.held() as u64 <= concurrency);
+                assert_eq!(p.cursor, None, "the stalled first token holds the cursor");
+                let bytes: usize = p.unfinished.iter().map(String::len).sum();
+                largest = largest.max(bytes);
+            }
+        }
+        // Whatever the count: the names of at most `concurrency` tokens.
+        assert!(largest <= concurrency as usize * name(0).len(), "{largest}");
+        // The stalled one retried and failed: nothing past it is left to do.
+        ledger.finish(&unfinished(0));
+        let p = ledger.snapshot();
+        // Tokens 1..=199 937 finished; 199 938 onwards are still in flight.
+        assert_eq!(p.cursor, Some(name(199_937)));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!
 //! - `intake`: the Firestore listen streams and the periodic sweep; documents are offered to
 //!   the worker.
-//! - `claim`: the precondition write that makes a document ours, the lease renewed with
+//! - [`claim`]: the precondition write that makes a document ours, the lease renewed with
 //!   progress while sending, and its release.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress ledger.
@@ -40,7 +40,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audience;
-pub(crate) mod claim;
+pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -349,22 +349,53 @@ impl Store {
         }
     }
 
-    /// Writes `fields` (only those: a field mask) onto an existing document. Fields named in
-    /// `remove` are deleted. With `if_update_time`, the write happens only if nobody wrote the
-    /// document since; returns the new update time.
+    /// Writes `fields` (only those: a field mask) onto the document as it was at
+    /// `if_update_time`: if anybody wrote it since, nothing is written and the answer is
+    /// [`Error::Conflict`]. Fields named in `remove` are deleted. Returns the new update time.
+    /// Every write that claims, holds or finishes a notification goes through here: the
+    /// precondition is what makes a claim exclusive, so there is no way to leave it out.
     pub async fn update_fields(
         &self,
         name: &str,
         fields: HashMap<String, Value>,
         remove: &[&str],
-        if_update_time: Option<prost_types_timestamp::Timestamp>,
+        if_update_time: prost_types_timestamp::Timestamp,
+    ) -> Result<prost_types_timestamp::Timestamp, Error> {
+        self.write_fields(
+            name,
+            fields,
+            remove,
+            precondition::ConditionType::UpdateTime(if_update_time),
+        )
+        .await
+    }
+
+    /// Like [`Store::update_fields`], on whatever version the document is at (it must exist):
+    /// for writes that claim nothing, as an app's or the console's edit.
+    pub async fn update_existing(
+        &self,
+        name: &str,
+        fields: HashMap<String, Value>,
+        remove: &[&str],
+    ) -> Result<prost_types_timestamp::Timestamp, Error> {
+        self.write_fields(
+            name,
+            fields,
+            remove,
+            precondition::ConditionType::Exists(true),
+        )
+        .await
+    }
+
+    async fn write_fields(
+        &self,
+        name: &str,
+        fields: HashMap<String, Value>,
+        remove: &[&str],
+        condition: precondition::ConditionType,
     ) -> Result<prost_types_timestamp::Timestamp, Error> {
         let mut mask: Vec<String> = fields.keys().cloned().collect();
         mask.extend(remove.iter().map(|f| f.to_string()));
-        let condition = match if_update_time {
-            Some(t) => precondition::ConditionType::UpdateTime(t),
-            None => precondition::ConditionType::Exists(true),
-        };
         let request = pb::UpdateDocumentRequest {
             document: Some(Document {
                 name: name.to_string(),

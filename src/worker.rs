@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::audience;
-use crate::claim::{Claim, LeaseTerms, fields};
+use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
@@ -31,12 +31,12 @@ pub(crate) enum Outcome {
     ClaimedElsewhere,
     /// Another worker took the lease over mid-send; it carries on from our progress.
     LeaseLost,
+    /// The document was deleted mid-send: sending stopped, nothing to report.
+    Deleted,
     /// Shutdown: progress saved and the lease released for another worker to resume.
     Interrupted,
     /// Firestore failed while reading tokens: progress saved, lease released, resumed later.
     Released(store::Error),
-    /// The document changed between the last lease write and the report; left as it is.
-    ChangedBeforeReport,
     /// The outcome was written onto the document.
     Reported(Status),
 }
@@ -227,8 +227,8 @@ impl Worker {
                 }
                 Ok(Outcome::Released(e)) => tracing::warn!(error = %Chain(&e),
                     "Firestore failed mid-send; progress saved and the lease released, to be resumed"),
-                Ok(Outcome::ChangedBeforeReport) => {
-                    tracing::warn!("the document changed before the report; leaving it")
+                Ok(Outcome::Deleted) => {
+                    tracing::info!("the notification was deleted while it was sent; stopped")
                 }
                 Ok(Outcome::Reported(Status::Succeeded)) => {
                     this.metrics.notifications_succeeded.inc()
@@ -306,11 +306,16 @@ impl Worker {
         let sent = crate::claim::sent_before(doc);
         f.insert("num_sent".to_string(), store::integer(sent as i64));
         let remove = [fields::LEASE, fields::PROGRESS];
-        match self
-            .store
-            .update_fields(&doc.name, f, &remove, doc.update_time)
-            .await
-        {
+        // Conditioned on the version read: a document someone changed since is not failed.
+        let written = match doc.update_time {
+            Some(read_at) => {
+                self.store
+                    .update_fields(&doc.name, f, &remove, read_at)
+                    .await
+            }
+            None => Err(store::Error::Incomplete("update_time")),
+        };
+        match written {
             Ok(_) => {
                 self.metrics.notifications_failed.inc();
                 tracing::info!(error = reason, "notification failed");
@@ -348,12 +353,15 @@ impl Worker {
             metrics: &self.metrics,
             concurrency: self.settings.concurrency,
             retry: RetryPolicy::from_settings(&self.settings),
+            gate: Some(claim.gate()),
         };
         let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop).await;
-        if renewal.finish().await {
-            return Ok(Outcome::LeaseLost);
+        match renewal.finish().await.lost {
+            Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
+            Some(Lost::Deleted) => return Ok(Outcome::Deleted),
+            None => {}
         }
-        let done = ledger.lock().map(|l| l.snapshot()).unwrap_or_default();
+        let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
         let mut without = without_tokens.lock().map(|w| w.clone()).unwrap_or_default();
         if self.source_of(&doc.name) == Some(Source::App) {
             // The sender reads this document: how many have no device, never who.
@@ -363,28 +371,30 @@ impl Worker {
             Ok(tally) => Report::finished(&n, &tally, &without),
             Err(Abort::Store(e)) if e.is_transient() => {
                 // Firestore is down: not the notification's fault. Release it to be resumed.
-                claim.release(&done).await?;
-                return Ok(Outcome::Released(e));
+                return settled(claim.release(&done).await, Outcome::Released(e));
             }
             Err(Abort::Interrupted) => {
                 // Shutdown: save where we are and let the lease go so another worker resumes.
-                claim.release(&done).await?;
-                return Ok(Outcome::Interrupted);
+                return settled(claim.release(&done).await, Outcome::Interrupted);
             }
             Err(e) => Report::aborted(&e, &done.tally),
         };
         let (status, f, remove) = report.into_fields();
-        match self
-            .store
-            .update_fields(&doc.name, f, &remove, Some(claim.version()))
-            .await
-        {
-            Ok(_) => {}
-            Err(store::Error::Conflict) => return Ok(Outcome::ChangedBeforeReport),
-            Err(e) => return Err(e),
+        if let Err(lost_or_failed) = claim.report(f, &remove).await {
+            return settled(Err(lost_or_failed), Outcome::Reported(status));
         }
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(Outcome::Reported(status))
+    }
+}
+
+/// What a write of a held document means for its processing: `done` when it was written.
+fn settled(written: Result<(), ClaimError>, done: Outcome) -> Result<Outcome, store::Error> {
+    match written {
+        Ok(()) => Ok(done),
+        Err(ClaimError::Lost(Lost::TakenOver)) => Ok(Outcome::LeaseLost),
+        Err(ClaimError::Lost(Lost::Deleted)) => Ok(Outcome::Deleted),
+        Err(ClaimError::Store(e)) => Err(e),
     }
 }
 

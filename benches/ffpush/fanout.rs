@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ffpush::audience::{PAGE_SIZE, TokenPages, UsersWithoutTokens};
 use ffpush::config::{CaCert, Settings};
-use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy, Tally};
+use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy, SendGate, Tally};
 use ffpush::fcm::{MessageTemplate, Sender};
 use ffpush::metrics::Metrics;
 use ffpush::model::{Audience, Notification};
@@ -154,12 +154,15 @@ pub async fn cell(
     // As the daemon does at start: the connection and the OAuth token are ready before a burst.
     sender.warm_up().await.expect("warming up the sender");
     let metrics = Metrics::default();
+    let gate = SendGate::new(tokio::time::Instant::now() + std::time::Duration::from_secs(86_400));
     let ctx = Context {
         sender: &sender,
         store,
         metrics: &metrics,
         concurrency,
         retry: RetryPolicy::from_settings(&settings),
+        // As a claim's gate while its progress writes succeed: looked at before every send.
+        gate: Some(&gate),
     };
     let all = pages(store.documents_path(), tokens);
     let before = target.stats().await;

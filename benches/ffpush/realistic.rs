@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ffpush::audience::PAGE_SIZE;
 use ffpush::config::{CaCert, Settings};
-use ffpush::fanout::{Context, RetryPolicy};
+use ffpush::fanout::{Context, RetryPolicy, SendGate};
 use ffpush::fcm::Sender;
 use ffpush::metrics::Metrics;
 use ffpush::store::{DeviceToken, Store};
@@ -121,12 +121,15 @@ async fn child_cell(spec: ChildSpec) -> ChildResult {
         .await
         .expect("connecting to the FCM emulator");
     let metrics = Metrics::with_fcm(sender.metrics());
+    let gate = SendGate::new(tokio::time::Instant::now() + std::time::Duration::from_secs(86_400));
     let ctx = Context {
         sender: &sender,
         store: &store,
         metrics: &metrics,
         concurrency: settings.concurrency,
         retry: RetryPolicy::from_settings(&settings),
+        // As a claim's gate while its progress writes succeed: looked at before every send.
+        gate: Some(&gate),
     };
     // Pages are made one at a time as the channel takes them: the child never holds the
     // audience, only what the pipeline holds.

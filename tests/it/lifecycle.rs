@@ -124,7 +124,7 @@ async fn rescheduled_and_cancelled_notifications() {
     let mut moved = HashMap::new();
     moved.insert("scheduled_time".to_string(), store::timestamp(new_time));
     app.store
-        .update_fields(&app.store.doc_name(&later), moved, &[], None)
+        .update_existing(&app.store.doc_name(&later), moved, &[])
         .await
         .unwrap();
     app.store
@@ -134,7 +134,7 @@ async fn rescheduled_and_cancelled_notifications() {
     let mut cancel = HashMap::new();
     cancel.insert("status".to_string(), s("cancelled"));
     app.store
-        .update_fields(&app.store.doc_name(&cancelled), cancel, &[], None)
+        .update_existing(&app.store.doc_name(&cancelled), cancel, &[])
         .await
         .unwrap();
 

@@ -19,6 +19,7 @@ mod monitoring;
 mod notifications;
 mod ops;
 mod options;
+mod proxy;
 mod reliability;
 mod resilience;
 mod rules;

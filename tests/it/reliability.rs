@@ -48,6 +48,7 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
             quota_floor: Duration::from_millis(200),
             budget: Duration::from_secs(30),
         },
+        gate: None,
     };
     let template = MessageTemplate::new(&Notification {
         title: "Resumed".into(),

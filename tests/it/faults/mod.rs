@@ -6,3 +6,4 @@
 mod edits;
 mod fcm;
 mod firestore;
+mod lease;
