@@ -2,8 +2,9 @@
 //! schedule, lease), claim it with an update-time precondition, fan out while holding and
 //! extending the lease (with progress), then write the outcome with a field mask.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
 use crate::report::Report;
 use crate::schedule::{Timers, Wait};
-use crate::store::{self, Store};
+use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
 /// How processing one claimed-or-not document ended.
 #[derive(Debug)]
@@ -37,9 +38,30 @@ pub(crate) enum Outcome {
     Released(store::Error),
     /// The document changed between the last lease write and the report; left as it is.
     ChangedBeforeReport,
-    /// The outcome was written onto the document.
-    Reported(Status),
+    /// The outcome was written onto the document, at this update time.
+    Reported(Status, Timestamp),
 }
+
+/// What becomes of a document once its task here ends.
+enum Then {
+    /// Nothing more, unless a version newer than `written` (the update time of our last write
+    /// on it) was offered while the task ran: then it is read again.
+    Done { written: Option<Timestamp> },
+    /// Left for the sweep or a resuming worker (shutdown, a lease released).
+    Leave,
+    /// A write's precondition failed mid-way: someone else wrote the document. It is read again
+    /// and what it holds now is offered.
+    Changed,
+    /// Our first write on it (the claim, or the failure of a document we never claimed) lost
+    /// on its precondition. Read again like [`Then::Changed`], with a backoff for a document
+    /// that keeps losing (one that changes all the time).
+    Lost,
+    /// Firestore failed: read it again after a sweep interval.
+    Later,
+}
+
+/// Claims in a row a document may lose before it is read again only after a pause.
+const LOSSES_BEFORE_BACKOFF: u32 = 3;
 
 /// Shared state of a running worker.
 pub struct Worker {
@@ -49,6 +71,8 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Documents being processed here right now.
     running: Arc<Running>,
+    /// Documents whose claim lost on its precondition, with the losses in a row.
+    contested: Mutex<HashMap<String, u32>>,
     timers: Timers,
     /// App documents sent per sender in the last minute (`FFPUSH_SENDER_RATE`).
     senders: SenderRate,
@@ -75,6 +99,7 @@ impl Worker {
             sender,
             metrics,
             running: Arc::default(),
+            contested: Mutex::default(),
             timers,
             tasks: TaskTracker::new(),
             stop,
@@ -115,11 +140,15 @@ impl Worker {
             let relative = self.store.relative(&name).to_string();
             match self.store.get(&relative).await {
                 Ok(Some(doc)) => self.offer(doc),
-                Ok(None) => {}
-                Err(e) => self.span(&name).in_scope(|| {
-                    tracing::warn!(error = %Chain(&e),
-                        "could not re-read a due document; the sweep will retry")
-                }),
+                Ok(None) => self.forget(&name),
+                Err(e) => {
+                    self.span(&name).in_scope(|| {
+                        tracing::warn!(error = %Chain(&e),
+                            "could not read a document again; will try again")
+                    });
+                    // Not every such document is one the sweep finds (one with no status).
+                    self.look_again_later(&name);
+                }
             }
         }
     }
@@ -132,7 +161,12 @@ impl Worker {
             self.forget(&doc.name);
             return;
         }
-        if self.stop.is_cancelled() || self.running.contains(&doc.name) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        // A version arriving while the document runs here is not lost: the run's end compares
+        // it with what the run wrote, and reads the document again if it is newer.
+        if self.running.skip(&doc.name, doc.update_time) {
             return;
         }
         let Some(source) = self.source_of(&doc.name) else {
@@ -214,34 +248,46 @@ impl Worker {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            let name = doc.name.clone();
-            match this.process(doc, n, template).await {
+            let then = match this.process(doc, n, template).await {
                 Ok(Outcome::ClaimedElsewhere) => {
-                    tracing::debug!("claimed by someone else first")
+                    tracing::debug!("changed or claimed by someone else first; reading it again");
+                    Then::Lost
                 }
                 Ok(Outcome::LeaseLost) => {
-                    tracing::warn!("lost the lease to another worker; stopped")
+                    tracing::warn!("lost the lease to another worker; stopped");
+                    Then::Changed
                 }
                 Ok(Outcome::Interrupted) => {
-                    tracing::info!("interrupted; progress saved, lease released")
+                    tracing::info!("interrupted; progress saved, lease released");
+                    Then::Leave
                 }
-                Ok(Outcome::Released(e)) => tracing::warn!(error = %Chain(&e),
-                    "Firestore failed mid-send; progress saved and the lease released, to be resumed"),
+                Ok(Outcome::Released(e)) => {
+                    tracing::warn!(error = %Chain(&e),
+                        "Firestore failed mid-send; progress saved and the lease released, to be resumed");
+                    Then::Leave
+                }
                 Ok(Outcome::ChangedBeforeReport) => {
-                    tracing::warn!("the document changed before the report; leaving it")
+                    tracing::warn!("the document changed before the report; reading it again");
+                    Then::Changed
                 }
-                Ok(Outcome::Reported(Status::Succeeded)) => {
-                    this.metrics.notifications_succeeded.inc()
+                Ok(Outcome::Reported(status, written)) => {
+                    if status == Status::Succeeded {
+                        this.metrics.notifications_succeeded.inc()
+                    } else {
+                        this.metrics.notifications_failed.inc()
+                    }
+                    Then::Done {
+                        written: Some(written),
+                    }
                 }
-                Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
                 Err(e) => {
                     tracing::warn!(error = %Chain(&e),
                         "processing stopped; the document will be read again and taken up");
-                    this.look_again_later(&name);
+                    Then::Later
                 }
-            }
+            };
             this.metrics.documents_in_progress.add(-1);
-            drop(running);
+            this.finish(running, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
@@ -249,9 +295,56 @@ impl Worker {
     /// After Firestore failed on a document: read it again in a while (by its timer) and offer
     /// it then, whatever state it was left in.
     fn look_again_later(&self, name: &str) {
-        let retry = chrono::Duration::from_std(self.settings.sweep_interval)
-            .unwrap_or(chrono::Duration::seconds(60));
-        self.timers.set(name, Utc::now() + retry, Wait::Lease);
+        self.read_again(name, self.settings.sweep_interval);
+    }
+
+    /// Reads `name` again after `delay` (by its timer) and offers what it holds then.
+    fn read_again(&self, name: &str, delay: Duration) {
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+        self.timers.set(name, Utc::now() + delay, Wait::Lease);
+    }
+
+    /// The task of `running` ended: leaves it and does what `then` says. Every version of a
+    /// document is offered until it is finished: one that arrived while the document ran here,
+    /// or that made one of our writes fail, is read again. Nothing loops: a document another
+    /// worker holds waits for its lease (see [`Worker::offer`]), one that keeps changing is
+    /// read again with a backoff, and only a precondition decides who sends.
+    fn finish(&self, running: Entered, then: Then) {
+        let name = running.name.clone();
+        let lost = matches!(then, Then::Lost);
+        match then {
+            Then::Done { written } => {
+                if running.leave(written) {
+                    self.read_again(&name, Duration::ZERO);
+                }
+            }
+            Then::Leave => drop(running),
+            Then::Changed => {
+                drop(running);
+                self.read_again(&name, Duration::ZERO);
+            }
+            Then::Lost => {
+                drop(running);
+                let losses = {
+                    let mut contested = self.contested();
+                    let losses = contested.entry(name.clone()).or_insert(0);
+                    *losses += 1;
+                    *losses
+                };
+                self.read_again(&name, backoff_after(losses, self.settings.sweep_interval));
+            }
+            Then::Later => {
+                drop(running);
+                self.look_again_later(&name);
+            }
+        }
+        if !lost {
+            self.contested().remove(&name);
+        }
+    }
+
+    fn contested(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.contested.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
@@ -276,6 +369,9 @@ impl Worker {
 
     /// The document was deleted, cancelled or finished: drop any timer for it.
     pub fn forget(&self, name: &str) {
+        if !self.contested.lock().map(|c| c.is_empty()).unwrap_or(true) {
+            self.contested().remove(name);
+        }
         if self.timers.cancel(name) == Some(Wait::Schedule) {
             self.metrics
                 .documents_scheduled
@@ -290,15 +386,15 @@ impl Worker {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            this.fail_unclaimed(&doc, &reason).await;
-            drop(running);
+            let then = this.fail_unclaimed(&doc, &reason).await;
+            this.finish(running, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
 
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile. A
     /// dead worker's lease and progress go; what it had sent stays counted.
-    async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) {
+    async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
         let mut f = HashMap::new();
         f.insert("status".to_string(), store::string(Status::Failed.as_str()));
         f.insert("error".to_string(), store::string(reason));
@@ -311,14 +407,21 @@ impl Worker {
             .update_fields(&doc.name, f, &remove, doc.update_time)
             .await
         {
-            Ok(_) => {
+            Ok(written) => {
                 self.metrics.notifications_failed.inc();
                 tracing::info!(error = reason, "notification failed");
+                Then::Done {
+                    written: Some(written),
+                }
             }
-            Err(store::Error::Conflict | store::Error::NotFound) => {}
+            Err(store::Error::NotFound) => Then::Done { written: None },
+            Err(store::Error::Conflict) => {
+                tracing::debug!("changed by someone else first; reading it again");
+                Then::Lost
+            }
             Err(e) => {
                 tracing::warn!(error = %Chain(&e), "could not write the failure; will read it again");
-                self.look_again_later(&doc.name);
+                Then::Later
             }
         }
     }
@@ -374,17 +477,27 @@ impl Worker {
             Err(e) => Report::aborted(&e, &done.tally),
         };
         let (status, f, remove) = report.into_fields();
-        match self
+        let written = match self
             .store
             .update_fields(&doc.name, f, &remove, Some(claim.version()))
             .await
         {
-            Ok(_) => {}
+            Ok(written) => written,
             Err(store::Error::Conflict) => return Ok(Outcome::ChangedBeforeReport),
             Err(e) => return Err(e),
-        }
+        };
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
-        Ok(Outcome::Reported(status))
+        Ok(Outcome::Reported(status, written))
+    }
+}
+
+/// How long a document that lost `losses` claims in a row waits before it is read again: not
+/// at all for the first few (a document edited once right after it was written), then 1 s,
+/// 2 s, 4 s… up to `cap`, the sweep interval (one that something rewrites all the time).
+fn backoff_after(losses: u32, cap: Duration) -> Duration {
+    match losses.checked_sub(LOSSES_BEFORE_BACKOFF) {
+        None | Some(0) => Duration::ZERO,
+        Some(n) => Duration::from_secs(1u64 << (n - 1).min(16)).min(cap),
     }
 }
 
@@ -393,39 +506,88 @@ fn id_of(relative: &str) -> &str {
     relative.rsplit('/').next().unwrap_or(relative)
 }
 
-/// The documents being processed here. Entering is one step under one lock, and only the
-/// [`Entered`] guard of the one who entered removes the entry: a duplicate offer that lost the
-/// race can never take the winner's entry away.
+/// The documents being processed here, each with the newest update time of the versions
+/// offered while it ran (which were skipped). Entering is one step under one lock, and only
+/// the [`Entered`] guard of the one who entered removes the entry: a duplicate offer that lost
+/// the race can never take the winner's entry away.
 #[derive(Default)]
-pub(crate) struct Running(Mutex<HashSet<String>>);
+pub(crate) struct Running(Mutex<HashMap<String, Option<Timestamp>>>);
 
 impl Running {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Timestamp>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks `name` as processed here; `None` if it already is.
     pub fn enter(self: &Arc<Self>, name: &str) -> Option<Entered> {
-        self.set().insert(name.to_string()).then(|| Entered {
+        let mut map = self.map();
+        if map.contains_key(name) {
+            return None;
+        }
+        map.insert(name.to_string(), None);
+        Some(Entered {
             running: self.clone(),
             name: name.to_string(),
+            left: false,
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.set().contains(name)
+    /// If `name` is processed here, remembers that a version written at `version` was offered
+    /// meanwhile and returns true (the offer is skipped); else false.
+    pub fn skip(&self, name: &str, version: Option<Timestamp>) -> bool {
+        let mut map = self.map();
+        let Some(newest) = map.get_mut(name) else {
+            return false;
+        };
+        // A version without an update time counts as newer than anything.
+        let version = version.unwrap_or(Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        });
+        if newest.is_none_or(|n| later(&version, &n)) {
+            *newest = Some(version);
+        }
+        true
     }
+
+    #[cfg(test)]
+    pub fn contains(&self, name: &str) -> bool {
+        self.map().contains_key(name)
+    }
+}
+
+/// `a` is a later update time than `b`.
+fn later(a: &Timestamp, b: &Timestamp) -> bool {
+    (a.seconds, a.nanos) > (b.seconds, b.nanos)
 }
 
 /// A document entered into [`Running`]; dropping it leaves.
 pub(crate) struct Entered {
     running: Arc<Running>,
     name: String,
+    /// Already left by [`Entered::leave`]: dropping must not remove a later entry.
+    left: bool,
+}
+
+impl Entered {
+    /// Leaves; true when a version later than `written` (our last write on the document; `None`:
+    /// we wrote nothing) was offered while it ran here, so it must be read again.
+    pub fn leave(mut self, written: Option<Timestamp>) -> bool {
+        let skipped = self.running.map().remove(&self.name).flatten();
+        self.left = true;
+        match (skipped, written) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(skipped), Some(written)) => later(&skipped, &written),
+        }
+    }
 }
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        self.running.set().remove(&self.name);
+        if !self.left {
+            self.running.map().remove(&self.name);
+        }
     }
 }
 
@@ -450,6 +612,54 @@ mod tests {
             running.enter("a").is_some(),
             "free again once the winner left"
         );
+    }
+
+    #[test]
+    fn a_document_that_keeps_losing_its_claim_is_read_again_ever_more_slowly() {
+        let cap = Duration::from_secs(30);
+        let waits: Vec<u64> = (1..=10).map(|n| backoff_after(n, cap).as_secs()).collect();
+        assert_eq!(waits, [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(backoff_after(u32::MAX, cap), cap);
+    }
+
+    fn at(seconds: i64) -> Option<Timestamp> {
+        Some(Timestamp { seconds, nanos: 0 })
+    }
+
+    #[test]
+    fn a_version_offered_while_running_is_read_again_only_if_newer_than_our_last_write() {
+        let running = Arc::new(Running::default());
+        assert!(!running.skip("a", at(1)), "not running: offered as usual");
+
+        let entered = running.enter("a").expect("entered");
+        assert!(running.skip("a", at(5)), "our claim's own echo");
+        assert!(running.skip("a", at(3)), "an older echo arriving late");
+        assert!(!entered.leave(at(7)), "nothing newer than the report");
+        assert!(!running.contains("a"));
+
+        let entered = running.enter("a").expect("entered again");
+        assert!(running.skip("a", at(9)), "an edit after our last write");
+        assert!(entered.leave(at(7)));
+
+        let entered = running.enter("a").expect("entered again");
+        assert!(!entered.leave(None), "nothing was offered meanwhile");
+        let entered = running.enter("a").expect("entered again");
+        assert!(running.skip("a", at(2)));
+        assert!(
+            entered.leave(None),
+            "we wrote nothing: whatever came is news"
+        );
+    }
+
+    #[test]
+    fn leaving_never_removes_a_later_entry() {
+        let running = Arc::new(Running::default());
+        let first = running.enter("a").expect("entered");
+        assert!(!first.leave(None));
+        let second = running.enter("a").expect("entered again");
+        assert!(running.contains("a"));
+        drop(second);
+        assert!(!running.contains("a"));
     }
 
     #[test]
