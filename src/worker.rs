@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::admit::{Admission, Admitted, Slot};
 use crate::audience;
 use crate::claim::{Claim, LeaseTerms, fields};
 use crate::config::Settings;
@@ -69,8 +70,8 @@ pub struct Worker {
     pub store: Store,
     pub sender: Arc<Sender>,
     pub metrics: Arc<Metrics>,
-    /// Documents being processed here right now.
-    running: Arc<Running>,
+    /// Documents in progress here (at most `FFPUSH_MAX_DOCUMENTS`) and those queued for a slot.
+    admission: Arc<Admission>,
     /// Documents whose claim lost on its precondition, with the losses in a row.
     contested: Mutex<HashMap<String, u32>>,
     timers: Timers,
@@ -80,6 +81,16 @@ pub struct Worker {
     pub tasks: TaskTracker,
     /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
     pub stop: CancellationToken,
+}
+
+/// What a document offered here calls for, by what it holds.
+enum Decision {
+    /// Nothing now: finished, waiting for its time or another worker's lease, not ours.
+    Nothing,
+    /// Fail it without sending, for this reason.
+    Fail(String),
+    /// Claim and send it.
+    Send(Notification, MessageTemplate),
 }
 
 impl Worker {
@@ -94,11 +105,11 @@ impl Worker {
         let (timers, due) = Timers::new();
         let worker = Arc::new(Worker {
             senders: SenderRate::new(settings.sender_rate),
+            admission: Admission::new(settings.max_documents, metrics.clone()),
             settings,
             store,
             sender,
             metrics,
-            running: Arc::default(),
             contested: Mutex::default(),
             timers,
             tasks: TaskTracker::new(),
@@ -153,28 +164,104 @@ impl Worker {
         }
     }
 
+    /// Takes the queued documents as slots free, in due order, until shutdown: each is read
+    /// again from Firestore and offered with what it holds now, in its slot.
+    pub async fn dispatch(self: Arc<Self>) {
+        loop {
+            let (relative, slot) = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                next = self.admission.next(|r| self.store.doc_name(r)) => next,
+            };
+            let this = self.clone();
+            let span = self.span(slot.name());
+            let task = async move {
+                match this.store.get(&relative).await {
+                    Ok(Some(doc)) => this.offer_in(doc, slot),
+                    Ok(None) => {
+                        this.forget(slot.name());
+                        drop(slot);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %Chain(&e),
+                            "could not read a queued document; will try again");
+                        this.look_again_later(slot.name());
+                        drop(slot);
+                    }
+                }
+            };
+            self.tasks.spawn(task.instrument(span));
+        }
+    }
+
     /// A document was seen (listen, sweep or timer). Cheap for documents already finished or
     /// already handled here: the emulator resends whole collections on every write.
     pub fn offer(self: &Arc<Self>, doc: pb::Document) {
-        let status = Status::of(&doc);
-        if status.is_finished() {
+        if Status::of(&doc).is_finished() {
             self.forget(&doc.name);
             return;
         }
         if self.stop.is_cancelled() {
             return;
         }
-        // A version arriving while the document runs here is not lost: the run's end compares
-        // it with what the run wrote, and reads the document again if it is newer.
-        if self.running.skip(&doc.name, doc.update_time) {
+        // A version arriving while the document is in progress here is not lost: the task's
+        // end compares it with what the task wrote, and reads the document again if it is
+        // newer.
+        if self.admission.skip(&doc.name, doc.update_time) {
             return;
         }
-        let Some(source) = self.source_of(&doc.name) else {
+        // A queued document is read again when its turn comes: this version may be stale by
+        // then.
+        let relative = self.store.relative(&doc.name);
+        if self.admission.is_queued(relative) {
             return;
+        }
+        let decision = self.decide(&doc, true);
+        if matches!(decision, Decision::Nothing) {
+            return;
+        }
+        // Deciding only saves work: admission is what decides, in one step, so of two offers
+        // racing here one goes on (and a document beyond the limit waits its turn).
+        let relative = relative.to_string();
+        match self
+            .admission
+            .admit(&doc.name, &relative, doc.update_time, due_of(&doc))
+        {
+            Admitted::Now(slot) => self.start(doc, slot, decision),
+            Admitted::Later => {}
+        }
+    }
+
+    /// [`Worker::offer`] for a document already in its slot: read again after waiting in the
+    /// queue, or after its claim lost.
+    fn offer_in(self: &Arc<Self>, doc: pb::Document, slot: Slot) {
+        if Status::of(&doc).is_finished() {
+            self.forget(&doc.name);
+        }
+        match self.decide(&doc, false) {
+            Decision::Nothing => {
+                let due = slot.due();
+                if slot.leave(doc.update_time) {
+                    let relative = self.store.relative(&doc.name);
+                    self.admission.requeue(&doc.name, relative, due);
+                }
+            }
+            decision => self.start(doc, slot, decision),
+        }
+    }
+
+    /// What `doc` calls for, setting its timer if it must wait. `first`: the document is
+    /// offered (not read again from its slot), which counts a found-expired one.
+    fn decide(&self, doc: &pb::Document, first: bool) -> Decision {
+        let status = Status::of(doc);
+        if status.is_finished() || self.stop.is_cancelled() {
+            return Decision::Nothing;
+        }
+        let Some(source) = self.source_of(&doc.name) else {
+            return Decision::Nothing;
         };
         let now = Utc::now();
         if status == Status::Started
-            && let Some(until) = store::timestamp_field(&doc, fields::LEASE)
+            && let Some(until) = store::timestamp_field(doc, fields::LEASE)
             && until > now
         {
             // Someone holds it. Look again when the lease runs out.
@@ -183,7 +270,7 @@ impl Worker {
                 until + chrono::Duration::milliseconds(200),
                 Wait::Lease,
             );
-            return;
+            return Decision::Nothing;
         }
         // App documents: the size first, before anything is parsed; then the recipients.
         let parsed = limits::check_document(source, &self.settings, &doc.fields)
@@ -193,9 +280,8 @@ impl Worker {
         let (n, template) = match parsed {
             Ok(parsed) => parsed,
             Err(invalid) => {
-                self.forget(&doc.name);
-                self.spawn_failure(doc, invalid.0);
-                return;
+                self.forget_timer(&doc.name);
+                return Decision::Fail(invalid.0);
             }
         };
         if let Some(at) = n.scheduled_time
@@ -203,16 +289,16 @@ impl Worker {
         {
             if at > self.window_end(now) {
                 // Nothing is kept for it: the sweep offers it again as it enters the window.
-                self.forget(&doc.name);
-                return;
+                self.forget_timer(&doc.name);
+                return Decision::Nothing;
             }
             self.timers.set(&doc.name, at, Wait::Schedule);
             self.metrics
                 .documents_scheduled
                 .set(self.timers.scheduled() as u64);
-            return;
+            return Decision::Nothing;
         }
-        self.forget(&doc.name);
+        self.forget_timer(&doc.name);
         let due = n
             .scheduled_time
             .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
@@ -220,30 +306,35 @@ impl Worker {
         let limit =
             chrono::Duration::from_std(self.settings.max_lateness).unwrap_or(chrono::Duration::MAX);
         // Whatever its status (absent, "" or a "started" that no live lease holds): an old
-        // document is never sent late.
+        // document is never sent late. One that waited in the queue past the limit too.
         if late > limit {
-            self.metrics.notifications_expired.inc();
-            let reason = format!(
+            if first {
+                self.metrics.notifications_expired.inc();
+            }
+            return Decision::Fail(format!(
                 "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
                 due.map(|d| d.to_rfc3339()).unwrap_or_default(),
                 self.settings.max_lateness.as_secs()
-            );
-            self.spawn_failure(doc, reason);
-            return;
+            ));
         }
-        // Counted when due, and only when first taken up: a started one is a resumed send.
-        if source == Source::App
-            && status == Status::New
+        Decision::Send(n, template)
+    }
+
+    /// Starts what `decision` says for `doc` in its slot.
+    fn start(self: &Arc<Self>, doc: pb::Document, slot: Slot, decision: Decision) {
+        let (n, template) = match decision {
+            Decision::Nothing => return,
+            Decision::Fail(reason) => return self.spawn_failure(doc, slot, reason),
+            Decision::Send(n, template) => (n, template),
+        };
+        // Counted when it starts, and only when first taken up: a started one is a resumed
+        // send. A document offered again within the minute is not counted twice.
+        if self.source_of(&doc.name) == Some(Source::App)
+            && Status::of(&doc) == Status::New
             && let Err(refused) = self.senders.check(&doc.name, &doc.fields)
         {
-            self.spawn_failure(doc, refused.0);
-            return;
+            return self.spawn_failure(doc, slot, refused.0);
         }
-        // The check above only saves work: entering is what decides, in one step, so of two
-        // offers racing here one goes on.
-        let Some(running) = self.running.enter(&doc.name) else {
-            return;
-        };
         self.metrics.documents_in_progress.add(1);
         let this = self.clone();
         let span = self.span(&doc.name);
@@ -287,7 +378,7 @@ impl Worker {
                 }
             };
             this.metrics.documents_in_progress.add(-1);
-            this.finish(running, then);
+            this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
@@ -304,37 +395,42 @@ impl Worker {
         self.timers.set(name, Utc::now() + delay, Wait::Lease);
     }
 
-    /// The task of `running` ended: leaves it and does what `then` says. Every version of a
-    /// document is offered until it is finished: one that arrived while the document ran here,
-    /// or that made one of our writes fail, is read again. Nothing loops: a document another
-    /// worker holds waits for its lease (see [`Worker::offer`]), one that keeps changing is
-    /// read again with a backoff, and only a precondition decides who sends.
-    fn finish(&self, running: Entered, then: Then) {
-        let name = running.name.clone();
+    /// The task of `slot` ended: frees the slot and does what `then` says. Every version of a
+    /// document is offered until it is finished: one that arrived while the document was in
+    /// progress here, or that made one of our writes fail, is read again (back in the queue,
+    /// at its due time: first in line). Nothing loops: a document another worker holds waits
+    /// for its lease (see [`Worker::offer`]), one that keeps changing is read again with a
+    /// backoff, and only a precondition decides who sends.
+    fn finish(&self, slot: Slot, then: Then) {
+        let name = slot.name().to_string();
+        let relative = self.store.relative(&name).to_string();
         let lost = matches!(then, Then::Lost);
         match then {
             Then::Done { written } => {
-                if running.leave(written) {
-                    self.read_again(&name, Duration::ZERO);
+                let due = slot.due();
+                if slot.leave(written) {
+                    self.admission.requeue(&name, &relative, due);
                 }
             }
-            Then::Leave => drop(running),
-            Then::Changed => {
-                drop(running);
-                self.read_again(&name, Duration::ZERO);
-            }
+            Then::Leave => drop(slot),
+            Then::Changed => slot.requeue(&relative),
             Then::Lost => {
-                drop(running);
                 let losses = {
                     let mut contested = self.contested();
                     let losses = contested.entry(name.clone()).or_insert(0);
                     *losses += 1;
                     *losses
                 };
-                self.read_again(&name, backoff_after(losses, self.settings.sweep_interval));
+                match backoff_after(losses, self.settings.sweep_interval) {
+                    Duration::ZERO => slot.requeue(&relative),
+                    pause => {
+                        drop(slot);
+                        self.read_again(&name, pause);
+                    }
+                }
             }
             Then::Later => {
-                drop(running);
+                drop(slot);
                 self.look_again_later(&name);
             }
         }
@@ -367,11 +463,18 @@ impl Worker {
         )
     }
 
-    /// The document was deleted, cancelled or finished: drop any timer for it.
+    /// The document was deleted, cancelled or finished: drop its timer and its place in the
+    /// queue.
     pub fn forget(&self, name: &str) {
         if !self.contested.lock().map(|c| c.is_empty()).unwrap_or(true) {
             self.contested().remove(name);
         }
+        self.admission.forget(self.store.relative(name));
+        self.forget_timer(name);
+    }
+
+    /// Drops any timer for `name`.
+    fn forget_timer(&self, name: &str) {
         if self.timers.cancel(name) == Some(Wait::Schedule) {
             self.metrics
                 .documents_scheduled
@@ -379,15 +482,12 @@ impl Worker {
         }
     }
 
-    fn spawn_failure(self: &Arc<Self>, doc: pb::Document, reason: String) {
-        let Some(running) = self.running.enter(&doc.name) else {
-            return;
-        };
+    fn spawn_failure(self: &Arc<Self>, doc: pb::Document, slot: Slot, reason: String) {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
             let then = this.fail_unclaimed(&doc, &reason).await;
-            this.finish(running, then);
+            this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
@@ -491,6 +591,13 @@ impl Worker {
     }
 }
 
+/// When `doc` was due: its `scheduled_time`, else when it was written (its place in the queue).
+fn due_of(doc: &pb::Document) -> DateTime<Utc> {
+    store::timestamp_field(doc, "scheduled_time")
+        .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp))
+        .unwrap_or_else(Utc::now)
+}
+
 /// How long a document that lost `losses` claims in a row waits before it is read again: not
 /// at all for the first few (a document edited once right after it was written), then 1 s,
 /// 2 s, 4 s… up to `cap`, the sweep interval (one that something rewrites all the time).
@@ -506,113 +613,9 @@ fn id_of(relative: &str) -> &str {
     relative.rsplit('/').next().unwrap_or(relative)
 }
 
-/// The documents being processed here, each with the newest update time of the versions
-/// offered while it ran (which were skipped). Entering is one step under one lock, and only
-/// the [`Entered`] guard of the one who entered removes the entry: a duplicate offer that lost
-/// the race can never take the winner's entry away.
-#[derive(Default)]
-pub(crate) struct Running(Mutex<HashMap<String, Option<Timestamp>>>);
-
-impl Running {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Timestamp>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Marks `name` as processed here; `None` if it already is.
-    pub fn enter(self: &Arc<Self>, name: &str) -> Option<Entered> {
-        let mut map = self.map();
-        if map.contains_key(name) {
-            return None;
-        }
-        map.insert(name.to_string(), None);
-        Some(Entered {
-            running: self.clone(),
-            name: name.to_string(),
-            left: false,
-        })
-    }
-
-    /// If `name` is processed here, remembers that a version written at `version` was offered
-    /// meanwhile and returns true (the offer is skipped); else false.
-    pub fn skip(&self, name: &str, version: Option<Timestamp>) -> bool {
-        let mut map = self.map();
-        let Some(newest) = map.get_mut(name) else {
-            return false;
-        };
-        // A version without an update time counts as newer than anything.
-        let version = version.unwrap_or(Timestamp {
-            seconds: i64::MAX,
-            nanos: 0,
-        });
-        if newest.is_none_or(|n| later(&version, &n)) {
-            *newest = Some(version);
-        }
-        true
-    }
-
-    #[cfg(test)]
-    pub fn contains(&self, name: &str) -> bool {
-        self.map().contains_key(name)
-    }
-}
-
-/// `a` is a later update time than `b`.
-fn later(a: &Timestamp, b: &Timestamp) -> bool {
-    (a.seconds, a.nanos) > (b.seconds, b.nanos)
-}
-
-/// A document entered into [`Running`]; dropping it leaves.
-pub(crate) struct Entered {
-    running: Arc<Running>,
-    name: String,
-    /// Already left by [`Entered::leave`]: dropping must not remove a later entry.
-    left: bool,
-}
-
-impl Entered {
-    /// Leaves; true when a version later than `written` (our last write on the document; `None`:
-    /// we wrote nothing) was offered while it ran here, so it must be read again.
-    pub fn leave(mut self, written: Option<Timestamp>) -> bool {
-        let skipped = self.running.map().remove(&self.name).flatten();
-        self.left = true;
-        match (skipped, written) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(skipped), Some(written)) => later(&skipped, &written),
-        }
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        if !self.left {
-            self.running.map().remove(&self.name);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_one_who_entered_leaves() {
-        let running = Arc::new(Running::default());
-        let winner = running.enter("a").expect("first entry");
-        let loser = running.enter("a");
-        assert!(loser.is_none(), "a second entry while the first is in");
-        drop(loser);
-        assert!(
-            running.contains("a"),
-            "the loser must not remove the winner's entry"
-        );
-        drop(winner);
-        assert!(!running.contains("a"));
-        assert!(
-            running.enter("a").is_some(),
-            "free again once the winner left"
-        );
-    }
 
     #[test]
     fn a_document_that_keeps_losing_its_claim_is_read_again_ever_more_slowly() {
@@ -620,69 +623,5 @@ mod tests {
         let waits: Vec<u64> = (1..=10).map(|n| backoff_after(n, cap).as_secs()).collect();
         assert_eq!(waits, [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]);
         assert_eq!(backoff_after(u32::MAX, cap), cap);
-    }
-
-    fn at(seconds: i64) -> Option<Timestamp> {
-        Some(Timestamp { seconds, nanos: 0 })
-    }
-
-    #[test]
-    fn a_version_offered_while_running_is_read_again_only_if_newer_than_our_last_write() {
-        let running = Arc::new(Running::default());
-        assert!(!running.skip("a", at(1)), "not running: offered as usual");
-
-        let entered = running.enter("a").expect("entered");
-        assert!(running.skip("a", at(5)), "our claim's own echo");
-        assert!(running.skip("a", at(3)), "an older echo arriving late");
-        assert!(!entered.leave(at(7)), "nothing newer than the report");
-        assert!(!running.contains("a"));
-
-        let entered = running.enter("a").expect("entered again");
-        assert!(running.skip("a", at(9)), "an edit after our last write");
-        assert!(entered.leave(at(7)));
-
-        let entered = running.enter("a").expect("entered again");
-        assert!(!entered.leave(None), "nothing was offered meanwhile");
-        let entered = running.enter("a").expect("entered again");
-        assert!(running.skip("a", at(2)));
-        assert!(
-            entered.leave(None),
-            "we wrote nothing: whatever came is news"
-        );
-    }
-
-    #[test]
-    fn leaving_never_removes_a_later_entry() {
-        let running = Arc::new(Running::default());
-        let first = running.enter("a").expect("entered");
-        assert!(!first.leave(None));
-        let second = running.enter("a").expect("entered again");
-        assert!(running.contains("a"));
-        drop(second);
-        assert!(!running.contains("a"));
-    }
-
-    #[test]
-    fn racing_entries_let_exactly_one_in() {
-        for round in 0..200 {
-            let running = Arc::new(Running::default());
-            let barrier = Arc::new(std::sync::Barrier::new(4));
-            let winners: usize = (0..4)
-                .map(|_| {
-                    let (running, barrier) = (running.clone(), barrier.clone());
-                    std::thread::spawn(move || {
-                        barrier.wait();
-                        // Held until every thread tried.
-                        let entered = running.enter("doc");
-                        barrier.wait();
-                        usize::from(entered.is_some())
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|t| t.join().unwrap_or(0))
-                .sum();
-            assert_eq!(winners, 1, "round {round}");
-        }
     }
 }
