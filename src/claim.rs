@@ -274,6 +274,12 @@ impl Claim {
         }
     }
 
+    /// Update time of our last write on the document (after the report: the report's own,
+    /// unless its answer was lost and it was found already written).
+    pub fn version(&self) -> Timestamp {
+        self.lease.held().version
+    }
+
     /// The fan-out's gate on this claim's saved progress (see [`LeaseTerms::send_window`]).
     pub fn gate(&self) -> &SendGate {
         &self.gate

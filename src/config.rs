@@ -206,6 +206,11 @@ settings_table! {
         default: "1000",
         help: "FCM requests in flight at once for the whole instance (one notification may use all of them); the connection pool is sized from it (1–10000)",
     }
+    max_documents: MAX_DOCUMENTS {
+        env: "FFPUSH_MAX_DOCUMENTS", flag: "max-documents", kind: Kind::Number { min: 1, max: 100_000 },
+        shown_default: Some("`FFPUSH_CONCURRENCY` ÷ 10, at most one per 4 MiB of the instance's memory (cgroup limit, else RAM), at least 1: 100 by default, also on a 512 MiB Cloud Run instance"),
+        help: "documents this instance claims and sends at once. Due documents beyond it wait in a queue in due order (name and due time only, ≈ 150 bytes each, nothing claimed: other instances may take them) and are read again from Firestore when a slot frees (1–100000)",
+    }
     fcm_connections: FCM_CONNECTIONS {
         env: "FFPUSH_FCM_CONNECTIONS", flag: "fcm-connections", kind: Kind::Number { min: 1, max: 256 },
         shown_default: Some("concurrency ÷ the server's stream limit (100 at Google), rounded up"),
@@ -384,6 +389,8 @@ pub struct Settings {
     /// The project's users collection (`FFPUSH_USERS_COLLECTION`, default `users`).
     pub users_collection: String,
     pub concurrency: usize,
+    /// Documents claimed and sent at once (`FFPUSH_MAX_DOCUMENTS`); due ones beyond wait.
+    pub max_documents: usize,
     pub max_attempts: u32,
     pub max_backoff: Duration,
     pub retry_budget: Duration,
@@ -531,6 +538,12 @@ impl Settings {
             user_collection: collection_name(&USER_COLLECTION, args)?,
             users_collection: collection_name(&USERS_COLLECTION, args)?,
             concurrency: CONCURRENCY.number(args)? as usize,
+            max_documents: match MAX_DOCUMENTS.raw(args) {
+                Some(_) => MAX_DOCUMENTS.number(args)? as usize,
+                None => {
+                    default_max_documents(CONCURRENCY.number(args)? as usize, memory_limit_bytes())
+                }
+            },
             max_attempts: MAX_ATTEMPTS.number(args)? as u32,
             max_backoff: MAX_BACKOFF.duration(args)?,
             retry_budget: RETRY_BUDGET.duration(args)?,
@@ -592,6 +605,51 @@ impl Settings {
         // The key may be written after the settings are made; `ffpush run` checks it at start.
         settings.credentials = Some(credentials);
         Ok(settings)
+    }
+}
+
+/// Memory one document in progress is allowed in the default of `FFPUSH_MAX_DOCUMENTS`: its
+/// task, claim and lease renewal, and for a broadcast its read-ahead of 4 token pages of 500
+/// (a few hundred KiB), counted four times over so that documents in progress take at most a
+/// quarter of the instance.
+const MEMORY_PER_DOCUMENT: u64 = 4 << 20;
+
+/// `FFPUSH_MAX_DOCUMENTS` when unset: one document per ten FCM requests in flight (a document
+/// in progress holds a lease renewed every progress interval, so beyond that more documents at
+/// once add Firestore writes, not sends), and no more than `memory` holds at
+/// [`MEMORY_PER_DOCUMENT`] each.
+fn default_max_documents(concurrency: usize, memory: Option<u64>) -> usize {
+    let by_concurrency = concurrency / 10;
+    let by_memory = memory.map_or(usize::MAX, |m| (m / MEMORY_PER_DOCUMENT) as usize);
+    by_concurrency.min(by_memory).max(1)
+}
+
+/// The memory this process may use: its cgroup's limit (a container's, Cloud Run's), else the
+/// machine's RAM; `None` if neither can be read.
+fn memory_limit_bytes() -> Option<u64> {
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    let ram = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        });
+    match (cgroup, ram) {
+        (Some(c), Some(r)) => Some(c.min(r)),
+        (c, r) => c.or(r),
     }
 }
 
@@ -964,6 +1022,7 @@ mod tests {
             (&LEASE, "30d"),
             (&CONCURRENCY, "0"),
             (&MAX_ATTEMPTS, "1000"),
+            (&MAX_DOCUMENTS, "0"),
         ] {
             let mut a = args();
             *(spec.slot_mut)(&mut a) = Some(value.to_string());
@@ -998,6 +1057,26 @@ mod tests {
         assert_eq!(s.lease, production.lease);
         assert_eq!(s.max_lateness, production.max_lateness);
         assert_eq!(s.port, 0);
+    }
+
+    #[test]
+    fn documents_at_once_default_to_a_tenth_of_the_concurrency_within_memory() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(default_max_documents(1000, Some(16 * 1024 * MIB)), 100);
+        assert_eq!(default_max_documents(1000, Some(512 * MIB)), 100);
+        assert_eq!(default_max_documents(1000, Some(256 * MIB)), 64);
+        assert_eq!(default_max_documents(1000, None), 100);
+        assert_eq!(default_max_documents(10_000, Some(2048 * MIB)), 512);
+        assert_eq!(default_max_documents(5, Some(16 * 1024 * MIB)), 1);
+        assert_eq!(default_max_documents(1000, Some(MIB)), 1);
+        let s = Settings::from_args(&SettingsArgs {
+            max_documents: Some("7".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(s.max_documents, 7);
+        let unset = Settings::from_args(&args()).unwrap();
+        assert!((1..=100).contains(&unset.max_documents));
     }
 
     #[test]

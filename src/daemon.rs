@@ -67,6 +67,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     }
     background.push(tokio::spawn(intake::sweep(worker.clone())));
     background.push(tokio::spawn(worker.clone().wake(due)));
+    background.push(tokio::spawn(worker.clone().dispatch()));
     let app = server::router(server::Health {
         metrics,
         listen: listen.clone(),

@@ -18,6 +18,8 @@
 //! Around the pipeline:
 //! - `worker`: orchestrates one document through the stages (status, schedule, lateness,
 //!   then claim → fan-out → report) and returns an `worker::Outcome`.
+//! - `admit`: at most `FFPUSH_MAX_DOCUMENTS` documents in progress; due ones beyond wait in a
+//!   queue in due order (name and due time only) and are read again when a slot frees.
 //! - `schedule`: one timer per document waiting for its time (if due within
 //!   `FFPUSH_SCHEDULE_WINDOW`) or for another worker's lease.
 //! - `limits`: what an app user's document may cost: its size, its recipients, its sender's
@@ -39,6 +41,7 @@
 //! Firestore emulator runner and the demo seed.
 #![forbid(unsafe_code)]
 
+pub(crate) mod admit;
 pub mod audience;
 pub mod claim;
 pub mod cli;

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub documents_scheduled: Gauge,
     pub documents_in_progress: Gauge,
+    /// Due documents waiting for a slot (`FFPUSH_MAX_DOCUMENTS`).
+    pub documents_queued: Gauge,
     /// 1 when `/readyz` would answer 200; set when `/metrics` is scraped, so that an alert can
     /// watch readiness without anything calling `/readyz` from outside.
     pub ready: Gauge,
@@ -223,7 +225,7 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP ffpush_documents_waiting Documents waiting: timers for those due within FFPUSH_SCHEDULE_WINDOW, or in progress here."
+            "# HELP ffpush_documents_waiting Documents waiting: timers for those due within FFPUSH_SCHEDULE_WINDOW, in progress here, or due and queued for a slot (FFPUSH_MAX_DOCUMENTS)."
         )?;
         writeln!(out, "# TYPE ffpush_documents_waiting gauge")?;
         writeln!(
@@ -235,6 +237,11 @@ impl Metrics {
             out,
             "ffpush_documents_waiting{{state=\"in_progress\"}} {}",
             self.documents_in_progress.get()
+        )?;
+        writeln!(
+            out,
+            "ffpush_documents_waiting{{state=\"queued\"}} {}",
+            self.documents_queued.get()
         )?;
         writeln!(
             out,

@@ -2,8 +2,9 @@
 //! schedule, lease), claim it with an update-time precondition, fan out while holding and
 //! extending the lease (with progress), then write the outcome with a field mask.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::admit::{Admission, Admitted, Slot};
 use crate::audience;
 use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
@@ -22,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
 use crate::report::Report;
 use crate::schedule::{Timers, Wait};
-use crate::store::{self, Store};
+use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
 /// How processing one claimed-or-not document ended.
 #[derive(Debug)]
@@ -37,9 +39,30 @@ pub(crate) enum Outcome {
     Interrupted,
     /// Firestore failed while reading tokens: progress saved, lease released, resumed later.
     Released(store::Error),
-    /// The outcome was written onto the document.
-    Reported(Status),
+    /// The outcome was written onto the document, at this update time.
+    Reported(Status, Timestamp),
 }
+
+/// What becomes of a document once its task here ends.
+enum Then {
+    /// Nothing more, unless a version newer than `written` (the update time of our last write
+    /// on it) was offered while the task ran: then it is read again.
+    Done { written: Option<Timestamp> },
+    /// Left for the sweep or a resuming worker (shutdown, a lease released).
+    Leave,
+    /// A write's precondition failed mid-way: someone else wrote the document. It is read again
+    /// and what it holds now is offered.
+    Changed,
+    /// Our first write on it (the claim, or the failure of a document we never claimed) lost
+    /// on its precondition. Read again like [`Then::Changed`], with a backoff for a document
+    /// that keeps losing (one that changes all the time).
+    Lost,
+    /// Firestore failed: read it again after a sweep interval.
+    Later,
+}
+
+/// Claims in a row a document may lose before it is read again only after a pause.
+const LOSSES_BEFORE_BACKOFF: u32 = 3;
 
 /// Shared state of a running worker.
 pub struct Worker {
@@ -47,8 +70,10 @@ pub struct Worker {
     pub store: Store,
     pub sender: Arc<Sender>,
     pub metrics: Arc<Metrics>,
-    /// Documents being processed here right now.
-    running: Arc<Running>,
+    /// Documents in progress here (at most `FFPUSH_MAX_DOCUMENTS`) and those queued for a slot.
+    admission: Arc<Admission>,
+    /// Documents whose claim lost on its precondition, with the losses in a row.
+    contested: Mutex<HashMap<String, u32>>,
     timers: Timers,
     /// App documents sent per sender in the last minute (`FFPUSH_SENDER_RATE`).
     senders: SenderRate,
@@ -56,6 +81,16 @@ pub struct Worker {
     pub tasks: TaskTracker,
     /// Cancelled on shutdown: no new work, in-flight sends finish, progress is written.
     pub stop: CancellationToken,
+}
+
+/// What a document offered here calls for, by what it holds.
+enum Decision {
+    /// Nothing now: finished, waiting for its time or another worker's lease, not ours.
+    Nothing,
+    /// Fail it without sending, for this reason.
+    Fail(String),
+    /// Claim and send it (boxed: a message with its options is far larger than the others).
+    Send(Box<(Notification, MessageTemplate)>),
 }
 
 impl Worker {
@@ -70,11 +105,12 @@ impl Worker {
         let (timers, due) = Timers::new();
         let worker = Arc::new(Worker {
             senders: SenderRate::new(settings.sender_rate),
+            admission: Admission::new(settings.max_documents, metrics.clone()),
             settings,
             store,
             sender,
             metrics,
-            running: Arc::default(),
+            contested: Mutex::default(),
             timers,
             tasks: TaskTracker::new(),
             stop,
@@ -115,32 +151,117 @@ impl Worker {
             let relative = self.store.relative(&name).to_string();
             match self.store.get(&relative).await {
                 Ok(Some(doc)) => self.offer(doc),
-                Ok(None) => {}
-                Err(e) => self.span(&name).in_scope(|| {
-                    tracing::warn!(error = %Chain(&e),
-                        "could not re-read a due document; the sweep will retry")
-                }),
+                Ok(None) => self.forget(&name),
+                Err(e) => {
+                    self.span(&name).in_scope(|| {
+                        tracing::warn!(error = %Chain(&e),
+                            "could not read a document again; will try again")
+                    });
+                    // Not every such document is one the sweep finds (one with no status).
+                    self.look_again_later(&name);
+                }
             }
+        }
+    }
+
+    /// Takes the queued documents as slots free, in due order, until shutdown: each is read
+    /// again from Firestore and offered with what it holds now, in its slot.
+    pub async fn dispatch(self: Arc<Self>) {
+        loop {
+            let (relative, slot) = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                next = self.admission.next(|r| self.store.doc_name(r)) => next,
+            };
+            let this = self.clone();
+            let span = self.span(slot.name());
+            let task = async move {
+                match this.store.get(&relative).await {
+                    Ok(Some(doc)) => this.offer_in(doc, slot),
+                    Ok(None) => {
+                        this.forget(slot.name());
+                        drop(slot);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %Chain(&e),
+                            "could not read a queued document; will try again");
+                        this.look_again_later(slot.name());
+                        drop(slot);
+                    }
+                }
+            };
+            self.tasks.spawn(task.instrument(span));
         }
     }
 
     /// A document was seen (listen, sweep or timer). Cheap for documents already finished or
     /// already handled here: the emulator resends whole collections on every write.
     pub fn offer(self: &Arc<Self>, doc: pb::Document) {
-        let status = Status::of(&doc);
-        if status.is_finished() {
+        if Status::of(&doc).is_finished() {
             self.forget(&doc.name);
             return;
         }
-        if self.stop.is_cancelled() || self.running.contains(&doc.name) {
+        if self.stop.is_cancelled() {
             return;
         }
-        let Some(source) = self.source_of(&doc.name) else {
+        // A version arriving while the document is in progress here is not lost: the task's
+        // end compares it with what the task wrote, and reads the document again if it is
+        // newer.
+        if self.admission.skip(&doc.name, doc.update_time) {
             return;
+        }
+        // A queued document is read again when its turn comes: this version may be stale by
+        // then.
+        let relative = self.store.relative(&doc.name);
+        if self.admission.is_queued(relative) {
+            return;
+        }
+        let decision = self.decide(&doc, true);
+        if matches!(decision, Decision::Nothing) {
+            return;
+        }
+        // Deciding only saves work: admission is what decides, in one step, so of two offers
+        // racing here one goes on (and a document beyond the limit waits its turn).
+        let relative = relative.to_string();
+        match self
+            .admission
+            .admit(&doc.name, &relative, doc.update_time, due_of(&doc))
+        {
+            Admitted::Now(slot) => self.start(doc, slot, decision),
+            Admitted::Later => {}
+        }
+    }
+
+    /// [`Worker::offer`] for a document already in its slot: read again after waiting in the
+    /// queue, or after its claim lost.
+    fn offer_in(self: &Arc<Self>, doc: pb::Document, slot: Slot) {
+        if Status::of(&doc).is_finished() {
+            self.forget(&doc.name);
+        }
+        match self.decide(&doc, false) {
+            Decision::Nothing => {
+                let due = slot.due();
+                if slot.leave(doc.update_time) {
+                    let relative = self.store.relative(&doc.name);
+                    self.admission.requeue(&doc.name, relative, due);
+                }
+            }
+            decision => self.start(doc, slot, decision),
+        }
+    }
+
+    /// What `doc` calls for, setting its timer if it must wait. `first`: the document is
+    /// offered (not read again from its slot), which counts a found-expired one.
+    fn decide(&self, doc: &pb::Document, first: bool) -> Decision {
+        let status = Status::of(doc);
+        if status.is_finished() || self.stop.is_cancelled() {
+            return Decision::Nothing;
+        }
+        let Some(source) = self.source_of(&doc.name) else {
+            return Decision::Nothing;
         };
         let now = Utc::now();
         if status == Status::Started
-            && let Some(until) = store::timestamp_field(&doc, fields::LEASE)
+            && let Some(until) = store::timestamp_field(doc, fields::LEASE)
             && until > now
         {
             // Someone holds it. Look again when the lease runs out.
@@ -149,7 +270,7 @@ impl Worker {
                 until + chrono::Duration::milliseconds(200),
                 Wait::Lease,
             );
-            return;
+            return Decision::Nothing;
         }
         // App documents: the size first, before anything is parsed; then the recipients.
         let parsed = limits::check_document(source, &self.settings, &doc.fields)
@@ -159,9 +280,8 @@ impl Worker {
         let (n, template) = match parsed {
             Ok(parsed) => parsed,
             Err(invalid) => {
-                self.forget(&doc.name);
-                self.spawn_failure(doc, invalid.0);
-                return;
+                self.forget_timer(&doc.name);
+                return Decision::Fail(invalid.0);
             }
         };
         if let Some(at) = n.scheduled_time
@@ -169,16 +289,16 @@ impl Worker {
         {
             if at > self.window_end(now) {
                 // Nothing is kept for it: the sweep offers it again as it enters the window.
-                self.forget(&doc.name);
-                return;
+                self.forget_timer(&doc.name);
+                return Decision::Nothing;
             }
             self.timers.set(&doc.name, at, Wait::Schedule);
             self.metrics
                 .documents_scheduled
                 .set(self.timers.scheduled() as u64);
-            return;
+            return Decision::Nothing;
         }
-        self.forget(&doc.name);
+        self.forget_timer(&doc.name);
         let due = n
             .scheduled_time
             .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
@@ -186,62 +306,79 @@ impl Worker {
         let limit =
             chrono::Duration::from_std(self.settings.max_lateness).unwrap_or(chrono::Duration::MAX);
         // Whatever its status (absent, "" or a "started" that no live lease holds): an old
-        // document is never sent late.
+        // document is never sent late. One that waited in the queue past the limit too.
         if late > limit {
-            self.metrics.notifications_expired.inc();
-            let reason = format!(
+            if first {
+                self.metrics.notifications_expired.inc();
+            }
+            return Decision::Fail(format!(
                 "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
                 due.map(|d| d.to_rfc3339()).unwrap_or_default(),
                 self.settings.max_lateness.as_secs()
-            );
-            self.spawn_failure(doc, reason);
-            return;
+            ));
         }
-        // Counted when due, and only when first taken up: a started one is a resumed send.
-        if source == Source::App
-            && status == Status::New
+        Decision::Send(Box::new((n, template)))
+    }
+
+    /// Starts what `decision` says for `doc` in its slot.
+    fn start(self: &Arc<Self>, doc: pb::Document, slot: Slot, decision: Decision) {
+        let (n, template) = match decision {
+            Decision::Nothing => return,
+            Decision::Fail(reason) => return self.spawn_failure(doc, slot, reason),
+            Decision::Send(send) => *send,
+        };
+        // Counted when it starts, and only when first taken up: a started one is a resumed
+        // send. A document offered again within the minute is not counted twice.
+        if self.source_of(&doc.name) == Some(Source::App)
+            && Status::of(&doc) == Status::New
             && let Err(refused) = self.senders.check(&doc.name, &doc.fields)
         {
-            self.spawn_failure(doc, refused.0);
-            return;
+            return self.spawn_failure(doc, slot, refused.0);
         }
-        // The check above only saves work: entering is what decides, in one step, so of two
-        // offers racing here one goes on.
-        let Some(running) = self.running.enter(&doc.name) else {
-            return;
-        };
         self.metrics.documents_in_progress.add(1);
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            let name = doc.name.clone();
-            match this.process(doc, n, template).await {
+            let then = match this.process(doc, n, template).await {
                 Ok(Outcome::ClaimedElsewhere) => {
-                    tracing::debug!("claimed by someone else first")
+                    tracing::debug!("changed or claimed by someone else first; reading it again");
+                    Then::Lost
                 }
                 Ok(Outcome::LeaseLost) => {
-                    tracing::warn!("lost the lease to another worker; stopped")
+                    tracing::warn!("lost the lease to another worker; stopped");
+                    Then::Changed
                 }
                 Ok(Outcome::Interrupted) => {
-                    tracing::info!("interrupted; progress saved, lease released")
+                    tracing::info!("interrupted; progress saved, lease released");
+                    Then::Leave
                 }
-                Ok(Outcome::Released(e)) => tracing::warn!(error = %Chain(&e),
-                    "Firestore failed mid-send; progress saved and the lease released, to be resumed"),
+                Ok(Outcome::Released(e)) => {
+                    tracing::warn!(error = %Chain(&e),
+                        "Firestore failed mid-send; progress saved and the lease released, to be resumed");
+                    Then::Leave
+                }
                 Ok(Outcome::Deleted) => {
-                    tracing::info!("the notification was deleted while it was sent; stopped")
+                    tracing::info!("the notification was deleted while it was sent; stopped");
+                    Then::Done { written: None }
                 }
-                Ok(Outcome::Reported(Status::Succeeded)) => {
-                    this.metrics.notifications_succeeded.inc()
+                Ok(Outcome::Reported(status, written)) => {
+                    if status == Status::Succeeded {
+                        this.metrics.notifications_succeeded.inc()
+                    } else {
+                        this.metrics.notifications_failed.inc()
+                    }
+                    Then::Done {
+                        written: Some(written),
+                    }
                 }
-                Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
                 Err(e) => {
                     tracing::warn!(error = %Chain(&e),
                         "processing stopped; the document will be read again and taken up");
-                    this.look_again_later(&name);
+                    Then::Later
                 }
-            }
+            };
             this.metrics.documents_in_progress.add(-1);
-            drop(running);
+            this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
@@ -249,9 +386,61 @@ impl Worker {
     /// After Firestore failed on a document: read it again in a while (by its timer) and offer
     /// it then, whatever state it was left in.
     fn look_again_later(&self, name: &str) {
-        let retry = chrono::Duration::from_std(self.settings.sweep_interval)
-            .unwrap_or(chrono::Duration::seconds(60));
-        self.timers.set(name, Utc::now() + retry, Wait::Lease);
+        self.read_again(name, self.settings.sweep_interval);
+    }
+
+    /// Reads `name` again after `delay` (by its timer) and offers what it holds then.
+    fn read_again(&self, name: &str, delay: Duration) {
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+        self.timers.set(name, Utc::now() + delay, Wait::Lease);
+    }
+
+    /// The task of `slot` ended: frees the slot and does what `then` says. Every version of a
+    /// document is offered until it is finished: one that arrived while the document was in
+    /// progress here, or that made one of our writes fail, is read again (back in the queue,
+    /// at its due time: first in line). Nothing loops: a document another worker holds waits
+    /// for its lease (see [`Worker::offer`]), one that keeps changing is read again with a
+    /// backoff, and only a precondition decides who sends.
+    fn finish(&self, slot: Slot, then: Then) {
+        let name = slot.name().to_string();
+        let relative = self.store.relative(&name).to_string();
+        let lost = matches!(then, Then::Lost);
+        match then {
+            Then::Done { written } => {
+                let due = slot.due();
+                if slot.leave(written) {
+                    self.admission.requeue(&name, &relative, due);
+                }
+            }
+            Then::Leave => drop(slot),
+            Then::Changed => slot.requeue(&relative),
+            Then::Lost => {
+                let losses = {
+                    let mut contested = self.contested();
+                    let losses = contested.entry(name.clone()).or_insert(0);
+                    *losses += 1;
+                    *losses
+                };
+                match backoff_after(losses, self.settings.sweep_interval) {
+                    Duration::ZERO => slot.requeue(&relative),
+                    pause => {
+                        drop(slot);
+                        self.read_again(&name, pause);
+                    }
+                }
+            }
+            Then::Later => {
+                drop(slot);
+                self.look_again_later(&name);
+            }
+        }
+        if !lost {
+            self.contested().remove(&name);
+        }
+    }
+
+    fn contested(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.contested.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
@@ -274,8 +463,18 @@ impl Worker {
         )
     }
 
-    /// The document was deleted, cancelled or finished: drop any timer for it.
+    /// The document was deleted, cancelled or finished: drop its timer and its place in the
+    /// queue.
     pub fn forget(&self, name: &str) {
+        if !self.contested.lock().map(|c| c.is_empty()).unwrap_or(true) {
+            self.contested().remove(name);
+        }
+        self.admission.forget(self.store.relative(name));
+        self.forget_timer(name);
+    }
+
+    /// Drops any timer for `name`.
+    fn forget_timer(&self, name: &str) {
         if self.timers.cancel(name) == Some(Wait::Schedule) {
             self.metrics
                 .documents_scheduled
@@ -283,22 +482,19 @@ impl Worker {
         }
     }
 
-    fn spawn_failure(self: &Arc<Self>, doc: pb::Document, reason: String) {
-        let Some(running) = self.running.enter(&doc.name) else {
-            return;
-        };
+    fn spawn_failure(self: &Arc<Self>, doc: pb::Document, slot: Slot, reason: String) {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            this.fail_unclaimed(&doc, &reason).await;
-            drop(running);
+            let then = this.fail_unclaimed(&doc, &reason).await;
+            this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
     }
 
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile. A
     /// dead worker's lease and progress go; what it had sent stays counted.
-    async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) {
+    async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
         let mut f = HashMap::new();
         f.insert("status".to_string(), store::string(Status::Failed.as_str()));
         f.insert("error".to_string(), store::string(reason));
@@ -316,14 +512,21 @@ impl Worker {
             None => Err(store::Error::Incomplete("update_time")),
         };
         match written {
-            Ok(_) => {
+            Ok(written) => {
                 self.metrics.notifications_failed.inc();
                 tracing::info!(error = reason, "notification failed");
+                Then::Done {
+                    written: Some(written),
+                }
             }
-            Err(store::Error::Conflict | store::Error::NotFound) => {}
+            Err(store::Error::NotFound) => Then::Done { written: None },
+            Err(store::Error::Conflict) => {
+                tracing::debug!("changed by someone else first; reading it again");
+                Then::Lost
+            }
             Err(e) => {
                 tracing::warn!(error = %Chain(&e), "could not write the failure; will read it again");
-                self.look_again_later(&doc.name);
+                Then::Later
             }
         }
     }
@@ -381,10 +584,28 @@ impl Worker {
         };
         let (status, f, remove) = report.into_fields();
         if let Err(lost_or_failed) = claim.report(f, &remove).await {
-            return settled(Err(lost_or_failed), Outcome::Reported(status));
+            return settled(Err(lost_or_failed), Outcome::Interrupted);
         }
+        let written = claim.version();
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
-        Ok(Outcome::Reported(status))
+        Ok(Outcome::Reported(status, written))
+    }
+}
+
+/// When `doc` was due: its `scheduled_time`, else when it was written (its place in the queue).
+fn due_of(doc: &pb::Document) -> DateTime<Utc> {
+    store::timestamp_field(doc, "scheduled_time")
+        .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp))
+        .unwrap_or_else(Utc::now)
+}
+
+/// How long a document that lost `losses` claims in a row waits before it is read again: not
+/// at all for the first few (a document edited once right after it was written), then 1 s,
+/// 2 s, 4 s… up to `cap`, the sweep interval (one that something rewrites all the time).
+fn backoff_after(losses: u32, cap: Duration) -> Duration {
+    match losses.checked_sub(LOSSES_BEFORE_BACKOFF) {
+        None | Some(0) => Duration::ZERO,
+        Some(n) => Duration::from_secs(1u64 << (n - 1).min(16)).min(cap),
     }
 }
 
@@ -403,86 +624,15 @@ fn id_of(relative: &str) -> &str {
     relative.rsplit('/').next().unwrap_or(relative)
 }
 
-/// The documents being processed here. Entering is one step under one lock, and only the
-/// [`Entered`] guard of the one who entered removes the entry: a duplicate offer that lost the
-/// race can never take the winner's entry away.
-#[derive(Default)]
-pub(crate) struct Running(Mutex<HashSet<String>>);
-
-impl Running {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Marks `name` as processed here; `None` if it already is.
-    pub fn enter(self: &Arc<Self>, name: &str) -> Option<Entered> {
-        self.set().insert(name.to_string()).then(|| Entered {
-            running: self.clone(),
-            name: name.to_string(),
-        })
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.set().contains(name)
-    }
-}
-
-/// A document entered into [`Running`]; dropping it leaves.
-pub(crate) struct Entered {
-    running: Arc<Running>,
-    name: String,
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        self.running.set().remove(&self.name);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn only_the_one_who_entered_leaves() {
-        let running = Arc::new(Running::default());
-        let winner = running.enter("a").expect("first entry");
-        let loser = running.enter("a");
-        assert!(loser.is_none(), "a second entry while the first is in");
-        drop(loser);
-        assert!(
-            running.contains("a"),
-            "the loser must not remove the winner's entry"
-        );
-        drop(winner);
-        assert!(!running.contains("a"));
-        assert!(
-            running.enter("a").is_some(),
-            "free again once the winner left"
-        );
-    }
-
-    #[test]
-    fn racing_entries_let_exactly_one_in() {
-        for round in 0..200 {
-            let running = Arc::new(Running::default());
-            let barrier = Arc::new(std::sync::Barrier::new(4));
-            let winners: usize = (0..4)
-                .map(|_| {
-                    let (running, barrier) = (running.clone(), barrier.clone());
-                    std::thread::spawn(move || {
-                        barrier.wait();
-                        // Held until every thread tried.
-                        let entered = running.enter("doc");
-                        barrier.wait();
-                        usize::from(entered.is_some())
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|t| t.join().unwrap_or(0))
-                .sum();
-            assert_eq!(winners, 1, "round {round}");
-        }
+    fn a_document_that_keeps_losing_its_claim_is_read_again_ever_more_slowly() {
+        let cap = Duration::from_secs(30);
+        let waits: Vec<u64> = (1..=10).map(|n| backoff_after(n, cap).as_secs()).collect();
+        assert_eq!(waits, [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(backoff_after(u32::MAX, cap), cap);
     }
 }

@@ -954,3 +954,195 @@ pub async fn flutterflow(bench: &crate::Bench) {
     }
     println!();
 }
+
+/// Writes `ff_push_notifications/b{i}` for `range`: console notifications, each to the one
+/// user `users/u{i}` (whose token [`seed`] wrote). Returns documents per second.
+async fn seed_backlog(store: &Store, range: std::ops::Range<usize>) -> f64 {
+    let documents = store.documents_path().to_string();
+    let collection = ffpush::config::DEFAULT_COLLECTION;
+    write_all(store, range, "notification", |i| {
+        let mut fields = HashMap::new();
+        fields.insert("notification_title".to_string(), store::string("Back"));
+        fields.insert(
+            "notification_text".to_string(),
+            store::string("We are back online"),
+        );
+        fields.insert("user_refs".to_string(), store::string(&user_path(i)));
+        (format!("{documents}/{collection}/b{i:08}"), fields)
+    })
+    .await
+}
+
+/// Single-document updates per second the emulator takes, `in_flight` at a time, for
+/// `limit` at most: each a field-masked update of one of `collection`'s documents `c{i}`
+/// (written first), as a claim or a report is.
+async fn update_ceiling(store: &Store, collection: &str, n: usize, in_flight: usize) -> f64 {
+    let limit = Duration::from_secs(20);
+    let started = Instant::now();
+    let done = futures::stream::iter(0..n)
+        .take_while(|_| futures::future::ready(started.elapsed() < limit))
+        .map(|i| async move {
+            let mut f = HashMap::new();
+            f.insert("touched".to_string(), store::integer(i as i64));
+            let name = store.doc_name(&format!("{collection}/c{i:08}"));
+            store
+                .update_existing(&name, f, &[])
+                .await
+                .expect("updating a document");
+        })
+        .buffer_unordered(in_flight)
+        .count()
+        .await;
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A Listen stream on `collection` whose answers are read and dropped, as a worker's listener
+/// is there; stops when dropped.
+fn listen_to(store: &Store, collection: &str) -> tokio::task::JoinHandle<()> {
+    use firestore::gcloud_sdk::google::firestore::v1::{
+        ListenRequest, StructuredQuery, Target as ListenTarget, listen_request,
+        structured_query as sq, target,
+    };
+    let request = ListenRequest {
+        database: store.database_path().to_string(),
+        target_change: Some(listen_request::TargetChange::AddTarget(ListenTarget {
+            target_id: 1,
+            target_type: Some(target::TargetType::Query(target::QueryTarget {
+                parent: store.documents_path().to_string(),
+                query_type: Some(target::query_target::QueryType::StructuredQuery(
+                    StructuredQuery {
+                        from: vec![sq::CollectionSelector {
+                            collection_id: collection.to_string(),
+                            all_descendants: false,
+                        }],
+                        ..Default::default()
+                    },
+                )),
+            })),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut client = store.client();
+    tokio::spawn(async move {
+        let requests = futures::stream::iter([request]).chain(futures::stream::pending());
+        if let Ok(responses) = client.listen(requests).await {
+            let mut responses = responses.into_inner();
+            while let Some(Ok(_)) = responses.next().await {}
+        }
+    })
+}
+
+/// A backlog at start: `n` unsent notifications (one user with one token each) in the
+/// collection when the worker starts, as after an outage. The worker drains them; measured:
+/// time to the last final status, duplicates (FCM messages beyond one per token), lease
+/// trouble in its log, its peak RSS, and beside it the emulator's own ceiling for the
+/// single-document updates a claim and a report are.
+pub async fn backlog(bench: &crate::Bench) {
+    let o = &bench.options;
+    let sizes = if o.quick {
+        vec![2_000]
+    } else {
+        o.backlog_sizes.clone()
+    };
+    println!("## A backlog at start (worker as a child process)\n");
+    println!(
+        "Unsent console notifications, each to one user with one token, written with BatchWrite while no worker runs \
+         (what a project has after an outage); then `ffpush run` starts with its defaults (`FFPUSH_MAX_DOCUMENTS` \
+         100) against an h2c FCM emulator answering at once. Drain: from the worker's start to the last final status. \
+         Duplicates: FCM messages accepted beyond one per token. Lease trouble: the worker's log lines about a lost or \
+         unextended lease or a document changed under it. RSS: the worker's VmHWM at the end. Beside it, the Firestore \
+         emulator's ceiling on the same machine: field-masked single-document updates per second (100 in flight, as a \
+         claim or a report is) to a collection of the same size, with no listener and with one listen stream on it \
+         (the emulator resends a listened-to collection on writes).\n"
+    );
+    println!(
+        "| documents | drain s | documents/s | duplicates | lease trouble | other warnings | most queued | most in progress | VmHWM MB | worker CPU s | emulator updates/s, no listener | emulator updates/s, one listener |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let project = format!("bench-backlog-{n}");
+        let fcm = FcmProcess::start(bench.dir.path(), &project, None, false);
+        let target = Target::new(fcm, &bench.firestore_host, &project, None);
+        let store = connect(&target).await;
+
+        // The emulator's ceiling, on a collection of its own of the same size.
+        let ceiling = "bench_ceiling";
+        let documents = store.documents_path().to_string();
+        write_all(&store, 0..n, "ceiling", |i| {
+            let mut fields = HashMap::new();
+            fields.insert("touched".to_string(), store::integer(0));
+            (format!("{documents}/{ceiling}/c{i:08}"), fields)
+        })
+        .await;
+        tokio::task::block_in_place(procs::settle);
+        let alone = update_ceiling(&store, ceiling, n, 100).await;
+        let listener = listen_to(&store, ceiling);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let listened = update_ceiling(&store, ceiling, n, 100).await;
+        listener.abort();
+
+        let token_rate = seed(&store, 0..n).await;
+        let rate = seed_backlog(&store, 0..n).await;
+        eprintln!("backlog {n}: seeded tokens at {token_rate:.0}/s, notifications at {rate:.0}/s");
+        tokio::task::block_in_place(procs::settle);
+
+        let started = Instant::now();
+        let worker = WorkerProcess::start_within(
+            bench.dir.path(),
+            &WorkerEnv {
+                project: &project,
+                firestore_host: &bench.firestore_host,
+                fcm: &target.fcm,
+                ca: None,
+                extra: vec![],
+            },
+            Duration::from_secs(3600),
+        );
+        let (mut most_queued, mut most_in_progress) = (0.0f64, 0.0f64);
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let finished = worker.metric("ffpush_notifications_total{status=\"succeeded\"}")
+                + worker.metric("ffpush_notifications_total{status=\"failed\"}");
+            most_queued =
+                most_queued.max(worker.metric("ffpush_documents_waiting{state=\"queued\"}"));
+            most_in_progress = most_in_progress
+                .max(worker.metric("ffpush_documents_waiting{state=\"in_progress\"}"));
+            if finished >= n as f64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backlog {n}: {finished} finished within the hour; see {}",
+                worker.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let drain = started.elapsed().as_secs_f64();
+        let failed = worker.metric("ffpush_notifications_total{status=\"failed\"}");
+        let hwm = procs::status_kb(worker.pid(), "VmHWM");
+        let cpu = procs::cpu_seconds(worker.pid());
+        // Anything still in flight reaches FCM before it is counted.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let accepted = target.stats().await.accepted;
+        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+        drop(worker);
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        let lease_trouble = warnings
+            .iter()
+            .filter(|l| l.contains("lease") || l.contains("changed before the report"))
+            .count();
+        assert_eq!(failed, 0.0, "backlog {n}: notifications failed");
+        eprintln!(
+            "backlog {n}: drained in {drain:.1}s, {accepted} accepted, VmHWM {hwm} kB, ceiling {alone:.0}/{listened:.0} updates/s"
+        );
+        println!(
+            "| {n} | {drain:.1} | {:.0} | {} | {lease_trouble} | {} | {most_queued:.0} | {most_in_progress:.0} | {:.1} | {cpu:.1} | {alone:.0} | {listened:.0} |",
+            n as f64 / drain,
+            accepted as i64 - n as i64,
+            warnings.len() - lease_trouble,
+            hwm as f64 / 1024.0,
+        );
+    }
+    println!();
+}

@@ -29,6 +29,8 @@
 //!   skipped unless `npm ci --prefix benches/flutterflow` was run) on the same emulators.
 //! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
 //! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
+//! - `backlog`: 10 000 and 100 000 unsent notifications present when the worker starts: drain
+//!   time, duplicates, lease trouble, peak RSS, beside the Firestore emulator's update ceiling.
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
@@ -38,7 +40,7 @@
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
 //! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
-//! scenario, default 200000), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! scenario, default 200000), `--backlog-sizes 10000,…` (the `backlog` cells), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
 //! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
@@ -61,6 +63,8 @@ pub struct Options {
     pub rss_sizes: Vec<usize>,
     /// Documents of the `far-future` scenario.
     pub far_future: usize,
+    /// Documents present at start in the `backlog` cells.
+    pub backlog_sizes: Vec<usize>,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -81,7 +85,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "realistic",
     "quota",
     "fanout",
@@ -92,6 +96,7 @@ const SCENARIOS: [&str; 10] = [
     "flutterflow",
     "rss",
     "far-future",
+    "backlog",
 ];
 
 impl Options {
@@ -102,6 +107,7 @@ impl Options {
             cell_secs: 20,
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             far_future: 200_000,
+            backlog_sizes: vec![10_000, 100_000],
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -133,6 +139,7 @@ impl Options {
                 "--latency" => o.latency = number(args.next(), "--latency") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
+                "--backlog-sizes" => o.backlog_sizes = list(args.next(), "--backlog-sizes"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -155,7 +162,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -266,6 +273,9 @@ fn main() {
         }
         if bench.options.wants("far-future") {
             firestore::far_future(&bench).await;
+        }
+        if bench.options.wants("backlog") {
+            firestore::backlog(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {

@@ -3,6 +3,7 @@
 //! its own project id on them, so tests never see each other's data.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed check
 
+mod backlog;
 mod cli;
 mod deploy;
 mod faults;
