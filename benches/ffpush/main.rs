@@ -29,6 +29,8 @@
 //!   skipped unless `npm ci --prefix benches/flutterflow` was run) on the same emulators.
 //! - `rss`: the worker's peak RSS (VmHWM) during broadcasts of growing audiences.
 //! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
+//! - `idle`: an idle worker's CPU time and wake-ups over a minute (at the default sweep
+//!   interval and with the sweep pushed out), and its start → ready and SIGTERM → exit times.
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
@@ -38,7 +40,8 @@
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
 //! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
-//! scenario, default 200000), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! scenario, default 200000), `--idle-secs S` (the `idle` window, default 60),
+//! `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
 //! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
@@ -47,6 +50,7 @@
 mod ceiling;
 mod fanout;
 mod firestore;
+mod idle;
 mod procs;
 mod realistic;
 
@@ -61,6 +65,8 @@ pub struct Options {
     pub rss_sizes: Vec<usize>,
     /// Documents of the `far-future` scenario.
     pub far_future: usize,
+    /// Seconds an idle worker is watched (`idle`).
+    pub idle_secs: u64,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -81,7 +87,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "realistic",
     "quota",
     "fanout",
@@ -92,6 +98,7 @@ const SCENARIOS: [&str; 10] = [
     "flutterflow",
     "rss",
     "far-future",
+    "idle",
 ];
 
 impl Options {
@@ -102,6 +109,7 @@ impl Options {
             cell_secs: 20,
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             far_future: 200_000,
+            idle_secs: 60,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -133,6 +141,7 @@ impl Options {
                 "--latency" => o.latency = number(args.next(), "--latency") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
+                "--idle-secs" => o.idle_secs = number(args.next(), "--idle-secs") as u64,
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -155,7 +164,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --idle-secs S",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -171,6 +180,7 @@ impl Options {
             o.latencies = vec![0, 30];
             o.realistic_sizes = vec![10_000];
             o.read_sizes = vec![2_000];
+            o.idle_secs = o.idle_secs.min(10);
         }
         if o.scenarios.is_empty() {
             o.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
@@ -266,6 +276,9 @@ fn main() {
         }
         if bench.options.wants("far-future") {
             firestore::far_future(&bench).await;
+        }
+        if bench.options.wants("idle") {
+            idle::idle(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {
