@@ -4,24 +4,13 @@
 # FlutterFlow generated for push notifications. Run `deploy/deploy.sh --help`.
 set -euo pipefail
 
-SERVICE=ffpush
-REPOSITORY=ffpush
+# The service account, its roles, the image build, the dashboard, the alert policies and
+# FlutterFlow's functions are the same for the VM (deploy/gce.sh): deploy/lib.sh.
+# shellcheck source=deploy/lib.sh
+. "$(dirname "$0")/lib.sh"
 # The RunMonitoring config of the metrics collector (deploy/gmp-config.yaml) lives here;
 # deploy/service.yaml mounts it.
 GMP_SECRET=ffpush-gmp-config
-# deploy/dashboard.json's id (its "name" ends in it).
-DASHBOARD=ffpush
-# The names FlutterFlow gives its generated push-notification send functions.
-FUNCTIONS=(sendPushNotificationsTrigger sendUserPushNotificationsTrigger sendScheduledPushNotifications)
-# FlutterFlow functions that must stay deployed: the app calls addFcmToken to register its
-# device tokens (ffpush only reads them). Never deleted, whatever FUNCTIONS says.
-KEEP=(addFcmToken)
-ROLES=(
-  roles/datastore.user                  # read/write Firestore documents
-  roles/firebasecloudmessaging.admin    # cloudmessaging.messages.create: send through FCM
-  roles/logging.logWriter
-  roles/monitoring.metricWriter         # the metrics collector writes to Cloud Monitoring
-)
 APIS=(
   run.googleapis.com
   artifactregistry.googleapis.com
@@ -79,11 +68,6 @@ Roll back to an earlier revision (deploy/rollback.sh does the same):
 USAGE
 }
 
-die() {
-  echo "deploy.sh: $*" >&2
-  exit 64
-}
-
 DRY_RUN=false
 DELETE_FUNCTIONS=false
 FUNCTIONS_REGION=us-central1
@@ -110,70 +94,26 @@ REGION="${positional[1]:-${REGION:-}}"
 
 cd "$(dirname "$0")/.."
 if [[ -z "$TAG" ]]; then
-  TAG="$(git rev-parse --short=12 HEAD 2>/dev/null || echo build)-$(date -u +%Y%m%d%H%M%S)"
+  TAG="$(default_tag)"
 fi
-# The values go into sed expressions and resource names: allow what GCP allows, nothing else.
-[[ "$PROJECT_ID" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die "PROJECT_ID=$PROJECT_ID is not a project id"
+check_project
 [[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "REGION=$REGION is not a region such as europe-west1"
 [[ "$FUNCTIONS_REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "--functions-region $FUNCTIONS_REGION is not a region"
-[[ "$TAG" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "--tag $TAG is not a valid image tag"
-channels_json=""
-# (The ${a[@]+…} form: an empty array under `set -u` in the bash 3 macOS ships.)
-for channel in ${CHANNELS[@]+"${CHANNELS[@]}"}; do
-  [[ "$channel" =~ ^projects/[a-z0-9-]+/notificationChannels/[0-9]+$ ]] ||
-    die "--alert-channel $channel: give projects/PROJECT/notificationChannels/ID"
-  channels_json+="${channels_json:+, }\"$channel\""
-done
-
-if ! $DRY_RUN && ! gcloud alpha monitoring policies list --help >/dev/null 2>&1; then
-  die "the alert policies need gcloud's alpha commands: gcloud components install alpha"
-fi
+check_tag
+alert_channels
+need_alpha
 
 SA="$SERVICE@$PROJECT_ID.iam.gserviceaccount.com"
 IMAGE="$REGION-docker.pkg.dev/$PROJECT_ID/$REPOSITORY/$SERVICE:$TAG"
 
-# Runs a command, or only prints it with --dry-run.
-run() {
-  if $DRY_RUN; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
-
-# True when a describe-style command succeeds. With --dry-run nothing is asked, so everything
-# counts as missing and its create command is printed.
-exists() {
-  if $DRY_RUN; then
-    return 1
-  fi
-  "$@" >/dev/null 2>&1
-}
-
-step() {
-  echo
-  echo "== $*"
-}
-
 # Files with the placeholders filled in go here.
-rendered="$(mktemp -d)"
-trap 'rm -rf "$rendered"' EXIT
+RENDERED="$(mktemp -d)"
+trap 'rm -rf "$RENDERED"' EXIT
 
 step "Enabling APIs"
 run gcloud services enable "${APIS[@]}" --project "$PROJECT_ID"
 
-step "Service account $SA"
-if exists gcloud iam service-accounts describe "$SA" --project "$PROJECT_ID"; then
-  echo "exists"
-else
-  run gcloud iam service-accounts create "$SERVICE" --project "$PROJECT_ID" \
-    --display-name "ffpush push-notification worker"
-fi
-for role in "${ROLES[@]}"; do
-  run gcloud projects add-iam-policy-binding "$PROJECT_ID" \
-    --member "serviceAccount:$SA" --role "$role" --condition None --quiet --format none
-done
+service_account
 
 step "Metrics collector config: secret $GMP_SECRET (deploy/gmp-config.yaml)"
 if exists gcloud secrets describe "$GMP_SECRET" --project "$PROJECT_ID"; then
@@ -195,21 +135,10 @@ fi
 run gcloud secrets add-iam-policy-binding "$GMP_SECRET" --project "$PROJECT_ID" \
   --member "serviceAccount:$SA" --role roles/secretmanager.secretAccessor --format none
 
-step "Artifact Registry repository $REPOSITORY in $REGION"
-if exists gcloud artifacts repositories describe "$REPOSITORY" --location "$REGION" --project "$PROJECT_ID"; then
-  echo "exists"
-else
-  run gcloud artifacts repositories create "$REPOSITORY" --repository-format docker \
-    --location "$REGION" --project "$PROJECT_ID" --description "ffpush images"
-fi
-
-step "Building $IMAGE"
-# A release build with LTO: more cores and more time than Cloud Build's defaults.
-run gcloud builds submit --tag "$IMAGE" --project "$PROJECT_ID" \
-  --machine-type e2-highcpu-8 --timeout 1800s .
+build_image "$REGION"
 
 step "Deploying service $SERVICE (with its metrics collector)"
-manifest="$rendered/service.yaml"
+manifest="$RENDERED/service.yaml"
 sed -e "s/PROJECT_ID/$PROJECT_ID/g" -e "s/REGION/$REGION/g" -e "s/TAG/$TAG/g" \
   deploy/service.yaml >"$manifest"
 if $DRY_RUN; then
@@ -218,61 +147,8 @@ if $DRY_RUN; then
 fi
 run gcloud run services replace "$manifest" --project "$PROJECT_ID" --region "$REGION"
 
-step "Dashboard $DASHBOARD (deploy/dashboard.json)"
-dashboard="$rendered/dashboard.json"
-sed -e "s/PROJECT_ID/$PROJECT_ID/g" deploy/dashboard.json >"$dashboard"
-if $DRY_RUN; then
-  echo "# if it exists: the same file with its current etag added (gcloud monitoring dashboards describe $DASHBOARD):"
-  run gcloud monitoring dashboards update "$DASHBOARD" --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
-  echo "# else:"
-  run gcloud monitoring dashboards create --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
-elif etag="$(gcloud monitoring dashboards describe "$DASHBOARD" --project "$PROJECT_ID" \
-  --format 'value(etag)' 2>/dev/null)" && [[ -n "$etag" ]]; then
-  [[ "$etag" =~ ^[A-Za-z0-9_-]+$ ]] || die "dashboard $DASHBOARD has an unexpected etag $etag"
-  # The file starts with a line holding only "{"; the etag says which version is replaced.
-  { printf '{\n  "etag": "%s",\n' "$etag"; tail -n +2 "$dashboard"; } >"$dashboard.update"
-  run gcloud monitoring dashboards update "$DASHBOARD" --project "$PROJECT_ID" \
-    --config-from-file "$dashboard.update" --format none
-else
-  run gcloud monitoring dashboards create --project "$PROJECT_ID" --config-from-file "$dashboard" --format none
-fi
-
-step "Alert policies (deploy/alerts)"
-for file in deploy/alerts/*.json; do
-  id="$(basename "$file" .json)"
-  policy="$rendered/alert-$id.json"
-  sed -e "s|\"notificationChannels\": \[\]|\"notificationChannels\": [$channels_json]|" "$file" >"$policy"
-  # Each file's userLabels carry app=ffpush and policy=<file name>: how it is found again.
-  if $DRY_RUN; then
-    echo "# $id: if gcloud alpha monitoring policies list --filter 'userLabels.app=ffpush AND userLabels.policy=$id' finds NAME:"
-    run gcloud alpha monitoring policies update NAME --project "$PROJECT_ID" --policy-from-file "$policy" \
-      --format none
-    echo "# else:"
-    run gcloud alpha monitoring policies create --project "$PROJECT_ID" --policy-from-file "$policy" \
-      --format none
-    echo "# rendered $file:"
-    sed 's/^/#   /' "$policy"
-    continue
-  fi
-  existing="$(gcloud alpha monitoring policies list --project "$PROJECT_ID" \
-    --filter "userLabels.app=ffpush AND userLabels.policy=$id" --format 'value(name)')"
-  if [[ -n "$existing" ]]; then
-    if (($(wc -l <<<"$existing") > 1)); then
-      echo "$id: several policies carry its labels; updating the first, delete the others:" >&2
-      echo "$existing" >&2
-    fi
-    echo "$id: updating $(head -n 1 <<<"$existing")"
-    run gcloud alpha monitoring policies update "$(head -n 1 <<<"$existing")" \
-      --project "$PROJECT_ID" --policy-from-file "$policy" --format none
-  else
-    echo "$id: creating"
-    run gcloud alpha monitoring policies create --project "$PROJECT_ID" --policy-from-file "$policy" \
-      --format none
-  fi
-done
-if ((${#CHANNELS[@]} == 0)); then
-  echo "No --alert-channel: the policies open incidents in the console but notify nobody."
-fi
+dashboard
+alert_policies
 
 step "Checking /readyz"
 if $DRY_RUN; then
@@ -297,33 +173,6 @@ else
   fi
 fi
 
-step "FlutterFlow's generated functions in $FUNCTIONS_REGION"
-for keep in "${KEEP[@]}"; do
-  echo "$keep is kept: the app registers its device tokens by calling it"
-done
-if $DELETE_FUNCTIONS; then
-  for fn in "${FUNCTIONS[@]}"; do
-    for keep in "${KEEP[@]}"; do
-      [[ "$fn" != "$keep" ]] || die "refusing to delete $keep: the app needs it to register device tokens"
-    done
-    if $DRY_RUN; then
-      echo "# if $fn exists:"
-      run gcloud functions delete "$fn" --region "$FUNCTIONS_REGION" --project "$PROJECT_ID" --quiet
-    elif exists gcloud functions describe "$fn" --region "$FUNCTIONS_REGION" --project "$PROJECT_ID"; then
-      run gcloud functions delete "$fn" --region "$FUNCTIONS_REGION" --project "$PROJECT_ID" --quiet
-    else
-      echo "$fn: not found, nothing to delete"
-    fi
-  done
-else
-  cat <<EOF
-Left in place. While they run, they and ffpush both send each notification. Once ffpush is
-verified, run this again with --delete-functions, or delete them yourself:
-  gcloud functions delete ${FUNCTIONS[0]} --region $FUNCTIONS_REGION --project $PROJECT_ID --quiet
-  gcloud functions delete ${FUNCTIONS[1]} --region $FUNCTIONS_REGION --project $PROJECT_ID --quiet
-  gcloud functions delete ${FUNCTIONS[2]} --region $FUNCTIONS_REGION --project $PROJECT_ID --quiet
-If FlutterFlow deploys its Cloud Functions again, they come back: delete them again.
-EOF
-fi
+flutterflow_functions
 
 step "Done: $IMAGE"

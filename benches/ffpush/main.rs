@@ -31,6 +31,8 @@
 //! - `far-future`: the worker's RSS with 200 000 app notifications scheduled 30 days ahead.
 //! - `backlog`: 10 000 and 100 000 unsent notifications present when the worker starts: drain
 //!   time, duplicates, lease trouble, peak RSS, beside the Firestore emulator's update ceiling.
+//! - `idle`: an idle worker's CPU time and wake-ups over a minute (at the default sweep
+//!   interval and with the sweep pushed out), and its start → ready and SIGTERM → exit times.
 //!
 //! Options: `--quick`, `--repeat N` (runs of each repeated cell, default 3), `--cell-secs S`
 //! (time limit of a fan-out cell, default 20), `--sizes 10000,…` and `--concurrency 1,…` (the
@@ -40,7 +42,8 @@
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
 //! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
-//! scenario, default 200000), `--backlog-sizes 10000,…` (the `backlog` cells), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! scenario, default 200000), `--backlog-sizes 10000,…` (the `backlog` cells), `--idle-secs S`
+//! (the `idle` window, default 60), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
 //! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
@@ -49,6 +52,7 @@
 mod ceiling;
 mod fanout;
 mod firestore;
+mod idle;
 mod procs;
 mod realistic;
 
@@ -65,6 +69,8 @@ pub struct Options {
     pub far_future: usize,
     /// Documents present at start in the `backlog` cells.
     pub backlog_sizes: Vec<usize>,
+    /// Seconds an idle worker is watched (`idle`).
+    pub idle_secs: u64,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -85,7 +91,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "realistic",
     "quota",
     "fanout",
@@ -97,6 +103,7 @@ const SCENARIOS: [&str; 11] = [
     "rss",
     "far-future",
     "backlog",
+    "idle",
 ];
 
 impl Options {
@@ -108,6 +115,7 @@ impl Options {
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             far_future: 200_000,
             backlog_sizes: vec![10_000, 100_000],
+            idle_secs: 60,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -140,6 +148,7 @@ impl Options {
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
                 "--backlog-sizes" => o.backlog_sizes = list(args.next(), "--backlog-sizes"),
+                "--idle-secs" => o.idle_secs = number(args.next(), "--idle-secs") as u64,
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -162,7 +171,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B --idle-secs S",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
@@ -178,6 +187,7 @@ impl Options {
             o.latencies = vec![0, 30];
             o.realistic_sizes = vec![10_000];
             o.read_sizes = vec![2_000];
+            o.idle_secs = o.idle_secs.min(10);
         }
         if o.scenarios.is_empty() {
             o.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
@@ -276,6 +286,9 @@ fn main() {
         }
         if bench.options.wants("backlog") {
             firestore::backlog(&bench).await;
+        }
+        if bench.options.wants("idle") {
+            idle::idle(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {

@@ -100,9 +100,12 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
 
 /// A `Name: value kB` line of a `/proc` file.
 pub fn status_kb_of(path: &str, field: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+    field_of(&std::fs::read_to_string(path).unwrap_or_default(), field)
+}
+
+/// The number after `Name:` in a `/proc` text.
+fn field_of(text: &str, field: &str) -> u64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
@@ -239,6 +242,10 @@ pub struct WorkerProcess {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// When the process was spawned.
+    pub spawned: Instant,
+    /// Spawn → the first `/readyz` 200 (polled every 5 ms).
+    pub ready_after: Duration,
 }
 
 pub struct WorkerEnv<'a> {
@@ -282,18 +289,39 @@ impl WorkerProcess {
         for (k, v) in &env.extra {
             cmd.env(k, v);
         }
+        let spawned = Instant::now();
         let child = cmd.spawn().expect("starting ffpush run");
-        let worker = WorkerProcess { child, port, log };
-        let deadline = Instant::now() + limit;
+        let mut worker = WorkerProcess {
+            child,
+            port,
+            log,
+            spawned,
+            ready_after: Duration::ZERO,
+        };
+        let deadline = spawned + limit;
         while http_get(port, "/readyz").0 != 200 {
             assert!(
                 Instant::now() < deadline,
                 "the worker did not become ready: see {}",
                 worker.log.display()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
+        worker.ready_after = spawned.elapsed();
         worker
+    }
+
+    /// Stops the worker as Cloud Run and systemd do (SIGTERM) and waits for it to exit:
+    /// how long that took.
+    pub fn terminate(mut self) -> Duration {
+        let asked = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -TERM failed");
+        let _ = self.child.wait();
+        asked.elapsed()
     }
 
     pub fn pid(&self) -> u32 {
@@ -366,5 +394,56 @@ impl RssSampler {
     pub fn finish(self) -> Vec<u64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
+    }
+}
+
+/// What a process's threads have done so far, from `/proc/PID/task/*`: CPU time in
+/// nanoseconds (`schedstat`, exact, where `/proc/PID/stat` counts 10 ms ticks) and context
+/// switches (`status`): each voluntary one is a thread going to sleep, i.e. one wake-up
+/// later. A thread that exits keeps the counts it had at the last look.
+#[derive(Default)]
+pub struct ThreadCounters {
+    seen: std::collections::HashMap<String, (u64, u64, u64)>,
+}
+
+/// Totals over every thread seen.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ThreadTotals {
+    pub cpu_ns: u64,
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+impl ThreadTotals {
+    pub fn wakeups(&self) -> u64 {
+        self.voluntary + self.involuntary
+    }
+}
+
+impl ThreadCounters {
+    pub fn update(&mut self, pid: u32) -> ThreadTotals {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let run_ns = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok());
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let voluntary = field_of(&status, "voluntary_ctxt_switches");
+            let involuntary = field_of(&status, "nonvoluntary_ctxt_switches");
+            if let Some(run_ns) = run_ns {
+                let tid = task.file_name().to_string_lossy().into_owned();
+                self.seen.insert(tid, (run_ns, voluntary, involuntary));
+            }
+        }
+        self.seen
+            .values()
+            .fold(ThreadTotals::default(), |t, &(cpu, v, i)| ThreadTotals {
+                cpu_ns: t.cpu_ns + cpu,
+                voluntary: t.voluntary + v,
+                involuntary: t.involuntary + i,
+            })
     }
 }

@@ -1,8 +1,10 @@
 //! The deployment files checked against the code: `deploy/service.yaml` sets only settings
 //! `ffpush run` knows, with values it accepts, and wires the metrics collector to the port and
 //! path ffpush serves; the Dockerfile runs `ffpush run` as non-root; the scripts parse and
-//! `deploy.sh --dry-run` renders a complete manifest and every monitoring step; `firebase.json`
-//! points the Firebase CLI at `migrations/`.
+//! `deploy.sh --dry-run` renders a complete manifest and every monitoring step; `gce.sh
+//! --dry-run` sets up the free-tier VM with the same account, roles and monitoring, and its
+//! startup script runs `ffpush run` with settings it accepts, supervised, logged and scraped;
+//! `firebase.json` points the Firebase CLI at `migrations/`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -88,6 +90,32 @@ fn mebibytes(quantity: &Value) -> u64 {
         (_, Some(n)) => n.parse::<u64>().expect("GiB") * 1024,
         _ => panic!("{q}: give Mi or Gi"),
     }
+}
+
+/// `"0.75"`, `"1"`, `"500m"` → vCPU.
+fn vcpus(quantity: &Value) -> f64 {
+    let q = quantity
+        .as_str()
+        .expect("a quoted CPU quantity such as \"0.75\"");
+    match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().expect("millicores") / 1000.0,
+        None => q.parse().expect("vCPU"),
+    }
+}
+
+/// The number BENCHMARKS.md states between `before` and `after` on the first line holding
+/// both; of a range (`18.5–23.4`), the upper end.
+fn benchmarked(before: &str, after: &str) -> f64 {
+    read("BENCHMARKS.md")
+        .lines()
+        .find_map(|l| {
+            let rest = &l[l.find(before)? + before.len()..];
+            let text = &rest[..rest.find(after)?];
+            text.rsplit('–').next()?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| {
+            panic!("BENCHMARKS.md states no number between {before:?} and {after:?}")
+        })
 }
 
 fn manifest_env(manifest: &Value) -> Vec<(String, String)> {
@@ -186,6 +214,10 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
 
     let c = container(&m);
     assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(
+        annotations["run.googleapis.com/startup-cpu-boost"], "true",
+        "the start (TLS, listen replay) gets more than the steady share"
+    );
     for probe in ["startupProbe", "livenessProbe"] {
         assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], 8080, "{probe}");
@@ -199,6 +231,50 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
         c["args"].as_sequence().is_none_or(|a| a.is_empty()),
         "no args after `ffpush run`: settings are env vars"
     );
+}
+
+/// Every vCPU is billed every second with CPU always allocated, so the instance has the least
+/// Cloud Run allows, split by what each container needs, and ffpush's share and memory keep a
+/// margin over what BENCHMARKS.md measured.
+#[test]
+fn the_instance_is_the_smallest_that_holds_the_benchmarks() {
+    let m = manifest();
+    let all = containers(&m);
+    let cpu = |name: &str| vcpus(&all[name]["resources"]["limits"]["cpu"]);
+    let memory = |name: &str| mebibytes(&all[name]["resources"]["limits"]["memory"]);
+    let total: f64 = all.keys().map(|name| cpu(name)).sum();
+    // Cloud Run: with CPU always allocated an instance has at least 1 vCPU in all.
+    assert!(
+        (total - 1.0).abs() < 1e-9,
+        "the containers' CPU adds up to {total} vCPU; 1 is the least Cloud Run allows with CPU always allocated"
+    );
+
+    // ffpush at the default FFPUSH_FCM_RATE (a project's default FCM quota), at the highest
+    // CPU per message any realistic cell measured.
+    let settings = settings_from(&manifest_env(&m)).expect("the manifest's settings");
+    let cpu_ms_per_1000 = benchmarked("≤ 40 CPU-ms per 1 000 messages | ", " CPU-ms/1000");
+    let busiest = f64::from(settings.fcm_rate) / 1000.0 * cpu_ms_per_1000 / 1000.0;
+    assert!(
+        cpu("ffpush") >= 3.0 * busiest,
+        "ffpush has {} vCPU; sending {} messages/s takes {busiest:.2}",
+        cpu("ffpush"),
+        settings.fcm_rate
+    );
+
+    // Memory: the worker's measured peak (1 000 000 unique tokens) with room to spare, and the
+    // collector within what Cloud Run gives a container by default.
+    let peak = benchmarked("VmHWM **", " MB**");
+    assert!(
+        memory("ffpush") as f64 >= 4.0 * peak,
+        "ffpush has {} MiB; it peaked at {peak} MB",
+        memory("ffpush")
+    );
+    let collector = memory("collector");
+    assert!(
+        (128..=512).contains(&collector),
+        "collector {collector} MiB"
+    );
+    assert!(cpu("collector") > 0.0 && cpu("ffpush") > cpu("collector"));
 }
 
 #[test]
@@ -403,7 +479,13 @@ fn dockerfile_is_multi_stage_and_runs_ffpush_run_as_non_root() {
 
 #[test]
 fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
-    for script in ["deploy/deploy.sh", "deploy/rollback.sh"] {
+    for script in [
+        "deploy/deploy.sh",
+        "deploy/rollback.sh",
+        "deploy/lib.sh",
+        "deploy/gce.sh",
+        "deploy/gce-startup.sh",
+    ] {
         let status = Command::new("bash")
             .arg("-n")
             .arg(path(script))
@@ -524,7 +606,7 @@ fn the_dashboard_file_is_what_deploy_sh_expects() {
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard.json is JSON");
     // deploy.sh creates it under this id and finds it again by it.
     assert_eq!(dashboard["name"], "projects/PROJECT_ID/dashboards/ffpush");
-    assert!(read("deploy/deploy.sh").contains("DASHBOARD=ffpush\n"));
+    assert!(read("deploy/lib.sh").contains("DASHBOARD=ffpush\n"));
     for file in std::fs::read_dir(path("deploy/alerts")).unwrap() {
         let file = file.unwrap().path();
         let text = std::fs::read_to_string(&file).unwrap();
@@ -540,4 +622,296 @@ fn the_dashboard_file_is_what_deploy_sh_expects() {
         assert_eq!(policy["userLabels"]["app"], "ffpush", "{id}");
         assert_eq!(policy["userLabels"]["policy"], *id, "{id}");
     }
+}
+
+/// `bash SCRIPT ARGS…`: exit code, stdout, stderr.
+fn script(name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new("bash")
+        .arg(path(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The roles a dry run grants the service account on the project, in order.
+fn project_roles(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("gcloud projects add-iam-policy-binding"))
+        .filter_map(|l| {
+            l.split(" --role ")
+                .nth(1)?
+                .split(' ')
+                .next()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The body of the heredoc that `opener` starts in `text` (up to the line `EOF`).
+fn heredoc<'a>(text: &'a str, opener: &str) -> &'a str {
+    let start = text.find(opener).unwrap_or_else(|| panic!("no {opener:?}")) + opener.len();
+    let body = text[start..].trim_start_matches('\n');
+    &body[..body
+        .find("\nEOF\n")
+        .unwrap_or_else(|| panic!("{opener:?} never ends"))]
+}
+
+#[test]
+fn gce_dry_run_sets_up_the_free_vm_like_cloud_run() {
+    let (code, stdout, stderr) = script(
+        "deploy/gce.sh",
+        &[
+            "--dry-run",
+            "--tag",
+            "t1",
+            "--delete-functions",
+            "--alert-channel",
+            "projects/demo-project/notificationChannels/42",
+            "demo-project",
+        ],
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stderr.is_empty(),
+        "an e2-micro in us-central1 is free: no note expected, got {stderr}"
+    );
+    let create = stdout
+        .lines()
+        .find(|l| l.starts_with("gcloud compute instances create ffpush "))
+        .unwrap_or_else(|| panic!("no VM created in\n{stdout}"));
+    for flag in [
+        "--zone us-central1-a",
+        "--machine-type e2-micro",
+        // Only standard persistent disk is in the free tier.
+        "--boot-disk-type pd-standard",
+        "--service-account ffpush@demo-project.iam.gserviceaccount.com",
+        "--scopes cloud-platform",
+        "--metadata-from-file startup-script=deploy/gce-startup.sh",
+        "ffpush-image=us-central1-docker.pkg.dev/demo-project/ffpush/ffpush:t1",
+    ] {
+        assert!(create.contains(flag), "{flag:?} not in {create}");
+    }
+    for expected in [
+        "gcloud services enable compute.googleapis.com",
+        "gcloud builds submit --tag us-central1-docker.pkg.dev/demo-project/ffpush/ffpush:t1",
+        // The VM pulls with its own account: this one repository, read only.
+        "gcloud artifacts repositories add-iam-policy-binding ffpush --location us-central1 --project demo-project --member serviceAccount:ffpush@demo-project.iam.gserviceaccount.com --role roles/artifactregistry.reader",
+        "gcloud monitoring dashboards create --project demo-project --config-from-file",
+        "\"notificationChannels\": [\"projects/demo-project/notificationChannels/42\"]",
+        "gcloud functions delete sendScheduledPushNotifications",
+        "addFcmToken is kept",
+        "ffpush: ready (deploy ",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
+    }
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.contains("functions delete") && l.contains("addFcmToken")),
+        "addFcmToken must never be deleted:\n{stdout}"
+    );
+    // Nothing may reach the VM from outside: no firewall rule, no secret to read.
+    assert!(!stdout.contains("firewall-rules"), "{stdout}");
+    assert!(!stdout.contains("secretmanager"), "{stdout}");
+    // The same least roles as on Cloud Run.
+    let (_, cloud_run, _) = script(
+        "deploy/deploy.sh",
+        &["--dry-run", "--tag", "t1", "demo-project", "europe-west1"],
+    );
+    let roles = project_roles(&stdout);
+    assert!(!roles.is_empty(), "no roles granted:\n{stdout}");
+    assert_eq!(roles, project_roles(&cloud_run));
+    // Every alert policy, as deploy.sh does.
+    for file in std::fs::read_dir(path("deploy/alerts")).expect("deploy/alerts") {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        let id = name.strip_suffix(".json").expect("only .json files");
+        assert!(
+            stdout.lines().any(|l| l
+                .starts_with("gcloud alpha monitoring policies create --project demo-project")
+                && l.ends_with(&format!("alert-{id}.json --format none"))),
+            "{id} not in\n{stdout}"
+        );
+    }
+
+    // An image built elsewhere (deploy.sh's) is run, not rebuilt; without --alerts or a channel
+    // the (billed) alert policies are left out, the (free) dashboard is not.
+    let image = "europe-west1-docker.pkg.dev/demo-project/ffpush/ffpush:t0";
+    let (code, stdout, stderr) = script(
+        "deploy/gce.sh",
+        &["--dry-run", "--image", image, "demo-project", "us-east1-b"],
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(!stdout.contains("gcloud builds submit"), "{stdout}");
+    assert!(!stdout.contains("monitoring policies create"), "{stdout}");
+    assert!(stdout.contains("Alert policies: not created"), "{stdout}");
+    assert!(
+        stdout.contains("gcloud monitoring dashboards create"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("ffpush-image={image}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "gcloud artifacts repositories add-iam-policy-binding ffpush --location europe-west1"
+        ),
+        "{stdout}"
+    );
+
+    // Outside the free tier it says so; a zone that is not one is refused.
+    let (code, _, stderr) = script(
+        "deploy/gce.sh",
+        &["--dry-run", "demo-project", "europe-west1-b"],
+    );
+    assert_eq!(code, Some(0));
+    assert!(stderr.contains("is billed"), "{stderr}");
+    let (code, _, stderr) = script(
+        "deploy/gce.sh",
+        &["--dry-run", "demo-project", "us-central1"],
+    );
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("not a zone"), "{stderr}");
+    let (code, _, stderr) = script(
+        "deploy/gce.sh",
+        &[
+            "--dry-run",
+            "--image",
+            "docker.io/library/ffpush:1",
+            "demo-project",
+        ],
+    );
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("--image"), "{stderr}");
+}
+
+#[test]
+fn the_vm_runs_ffpush_supervised_logged_and_scraped() {
+    let text = read("deploy/gce-startup.sh");
+    // The settings: only ones `ffpush run` knows, with values it accepts.
+    let env: Vec<(String, String)> = heredoc(&text, "cat >/etc/ffpush.env <<EOF")
+        .lines()
+        .map(|l| {
+            let (name, value) = l.split_once('=').expect("NAME=value");
+            (name.to_string(), value.replace("$PROJECT", "demo-project"))
+        })
+        .collect();
+    let known = known_env();
+    for (name, _) in &env {
+        assert!(
+            known.contains_key(name),
+            "gce-startup.sh sets {name}, which ffpush run does not read"
+        );
+    }
+    let port: Vec<_> = env.iter().filter(|(n, _)| n == "PORT").collect();
+    assert_eq!(
+        port.len(),
+        1,
+        "the port the Ops Agent scrapes is set: {env:?}"
+    );
+    let port = port[0].1.clone();
+    let settings = settings_from(&env).unwrap_or_else(|e| panic!("gce-startup.sh: {e}"));
+    assert_eq!(settings.project, "demo-project");
+    assert_eq!(
+        settings.log_format,
+        LogFormat::Json,
+        "the Ops Agent parses JSON lines"
+    );
+    // The same settings as on Cloud Run, where they differ from the defaults.
+    let cloud_run = manifest_env(&manifest());
+    for (name, value) in &cloud_run {
+        if name != "GOOGLE_CLOUD_PROJECT" {
+            assert!(
+                env.contains(&(name.clone(), value.clone())),
+                "{name}={value} not on the VM"
+            );
+        }
+    }
+
+    // systemd: started at boot, restarted whenever it exits, SIGTERM with time for the grace.
+    let unit = heredoc(&text, "cat >/etc/systemd/system/ffpush.service <<EOF");
+    for line in [
+        "Restart=always",
+        "StartLimitIntervalSec=0",
+        "WantedBy=multi-user.target",
+        "--env-file /etc/ffpush.env",
+        "--network host",
+        "--log-driver json-file",
+    ] {
+        assert!(unit.contains(line), "{line:?} not in the unit:\n{unit}");
+    }
+    assert!(text.contains("systemctl enable ffpush.service"));
+    let stop_secs: u64 = unit
+        .split("docker stop --time ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .expect("ExecStop=… docker stop --time N");
+    assert!(
+        settings.shutdown_grace < Duration::from_secs(stop_secs),
+        "docker kills {stop_secs} s after SIGTERM; FFPUSH_SHUTDOWN_GRACE must end before"
+    );
+    let systemd_stop: u64 = unit
+        .split("TimeoutStopSec=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .expect("TimeoutStopSec");
+    assert!(systemd_stop > stop_secs);
+
+    // The Ops Agent: the container's log lines, twice parsed (docker's wrapper, then ffpush's
+    // JSON) with their severity kept; /metrics scraped where ffpush serves it.
+    let agent: Value = serde_yaml_ng::from_str(heredoc(
+        &text,
+        "cat >/etc/google-cloud-ops-agent/config.yaml <<'EOF'",
+    ))
+    .expect("the Ops Agent config is YAML");
+    let logging = &agent["logging"];
+    let pipeline = &logging["service"]["pipelines"]["ffpush"];
+    let receiver = &logging["receivers"][pipeline["receivers"][0].as_str().expect("a receiver")];
+    assert_eq!(receiver["type"], "files");
+    assert_eq!(
+        receiver["include_paths"][0],
+        "/var/lib/docker/containers/*/*-json.log"
+    );
+    let processors: Vec<&Value> = pipeline["processors"]
+        .as_sequence()
+        .expect("processors")
+        .iter()
+        .map(|p| &logging["processors"][p.as_str().expect("a processor name")])
+        .collect();
+    assert_eq!(processors.len(), 3, "{processors:?}");
+    assert_eq!(processors[0]["type"], "parse_json");
+    assert_eq!(processors[0]["field"], "message");
+    assert_eq!(processors[1]["type"], "parse_json");
+    assert_eq!(
+        processors[1]["field"], "log",
+        "docker's json-file puts the line in `log`"
+    );
+    assert_eq!(
+        processors[2]["fields"]["severity"]["move_from"],
+        "jsonPayload.severity"
+    );
+    let metrics = &agent["metrics"];
+    let scrape = &metrics["receivers"]["ffpush"];
+    assert_eq!(scrape["type"], "prometheus");
+    let job = &scrape["config"]["scrape_configs"][0];
+    // The same path and interval as the Cloud Run collector's (deploy/gmp-config.yaml).
+    let gmp: Value = serde_yaml_ng::from_str(&read("deploy/gmp-config.yaml")).unwrap();
+    let endpoint = &gmp["spec"]["endpoints"][0];
+    assert_eq!(job["metrics_path"], endpoint["path"]);
+    assert_eq!(job["scrape_interval"], endpoint["interval"]);
+    assert_eq!(job["job_name"], gmp["metadata"]["name"], "the `job` label");
+    assert_eq!(
+        job["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("localhost:{port}").as_str())
+    );
+    assert_eq!(
+        metrics["service"]["pipelines"]["ffpush"]["receivers"][0],
+        "ffpush"
+    );
 }
