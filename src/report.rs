@@ -46,6 +46,13 @@ impl Report {
                 t.undelivered
             ));
         }
+        if t.timed_out > 0 {
+            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
+            problems.push(format!(
+                "{} timed out; they may have been delivered (FCM did not answer, through every retry)",
+                t.timed_out
+            ));
+        }
         // Not a delivery problem, but the operator's to fix: said whatever the status.
         let kept = (t.dead_kept > 0).then(|| {
             format!(
@@ -83,7 +90,7 @@ impl Report {
                 }
             };
             (Status::Failed, Some(error), None)
-        } else if t.sent == 0 || t.undelivered > 0 {
+        } else if t.sent == 0 || t.undelivered > 0 || t.timed_out > 0 {
             problems.extend(kept);
             (
                 Status::Failed,
@@ -153,6 +160,12 @@ impl Report {
                 f.insert("warning".to_string(), store::string(&w));
             }
             None => remove.push("warning"),
+        }
+        if !t.errors.is_empty() {
+            f.insert(
+                "error_counts".to_string(),
+                crate::claim::error_counts_value(&t.errors),
+            );
         }
         if self.without.count > 0 {
             f.insert(
@@ -359,5 +372,46 @@ mod tests {
         let (status, f) = decide(t, 0);
         assert_eq!(status, Status::Failed);
         assert!(text(&f, "error").starts_with("sent to 2 of 3 tokens"));
+    }
+
+    #[test]
+    fn timed_out_tokens_are_said_to_be_maybe_delivered_and_every_code_is_counted() {
+        let mut errors = crate::fanout::ErrorCounts::default();
+        errors.add(crate::fcm::ErrorCode::Timeout, 2);
+        errors.add(crate::fcm::ErrorCode::Unregistered, 1);
+        let t = Tally {
+            tokens: 5,
+            sent: 2,
+            dead: 1,
+            removed: 1,
+            timed_out: 2,
+            errors,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 0);
+        assert_eq!(status, Status::Failed);
+        let error = text(&f, "error");
+        assert!(
+            error.contains("2 timed out; they may have been delivered")
+                && !error.contains("unavailable"),
+            "{error}"
+        );
+        let Some(pb::value::ValueType::MapValue(m)) =
+            f.get("error_counts").and_then(|v| v.value_type.as_ref())
+        else {
+            panic!("no error_counts: {f:?}")
+        };
+        assert_eq!(m.fields.len(), 2);
+        assert_eq!(m.fields.get("TIMEOUT"), Some(&store::integer(2)));
+        assert_eq!(m.fields.get("UNREGISTERED"), Some(&store::integer(1)));
+        let (_, clean) = decide(
+            Tally {
+                tokens: 1,
+                sent: 1,
+                ..Default::default()
+            },
+            0,
+        );
+        assert!(!clean.contains_key("error_counts"));
     }
 }

@@ -326,6 +326,104 @@ async fn dead_tokens_are_removed_and_other_token_errors_counted() {
     assert_eq!(count(&t("unavailable")), 3);
     assert_eq!(count(&t("quota")), 2);
     assert_eq!(count(&t("mismatch")), 1, "a final answer is not retried");
+    assert_eq!(
+        error_counts(&done),
+        [
+            ("INVALID_ARGUMENT", 1),
+            ("SENDER_ID_MISMATCH", 1),
+            ("THIRD_PARTY_AUTH_ERROR", 1),
+            ("UNREGISTERED", 1),
+        ]
+        .map(|(c, n)| (c.to_string(), n))
+        .into(),
+        "final answers only: the retried ones that recovered are not counted"
+    );
+    worker.stop().await;
+}
+
+/// The `error_counts` map of a finished document (empty when it has none).
+fn error_counts(doc: &ffpush::model::pb::Document) -> std::collections::BTreeMap<String, i64> {
+    use ffpush::model::pb::value::ValueType;
+    match doc
+        .fields
+        .get("error_counts")
+        .and_then(|v| v.value_type.as_ref())
+    {
+        Some(ValueType::MapValue(m)) => m
+            .fields
+            .iter()
+            .map(|(k, v)| match v.value_type {
+                Some(ValueType::IntegerValue(n)) => (k.clone(), n),
+                _ => panic!("{k} is not a count: {v:?}"),
+            })
+            .collect(),
+        None => Default::default(),
+        other => panic!("error_counts is not a map: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tokens_whose_retries_ran_out_are_counted_by_their_last_answer() {
+    let app = TestApp::with(|s| {
+        s.max_attempts = 2;
+        s.fcm_timeout = Duration::from_millis(700);
+        s.max_backoff = Duration::from_millis(200);
+        s.quota_floor = Duration::from_millis(100);
+        s.retry_budget = Duration::from_secs(3);
+    })
+    .await;
+    let p = app.project.clone();
+    let t = |n: &str| format!("{p}-{n}");
+    for (i, name) in ["quota", "unavailable", "internal", "hung", "fine"]
+        .iter()
+        .enumerate()
+    {
+        app.add_token("u1", &format!("t{i}"), &t(name), "iOS").await;
+    }
+    let fcm = app.fcm();
+    fcm.script(
+        &t("quota"),
+        Script::QuotaExceeded {
+            retry_after_secs: 1,
+            times: 1000,
+        },
+    );
+    fcm.script(
+        &t("unavailable"),
+        Script::Unavailable {
+            times: 1000,
+            retry_after_secs: None,
+        },
+    );
+    fcm.script(&t("internal"), Script::Internal { times: 1000 });
+    fcm.script(&t("hung"), Script::Hang);
+    let (worker, _) = app.start_worker().await;
+    let doc = app.notify("Retries run out", "users/u1").await;
+    let done = app.finished(&doc).await;
+    fcm.clear_script(&t("hung"));
+    for name in ["quota", "unavailable", "internal"] {
+        fcm.clear_script(&t(name));
+    }
+    assert_eq!(text(&done, "status").as_deref(), Some("failed"));
+    assert_eq!(num(&done, "num_sent"), Some(1));
+    assert_eq!(num(&done, "num_tokens"), Some(5));
+    assert_eq!(
+        error_counts(&done),
+        [
+            ("INTERNAL", 1),
+            ("QUOTA_EXCEEDED", 1),
+            ("TIMEOUT", 1),
+            ("UNAVAILABLE", 1),
+        ]
+        .map(|(c, n)| (c.to_string(), n))
+        .into()
+    );
+    let error = text(&done, "error").unwrap_or_default();
+    assert!(
+        error.contains("3 undelivered")
+            && error.contains("1 timed out; they may have been delivered"),
+        "{error}"
+    );
     worker.stop().await;
 }
 
