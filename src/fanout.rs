@@ -546,6 +546,115 @@ pub async fn fan_out(
     Ok(tally)
 }
 
+/// How a notification's run ended when it was not stopped.
+#[derive(Debug)]
+pub enum Finished {
+    /// Sent (`fan_out`).
+    Sent(Tally),
+    /// A `dry_run` ([`validate`]).
+    Validated(Validated),
+}
+
+/// What a dry run found.
+#[derive(Debug, Default)]
+pub struct Validated {
+    /// The unique tokens a real send would reach.
+    pub tokens: u64,
+    /// FCM accepted the message (`validate_only`) on one of them.
+    pub accepted: bool,
+    /// Tokens tried that FCM refused for themselves (dead, another project, APNs), by code.
+    pub refused: ErrorCounts,
+}
+
+/// Tokens a dry run tries the message on, in order, until FCM accepts it on one: the message
+/// is what is validated, and a dead or foreign token says nothing about it.
+const VALIDATION_TRIES: usize = 5;
+
+/// A dry run: reads the recipients exactly as [`fan_out`] does (unique, non-empty tokens),
+/// counts them, and has FCM validate the message (`validate_only`) on one. Nothing is
+/// delivered and no token is removed.
+pub async fn validate(
+    ctx: &Context<'_>,
+    template: &MessageTemplate,
+    mut pages: TokenPages,
+    stop: CancellationToken,
+) -> Result<Validated, Abort> {
+    let hasher = RandomState::new();
+    let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
+    let mut candidates: Vec<String> = Vec::new();
+    let mut found = Validated::default();
+    loop {
+        let page = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+            page = pages.pages.recv() => page,
+        };
+        match page {
+            Some(Ok(page)) => {
+                for DeviceToken { token, .. } in page {
+                    if token.is_empty() || !seen.insert(hasher.hash_one(&token)) {
+                        continue;
+                    }
+                    found.tokens += 1;
+                    if candidates.len() < VALIDATION_TRIES {
+                        candidates.push(token);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(Abort::Store(e)),
+            None => break,
+        }
+    }
+    for token in candidates {
+        let message = template.message_for(&token)["message"].take();
+        match validate_once(ctx, message, &stop).await? {
+            Outcome::Sent => {
+                found.accepted = true;
+                break;
+            }
+            refused => {
+                if let Some(code) = ErrorCode::of_outcome(refused) {
+                    found.refused.add(code, 1);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One `validate_only` request, retried as a send is.
+async fn validate_once(
+    ctx: &Context<'_>,
+    message: serde_json::Value,
+    stop: &CancellationToken,
+) -> Result<Outcome, Abort> {
+    let mut attempt = 1;
+    loop {
+        let error = match ctx.sender.dry_run(message.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) => e,
+        };
+        let (retry_after, quota) = match error.action() {
+            Action::FailNotification => return Err(Abort::Payload(error)),
+            Action::Fatal => return Err(Abort::Fatal(error)),
+            Action::Retry {
+                retry_after, quota, ..
+            } => (retry_after, quota),
+        };
+        if attempt >= ctx.retry.max_attempts {
+            return Err(Abort::Fatal(error));
+        }
+        let wait = ctx
+            .retry
+            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+        }
+        attempt += 1;
+    }
+}
+
 /// Hasher for keys that are already uniformly distributed 64-bit hashes.
 #[derive(Default)]
 struct Prehashed(u64);

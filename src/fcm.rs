@@ -1189,6 +1189,7 @@ mod tests {
             silent: false,
             data: [("kind".to_string(), "chat".to_string())].into(),
             analytics_label: Some("spring-sale".into()),
+            dry_run: false,
         }
     }
 

@@ -9,7 +9,7 @@ use chrono::Utc;
 
 use crate::audience;
 use crate::claim::fields;
-use crate::fanout::{Abort, Tally};
+use crate::fanout::{Abort, Tally, Validated};
 use crate::model::{Audience, Notification, Status, pb};
 use crate::store;
 
@@ -126,6 +126,49 @@ impl Report {
         }
     }
 
+    /// A dry run's outcome: `validated` with the devices a real send would reach (nothing
+    /// sent), or `failed` as a send would fail for want of tokens, or because FCM refused every
+    /// token the message was tried on.
+    pub fn validated(
+        n: &Notification,
+        v: &Validated,
+        without: &audience::UsersWithoutTokens,
+    ) -> Report {
+        if v.tokens == 0 {
+            return Report::finished(n, &Tally::default(), without);
+        }
+        let tally = Tally {
+            tokens: v.tokens,
+            errors: v.refused,
+            ..Default::default()
+        };
+        if !v.accepted {
+            let codes: Vec<String> = v
+                .refused
+                .iter()
+                .map(|(code, n)| format!("{n} {code}"))
+                .collect();
+            return Report {
+                status: Status::Failed,
+                error: Some(format!(
+                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
+                    codes.join(", ")
+                )),
+                warning: None,
+                tally,
+                without: without.clone(),
+            };
+        }
+        Report {
+            status: Status::Validated,
+            error: None,
+            warning: (without.count > 0)
+                .then(|| format!("{} user(s) have no device token", without.count)),
+            tally,
+            without: without.clone(),
+        }
+    }
+
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,
@@ -143,7 +186,13 @@ impl Report {
         f.insert("status".to_string(), store::string(self.status.as_str()));
         f.insert("num_sent".to_string(), store::integer(t.sent as i64));
         f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
-        f.insert("num_failed".to_string(), store::integer(t.failed() as i64));
+        // A dry run sends nothing, and fails nothing.
+        let failed = if self.status == Status::Validated {
+            0
+        } else {
+            t.failed()
+        };
+        f.insert("num_failed".to_string(), store::integer(failed as i64));
         f.insert(
             "num_tokens_removed".to_string(),
             store::integer(t.removed as i64),

@@ -15,7 +15,7 @@ use crate::audience;
 use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
-use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
+use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
@@ -233,6 +233,8 @@ impl Worker {
                 Ok(Outcome::Reported(Status::Succeeded)) => {
                     this.metrics.notifications_succeeded.inc()
                 }
+                // A dry run: nothing sent, nothing failed.
+                Ok(Outcome::Reported(Status::Validated)) => {}
                 Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
                 Err(e) => {
                     tracing::warn!(error = %Chain(&e),
@@ -355,7 +357,15 @@ impl Worker {
             retry: RetryPolicy::from_settings(&self.settings),
             gate: Some(claim.gate()),
         };
-        let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop).await;
+        let result = if n.options.dry_run {
+            fanout::validate(&ctx, &template, pages, fan_stop)
+                .await
+                .map(Finished::Validated)
+        } else {
+            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop)
+                .await
+                .map(Finished::Sent)
+        };
         match renewal.finish().await.lost {
             Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
             Some(Lost::Deleted) => return Ok(Outcome::Deleted),
@@ -368,7 +378,8 @@ impl Worker {
             without.listed.clear();
         }
         let report = match result {
-            Ok(tally) => Report::finished(&n, &tally, &without),
+            Ok(Finished::Sent(tally)) => Report::finished(&n, &tally, &without),
+            Ok(Finished::Validated(found)) => Report::validated(&n, &found, &without),
             Err(Abort::Store(e)) if e.is_transient() => {
                 // Firestore is down: not the notification's fault. Release it to be resumed.
                 return settled(claim.release(&done).await, Outcome::Released(e));

@@ -734,3 +734,104 @@ async fn an_expired_access_token_is_refreshed_once_and_the_send_succeeds() {
     );
     worker.stop().await;
 }
+
+/// A map field of string → string, as a notification's `data`.
+fn string_map(entries: &[(&str, &str)]) -> ffpush::model::pb::Value {
+    use ffpush::model::pb;
+    pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: entries.iter().map(|(k, v)| (k.to_string(), s(v))).collect(),
+        })),
+    }
+}
+
+fn boolean(b: bool) -> ffpush::model::pb::Value {
+    ffpush::model::pb::Value {
+        value_type: Some(ffpush::model::pb::value::ValueType::BooleanValue(b)),
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_counts_the_devices_validates_the_message_and_delivers_nothing() {
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let t = |n: &str| format!("{p}-{n}");
+    // The first token in path order is dead: the message is validated on the next one, and
+    // the dead one is kept (a dry run removes nothing).
+    app.add_token("u1", "a", &t("dead"), "Android").await;
+    app.add_token("u1", "b", &t("u1-ios"), "iOS").await;
+    app.add_token("u2", "a", &t("u1-ios"), "iOS").await;
+    app.add_token("u2", "b", &t("u2-android"), "Android").await;
+    let fcm = app.fcm();
+    fcm.script(&t("dead"), Script::Unregistered);
+    let (worker, _) = app.start_worker().await;
+    let doc = app
+        .write(
+            CONSOLE,
+            vec![
+                ("notification_title", s("Check me")),
+                ("notification_text", s("first")),
+                ("user_refs", s("users/u1,users/u2,users/ghost")),
+                ("dry_run", boolean(true)),
+            ],
+        )
+        .await;
+    let done = app.finished(&doc).await;
+    assert_eq!(
+        text(&done, "status").as_deref(),
+        Some("validated"),
+        "{:?}",
+        text(&done, "error")
+    );
+    assert_eq!(
+        num(&done, "num_tokens"),
+        Some(3),
+        "unique tokens, as a send"
+    );
+    assert_eq!(num(&done, "num_sent"), Some(0));
+    assert_eq!(num(&done, "num_failed"), Some(0));
+    assert_eq!(num(&done, "num_users_without_tokens"), Some(1));
+    assert!(text(&done, "error").is_none());
+    assert!(app.delivered().is_empty(), "nothing delivered");
+    let validated: Vec<_> = fcm
+        .messages(&p)
+        .into_iter()
+        .filter(|m| m.validate_only)
+        .collect();
+    assert_eq!(validated.len(), 1, "validated on one token");
+    assert_eq!(validated[0].message["notification"]["title"], "Check me");
+    assert_eq!(app.token_docs("u1").await.len(), 2, "the dead token kept");
+    fcm.clear_script(&t("dead"));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_of_a_message_fcm_refuses_fails_with_fcms_error() {
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let (worker, _) = app.start_worker().await;
+    // FCM takes at most 2048 bytes to a topic; ffpush checks the 4096 bytes of a token message.
+    let pad = "x".repeat(3000);
+    let doc = app
+        .write(
+            CONSOLE,
+            vec![
+                ("notification_title", s("Too big for a topic")),
+                ("notification_text", s("x")),
+                ("target_topic", s(&format!("{p}-news"))),
+                ("data", string_map(&[("pad", &pad)])),
+                ("dry_run", boolean(true)),
+            ],
+        )
+        .await;
+    let done = app.finished(&doc).await;
+    assert_eq!(text(&done, "status").as_deref(), Some("failed"));
+    let error = text(&done, "error").unwrap_or_default();
+    assert!(
+        error.contains("FCM rejected the message") && error.contains("too large"),
+        "{error}"
+    );
+    assert_eq!(num(&done, "num_sent"), Some(0));
+    assert!(app.delivered().is_empty());
+    worker.stop().await;
+}
