@@ -102,6 +102,10 @@ pub enum Lost {
     /// The document is gone: nothing to send or report.
     #[error("the notification was deleted")]
     Deleted,
+    /// Someone set `status: "cancelled"` while it was sent: stop, and write the counts so far
+    /// with [`Claim::report`] (which keeps `cancelled`).
+    #[error("the notification was cancelled")]
+    Cancelled,
 }
 
 /// A write of a held document that did not happen.
@@ -125,6 +129,9 @@ struct Lease {
 struct Held {
     /// Update time of our last write: the precondition of the next one.
     version: Timestamp,
+    /// A re-read found the document cancelled while we held it: writes after that are made on
+    /// the cancelled version (the counts so far), never another round of sending.
+    cancelled: bool,
     /// Lease expiries we wrote that may be on the document (see [`EXPIRIES_KEPT`]).
     expiries: VecDeque<Timestamp>,
 }
@@ -175,6 +182,19 @@ impl Lease {
                 return Err(ClaimError::Lost(Lost::Deleted));
             };
             let ours = self.names_us(&doc);
+            if ours && Status::of(&doc) == Status::Cancelled && self.holds_our_lease(&doc) {
+                // Cancelled while held (our report removes the lease, so this is not ours).
+                let version = doc
+                    .update_time
+                    .ok_or(store::Error::Incomplete("update_time"))?;
+                let mut held = self.held();
+                held.version = version;
+                if !std::mem::replace(&mut held.cancelled, true) || expiry.is_some() {
+                    return Err(ClaimError::Lost(Lost::Cancelled));
+                }
+                // The counts of a cancelled document: written on its latest version.
+                continue;
+            }
             if expiry.is_none() && ours && Status::of(&doc).is_finished() {
                 return Ok(());
             }
@@ -263,6 +283,7 @@ impl Claim {
                     terms,
                     held: Mutex::new(Held {
                         version,
+                        cancelled: false,
                         expiries: VecDeque::from([expiry]),
                     }),
                 }),
@@ -315,7 +336,9 @@ impl Claim {
     }
 
     /// Writes the outcome (`fields`, removing `remove`), conditioned on our last write. Rides
-    /// out a Firestore outage for up to a lease length.
+    /// out a Firestore outage for up to a lease length. A document found cancelled meanwhile
+    /// fails it with [`Lost::Cancelled`] the first time; after that, the write (of the counts,
+    /// keeping `cancelled`) is made on the cancelled version.
     pub async fn report(
         &self,
         fields: HashMap<String, pb::Value>,

@@ -169,6 +169,17 @@ impl Report {
         }
     }
 
+    /// Cancelled while it was sent: the counts so far; the status stays `cancelled`.
+    pub fn cancelled(t: &Tally) -> Report {
+        Report {
+            status: Status::Cancelled,
+            error: None,
+            warning: None,
+            tally: *t,
+            without: Default::default(),
+        }
+    }
+
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,

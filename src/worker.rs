@@ -233,8 +233,8 @@ impl Worker {
                 Ok(Outcome::Reported(Status::Succeeded)) => {
                     this.metrics.notifications_succeeded.inc()
                 }
-                // A dry run: nothing sent, nothing failed.
-                Ok(Outcome::Reported(Status::Validated)) => {}
+                // A dry run, or stopped by its sender: not a failure.
+                Ok(Outcome::Reported(Status::Validated | Status::Cancelled)) => {}
                 Ok(Outcome::Reported(_)) => this.metrics.notifications_failed.inc(),
                 Err(e) => {
                     tracing::warn!(error = %Chain(&e),
@@ -369,6 +369,7 @@ impl Worker {
         match renewal.finish().await.lost {
             Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
             Some(Lost::Deleted) => return Ok(Outcome::Deleted),
+            Some(Lost::Cancelled) => return self.stopped(&claim, &ledger).await,
             None => {}
         }
         let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
@@ -392,10 +393,35 @@ impl Worker {
         };
         let (status, f, remove) = report.into_fields();
         if let Err(lost_or_failed) = claim.report(f, &remove).await {
+            if let ClaimError::Lost(Lost::Cancelled) = lost_or_failed {
+                return self.stopped(&claim, &ledger).await;
+            }
             return settled(Err(lost_or_failed), Outcome::Reported(status));
         }
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(Outcome::Reported(status))
+    }
+}
+
+impl Worker {
+    /// The document was cancelled while it was sent: the fan-out has stopped; write the counts
+    /// so far onto it, keeping `cancelled`.
+    async fn stopped(
+        &self,
+        claim: &Claim,
+        ledger: &Mutex<Ledger>,
+    ) -> Result<Outcome, store::Error> {
+        let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
+        let (_, f, remove) = Report::cancelled(&done.tally).into_fields();
+        tracing::info!(
+            sent = done.tally.sent,
+            tokens = done.tally.tokens,
+            "cancelled while it was sent; stopped"
+        );
+        settled(
+            claim.report(f, &remove).await,
+            Outcome::Reported(Status::Cancelled),
+        )
     }
 }
 
@@ -405,6 +431,8 @@ fn settled(written: Result<(), ClaimError>, done: Outcome) -> Result<Outcome, st
         Ok(()) => Ok(done),
         Err(ClaimError::Lost(Lost::TakenOver)) => Ok(Outcome::LeaseLost),
         Err(ClaimError::Lost(Lost::Deleted)) => Ok(Outcome::Deleted),
+        // Cancelled while its progress was saved: the document keeps `cancelled`.
+        Err(ClaimError::Lost(Lost::Cancelled)) => Ok(Outcome::Reported(Status::Cancelled)),
         Err(ClaimError::Store(e)) => Err(e),
     }
 }

@@ -835,3 +835,82 @@ async fn a_dry_run_of_a_message_fcm_refuses_fails_with_fcms_error() {
     assert!(app.delivered().is_empty());
     worker.stop().await;
 }
+
+/// A mistaken broadcast can be stopped: `status: "cancelled"` set while it is being sent stops
+/// the fan-out at the next lease renewal; the document keeps `cancelled` and gets the counts
+/// of what was sent, and nothing more is sent.
+#[tokio::test]
+async fn a_notification_cancelled_while_it_is_sent_stops_and_keeps_its_counts() {
+    use futures::StreamExt as _;
+    const TOKENS: usize = 300;
+    const RATE: u32 = 20;
+    let app = TestApp::with(|s| {
+        s.fcm_rate = RATE;
+        s.concurrency = 4;
+    })
+    .await;
+    let tokens: Vec<String> = (0..TOKENS)
+        .map(|i| format!("{}-slow-{i:03}", app.project))
+        .collect();
+    futures::stream::iter(tokens.iter().enumerate())
+        .for_each_concurrent(16, |(i, token)| {
+            let app = &app;
+            async move {
+                app.add_token("many", &format!("t{i:03}"), token, "Android")
+                    .await
+            }
+        })
+        .await;
+    let (worker, _) = app.start_worker().await;
+    let doc = app.notify("Sent by mistake", "users/many").await;
+    let name = app.store.doc_name(&doc);
+    crate::wait_until(Duration::from_secs(60), || app.delivered().len() >= 10).await;
+    let mut cancel = HashMap::new();
+    cancel.insert("status".to_string(), s("cancelled"));
+    app.store
+        .update_existing(&name, cancel, &[])
+        .await
+        .expect("the console's cancel");
+    let cancelled_at = Utc::now();
+    // `cancelled` is final from the start: wait for the counts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let doc = app
+            .store
+            .get(&doc)
+            .await
+            .unwrap()
+            .expect("the notification");
+        if num(&doc, "num_sent").is_some() {
+            break doc;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no counts written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Nothing goes out once the counts are written.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = app.fcm().messages(&app.project);
+    let last = messages.iter().map(|m| m.received_at).max().unwrap();
+    let stopped_after = (last - cancelled_at).num_milliseconds() as f64 / 1000.0;
+    eprintln!(
+        "cancelled after {} of {TOKENS} sends at {RATE}/s: the last send arrived {stopped_after:.2} s after the cancel; {} sent in all",
+        10,
+        messages.len()
+    );
+    assert_eq!(text(&done, "status").as_deref(), Some("cancelled"));
+    assert_eq!(
+        num(&done, "num_sent"),
+        Some(messages.len() as i64),
+        "every send counted"
+    );
+    assert!(
+        messages.len() < TOKENS / 2,
+        "stopped long before the end: {} sent",
+        messages.len()
+    );
+    assert!(text(&done, "ffpush_lease_expires_at").is_none());
+    assert!(!done.fields.contains_key("ffpush_lease_expires_at"));
+    assert!(!done.fields.contains_key("ffpush_progress"));
+    assert!(text(&done, "error").is_none());
+    worker.stop().await;
+}
