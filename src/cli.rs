@@ -688,6 +688,14 @@ fn outcome_json(doc: &crate::model::pb::Document, status: &str) -> String {
             out.insert(field.into(), s.into());
         }
     }
+    if let Some(counts) = doc.fields.get("error_counts") {
+        let counts: serde_json::Map<String, serde_json::Value> =
+            crate::claim::read_error_counts(counts)
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), n.into()))
+                .collect();
+        out.insert("error_counts".into(), counts.into());
+    }
     for field in ["started_at", "completed_at"] {
         if let Some(t) = store::timestamp_field(doc, field) {
             out.insert(field.into(), t.to_rfc3339().into());
