@@ -988,6 +988,31 @@ mod tests {
     }
 
     #[test]
+    fn a_token_given_up_is_counted_under_fcms_code_or_timeout() {
+        let code = |status| classify(status, b"", None).unwrap_err().code();
+        assert_eq!(code(429), ErrorCode::QuotaExceeded);
+        assert_eq!(code(500), ErrorCode::Internal);
+        for status in [502, 503, 504] {
+            assert_eq!(code(status), ErrorCode::Unavailable, "{status}");
+        }
+        assert_eq!(
+            Error::Transport(SendError::Timeout).code(),
+            ErrorCode::Timeout
+        );
+        assert_eq!(
+            Error::Transport(SendError::Connect("refused".into())).code(),
+            ErrorCode::Unavailable
+        );
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(
+            ErrorCode::of_outcome(Outcome::InvalidToken),
+            Some(ErrorCode::InvalidArgument)
+        );
+    }
+
+    #[test]
     fn only_a_request_left_unanswered_has_an_unknown_fate() {
         assert!(Error::Transport(SendError::Timeout).fate_unknown());
         assert!(Error::Transport(SendError::Failed("reset".into())).fate_unknown());
