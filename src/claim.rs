@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::errors::Chain;
-use crate::fanout::{Ledger, Progress, SendGate, Tally};
+use crate::fanout::{ErrorCounts, Ledger, Progress, SendGate, Tally};
+use crate::fcm::ErrorCode;
 use crate::model::{Status, pb};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
@@ -101,6 +102,10 @@ pub enum Lost {
     /// The document is gone: nothing to send or report.
     #[error("the notification was deleted")]
     Deleted,
+    /// Someone set `status: "cancelled"` while it was sent: stop, and write the counts so far
+    /// with [`Claim::report`] (which keeps `cancelled`).
+    #[error("the notification was cancelled")]
+    Cancelled,
 }
 
 /// A write of a held document that did not happen.
@@ -124,6 +129,9 @@ struct Lease {
 struct Held {
     /// Update time of our last write: the precondition of the next one.
     version: Timestamp,
+    /// A re-read found the document cancelled while we held it: writes after that are made on
+    /// the cancelled version (the counts so far), never another round of sending.
+    cancelled: bool,
     /// Lease expiries we wrote that may be on the document (see [`EXPIRIES_KEPT`]).
     expiries: VecDeque<Timestamp>,
 }
@@ -174,6 +182,19 @@ impl Lease {
                 return Err(ClaimError::Lost(Lost::Deleted));
             };
             let ours = self.names_us(&doc);
+            if ours && Status::of(&doc) == Status::Cancelled && self.holds_our_lease(&doc) {
+                // Cancelled while held (our report removes the lease, so this is not ours).
+                let version = doc
+                    .update_time
+                    .ok_or(store::Error::Incomplete("update_time"))?;
+                let mut held = self.held();
+                held.version = version;
+                if !std::mem::replace(&mut held.cancelled, true) || expiry.is_some() {
+                    return Err(ClaimError::Lost(Lost::Cancelled));
+                }
+                // The counts of a cancelled document: written on its latest version.
+                continue;
+            }
             if expiry.is_none() && ours && Status::of(&doc).is_finished() {
                 return Ok(());
             }
@@ -262,6 +283,7 @@ impl Claim {
                     terms,
                     held: Mutex::new(Held {
                         version,
+                        cancelled: false,
                         expiries: VecDeque::from([expiry]),
                     }),
                 }),
@@ -320,7 +342,9 @@ impl Claim {
     }
 
     /// Writes the outcome (`fields`, removing `remove`), conditioned on our last write. Rides
-    /// out a Firestore outage for up to a lease length.
+    /// out a Firestore outage for up to a lease length. A document found cancelled meanwhile
+    /// fails it with [`Lost::Cancelled`] the first time; after that, the write (of the counts,
+    /// keeping `cancelled`) is made on the cancelled version.
     pub async fn report(
         &self,
         fields: HashMap<String, pb::Value>,
@@ -495,9 +519,11 @@ fn progress_fields(p: &Progress, prefix: &str) -> HashMap<String, pb::Value> {
         ("sender_id_mismatch", t.sender_id_mismatch),
         ("third_party_auth", t.third_party_auth),
         ("undelivered", t.undelivered),
+        ("timed_out", t.timed_out),
     ] {
         m.insert(k.to_string(), store::integer(v as i64));
     }
+    m.insert("error_counts".to_string(), error_counts_value(&t.errors));
     let mut f = HashMap::new();
     f.insert(
         fields::PROGRESS.to_string(),
@@ -506,6 +532,34 @@ fn progress_fields(p: &Progress, prefix: &str) -> HashMap<String, pb::Value> {
         },
     );
     f
+}
+
+/// The `error_counts` map: each of FCM's error codes some token got, with how many did.
+pub(crate) fn error_counts_value(counts: &ErrorCounts) -> pb::Value {
+    pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: counts
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), store::integer(n as i64)))
+                .collect(),
+        })),
+    }
+}
+
+/// An `error_counts` map as [`error_counts_value`] writes it; codes this version does not
+/// know, and values that are not counts, are left out.
+pub(crate) fn read_error_counts(value: &pb::Value) -> ErrorCounts {
+    let mut counts = ErrorCounts::default();
+    if let Some(pb::value::ValueType::MapValue(map)) = value.value_type.as_ref() {
+        for (code, n) in &map.fields {
+            if let (Some(code), Some(pb::value::ValueType::IntegerValue(n))) =
+                (ErrorCode::parse(code), n.value_type.as_ref())
+            {
+                counts.add(code, (*n).max(0) as u64);
+            }
+        }
+    }
+    counts
 }
 
 /// Tokens an earlier holder of `doc` had sent (0 for a document nobody claimed).
@@ -555,6 +609,12 @@ fn read_progress(doc: &pb::Document) -> Progress {
             sender_id_mismatch: n("sender_id_mismatch"),
             third_party_auth: n("third_party_auth"),
             undelivered: n("undelivered"),
+            timed_out: n("timed_out"),
+            errors: wrapper
+                .fields
+                .get("error_counts")
+                .map(read_error_counts)
+                .unwrap_or_default(),
         }
         .normalized(),
     }
@@ -588,7 +648,7 @@ mod tests {
             ],
             beyond: vec![format!("{DOCS}users/w/fcm_tokens/a")],
             tally: Tally {
-                tokens: 9,
+                tokens: 10,
                 sent: 5,
                 dead: 1,
                 removed: 2,
@@ -596,6 +656,16 @@ mod tests {
                 sender_id_mismatch: 1,
                 third_party_auth: 1,
                 undelivered: 1,
+                timed_out: 1,
+                errors: {
+                    let mut e = ErrorCounts::default();
+                    e.add(ErrorCode::Unregistered, 1);
+                    e.add(ErrorCode::SenderIdMismatch, 1);
+                    e.add(ErrorCode::ThirdPartyAuthError, 1);
+                    e.add(ErrorCode::Internal, 1);
+                    e.add(ErrorCode::Timeout, 1);
+                    e
+                },
             },
         };
         let doc = stored(&progress);
@@ -643,6 +713,7 @@ mod tests {
         assert!(p.unfinished.is_empty());
         assert_eq!(p.beyond, vec![format!("{DOCS}users/b/fcm_tokens/1")]);
         assert_eq!(p.tally.sent, 3);
+        assert!(p.tally.errors.is_empty(), "no error_counts: none counted");
     }
 
     #[test]

@@ -128,6 +128,9 @@ struct SendArgs {
     /// analytics_label: FCM's label for delivery reports (^[a-zA-Z0-9-_.~%]{1,50}$).
     #[arg(long)]
     analytics_label: Option<String>,
+    /// dry_run: count the recipients and have FCM validate the message; deliver nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// target_topic: send to the subscribers of this topic (one request) instead of users.
     #[arg(long)]
     topic: Option<String>,
@@ -649,7 +652,10 @@ async fn send(settings: Settings, args: SendArgs) -> anyhow::Result<()> {
             && status.is_finished()
         {
             println!("{}", outcome_json(&doc, status.as_str()));
-            if status == crate::model::Status::Succeeded {
+            if matches!(
+                status,
+                crate::model::Status::Succeeded | crate::model::Status::Validated
+            ) {
                 return Ok(());
             }
             bail!("the notification {status}");
@@ -681,6 +687,14 @@ fn outcome_json(doc: &crate::model::pb::Document, status: &str) -> String {
         if let Some(s) = doc.fields.get(field).and_then(crate::model::string_value) {
             out.insert(field.into(), s.into());
         }
+    }
+    if let Some(counts) = doc.fields.get("error_counts") {
+        let counts: serde_json::Map<String, serde_json::Value> =
+            crate::claim::read_error_counts(counts)
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), n.into()))
+                .collect();
+        out.insert("error_counts".into(), counts.into());
     }
     for field in ["started_at", "completed_at"] {
         if let Some(t) = store::timestamp_field(doc, field) {
@@ -840,6 +854,9 @@ fn message_options(
         if let Some(n) = value {
             f.insert(name.to_string(), store::integer(n));
         }
+    }
+    if args.dry_run {
+        f.insert("dry_run".into(), pb_value(ValueType::BooleanValue(true)));
     }
     if args.silent {
         f.insert("silent".into(), pb_value(ValueType::BooleanValue(true)));

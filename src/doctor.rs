@@ -433,7 +433,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
         let mut dead = Vec::new();
         for t in &real {
             let message = serde_json::json!({"token": t.token, "notification": {"title": "ffpush doctor", "body": "dry run"}});
-            if let Ok(Outcome::Dead) = sender.dry_run(message).await {
+            if let Ok(Outcome::Dead | Outcome::InvalidToken) = sender.dry_run(message).await {
                 dead.push(redact(&t.token));
             }
         }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audience::TokenPages;
 use crate::errors::Chain;
-use crate::fcm::{self, Action, MessageTemplate, Outcome, Sender, redact};
+use crate::fcm::{self, Action, ErrorCode, MessageTemplate, Outcome, Sender, redact};
 use crate::metrics::Metrics;
 use crate::store::{DeviceToken, Store};
 
@@ -35,8 +35,40 @@ pub struct Tally {
     pub dead_kept: u64,
     pub sender_id_mismatch: u64,
     pub third_party_auth: u64,
-    /// Tokens still failing transiently after every attempt.
+    /// Tokens still failing transiently after every attempt, their last one answered.
     pub undelivered: u64,
+    /// Tokens whose last attempt got no answer: FCM may have delivered them.
+    pub timed_out: u64,
+    /// Each token's final answer other than a delivery, by FCM's error code.
+    pub errors: ErrorCounts,
+}
+
+/// How many tokens ended with each of FCM's error codes (the notification's `error_counts`).
+/// A fixed array, so that a [`Tally`] stays a plain copyable value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorCounts([u64; ErrorCode::ALL.len()]);
+
+impl ErrorCounts {
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.0[code as usize]
+    }
+
+    pub fn add(&mut self, code: ErrorCode, n: u64) {
+        let slot = &mut self.0[code as usize];
+        *slot = slot.saturating_add(n);
+    }
+
+    /// The codes some token got, with their counts, in [`ErrorCode::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
+        ErrorCode::ALL
+            .into_iter()
+            .map(|c| (c, self.get(c)))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|n| *n == 0)
+    }
 }
 
 impl Tally {
@@ -54,6 +86,7 @@ impl Tally {
             self.sender_id_mismatch,
             self.third_party_auth,
             self.undelivered,
+            self.timed_out,
         ]
         .into_iter()
         .fold(0u64, u64::saturating_add);
@@ -65,10 +98,14 @@ impl Tally {
         self.tokens += 1;
         match result.outcome {
             Some(Outcome::Sent) => self.sent += 1,
-            Some(Outcome::Dead) => self.dead += 1,
+            Some(Outcome::Dead | Outcome::InvalidToken) => self.dead += 1,
             Some(Outcome::SenderIdMismatch) => self.sender_id_mismatch += 1,
             Some(Outcome::ThirdPartyAuth) => self.third_party_auth += 1,
+            None if result.error == Some(ErrorCode::Timeout) => self.timed_out += 1,
             None => self.undelivered += 1,
+        }
+        if let Some(code) = result.error {
+            self.errors.add(code, 1);
         }
         self.removed += result.removed;
         self.dead_kept += u64::from(result.dead_kept);
@@ -376,6 +413,8 @@ struct TokenResult {
     seq: u64,
     /// `None`: undelivered after every attempt.
     outcome: Option<Outcome>,
+    /// The final answer's error code: of the outcome, or of the last attempt's error.
+    error: Option<ErrorCode>,
     removed: u64,
     /// A dead token whose documents could not be looked up (a missing index).
     dead_kept: bool,
@@ -507,6 +546,115 @@ pub async fn fan_out(
     Ok(tally)
 }
 
+/// How a notification's run ended when it was not stopped.
+#[derive(Debug)]
+pub enum Finished {
+    /// Sent (`fan_out`).
+    Sent(Tally),
+    /// A `dry_run` ([`validate`]).
+    Validated(Validated),
+}
+
+/// What a dry run found.
+#[derive(Debug, Default)]
+pub struct Validated {
+    /// The unique tokens a real send would reach.
+    pub tokens: u64,
+    /// FCM accepted the message (`validate_only`) on one of them.
+    pub accepted: bool,
+    /// Tokens tried that FCM refused for themselves (dead, another project, APNs), by code.
+    pub refused: ErrorCounts,
+}
+
+/// Tokens a dry run tries the message on, in order, until FCM accepts it on one: the message
+/// is what is validated, and a dead or foreign token says nothing about it.
+const VALIDATION_TRIES: usize = 5;
+
+/// A dry run: reads the recipients exactly as [`fan_out`] does (unique, non-empty tokens),
+/// counts them, and has FCM validate the message (`validate_only`) on one. Nothing is
+/// delivered and no token is removed.
+pub async fn validate(
+    ctx: &Context<'_>,
+    template: &MessageTemplate,
+    mut pages: TokenPages,
+    stop: CancellationToken,
+) -> Result<Validated, Abort> {
+    let hasher = RandomState::new();
+    let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
+    let mut candidates: Vec<String> = Vec::new();
+    let mut found = Validated::default();
+    loop {
+        let page = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+            page = pages.pages.recv() => page,
+        };
+        match page {
+            Some(Ok(page)) => {
+                for DeviceToken { token, .. } in page {
+                    if token.is_empty() || !seen.insert(hasher.hash_one(&token)) {
+                        continue;
+                    }
+                    found.tokens += 1;
+                    if candidates.len() < VALIDATION_TRIES {
+                        candidates.push(token);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(Abort::Store(e)),
+            None => break,
+        }
+    }
+    for token in candidates {
+        let message = template.message_for(&token)["message"].take();
+        match validate_once(ctx, message, &stop).await? {
+            Outcome::Sent => {
+                found.accepted = true;
+                break;
+            }
+            refused => {
+                if let Some(code) = ErrorCode::of_outcome(refused) {
+                    found.refused.add(code, 1);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One `validate_only` request, retried as a send is.
+async fn validate_once(
+    ctx: &Context<'_>,
+    message: serde_json::Value,
+    stop: &CancellationToken,
+) -> Result<Outcome, Abort> {
+    let mut attempt = 1;
+    loop {
+        let error = match ctx.sender.dry_run(message.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) => e,
+        };
+        let (retry_after, quota) = match error.action() {
+            Action::FailNotification => return Err(Abort::Payload(error)),
+            Action::Fatal => return Err(Abort::Fatal(error)),
+            Action::Retry {
+                retry_after, quota, ..
+            } => (retry_after, quota),
+        };
+        if attempt >= ctx.retry.max_attempts {
+            return Err(Abort::Fatal(error));
+        }
+        let wait = ctx
+            .retry
+            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return Err(Abort::Interrupted),
+        }
+        attempt += 1;
+    }
+}
+
 /// Hasher for keys that are already uniformly distributed 64-bit hashes.
 #[derive(Default)]
 struct Prehashed(u64);
@@ -573,11 +721,12 @@ async fn send_one(
         let answer = ctx.sender.send_now(body.clone()).await;
         ctx.metrics.observe_fcm(&answer, started.elapsed());
         let (retry_after, quota, fatal_when_exhausted, error) = match answer {
-            Ok(Outcome::Dead) => {
+            Ok(outcome @ (Outcome::Dead | Outcome::InvalidToken)) => {
                 let removed = remove_dead(ctx.store, &token, no_index).await;
                 return Ok(TokenResult {
                     seq,
-                    outcome: Some(Outcome::Dead),
+                    outcome: Some(outcome),
+                    error: ErrorCode::of_outcome(outcome),
                     removed: removed.unwrap_or(0),
                     dead_kept: removed.is_none(),
                 });
@@ -586,6 +735,7 @@ async fn send_one(
                 return Ok(TokenResult {
                     seq,
                     outcome: Some(outcome),
+                    error: ErrorCode::of_outcome(outcome),
                     removed: 0,
                     dead_kept: false,
                 });
@@ -611,6 +761,7 @@ async fn send_one(
                 return Ok(TokenResult {
                     seq,
                     outcome: None,
+                    error: Some(error.code()),
                     removed: 0,
                     dead_kept: false,
                 });
@@ -632,6 +783,7 @@ async fn send_one(
             return Ok(TokenResult {
                 seq,
                 outcome: None,
+                error: Some(error.code()),
                 removed: 0,
                 dead_kept: false,
             });
@@ -724,6 +876,7 @@ mod tests {
         TokenResult {
             seq,
             outcome: Some(Outcome::Sent),
+            error: None,
             removed: 0,
             dead_kept: false,
         }
@@ -733,6 +886,7 @@ mod tests {
         TokenResult {
             seq,
             outcome: None,
+            error: Some(ErrorCode::Unavailable),
             removed: 0,
             dead_kept: false,
         }

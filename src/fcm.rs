@@ -32,12 +32,79 @@ pub const MAX_PAYLOAD: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Sent,
-    /// UNREGISTERED or an invalid registration token: delete its documents.
+    /// UNREGISTERED: the app was uninstalled or the token expired. Delete its documents.
     Dead,
+    /// INVALID_ARGUMENT about the token: not a valid registration token. Delete its documents.
+    InvalidToken,
     /// SENDER_ID_MISMATCH: the token belongs to another Firebase project. Keep it.
     SenderIdMismatch,
     /// THIRD_PARTY_AUTH_ERROR: APNs or web-push credentials in Firebase are wrong.
     ThirdPartyAuth,
+}
+
+/// FCM's error codes, as a token's final answer is counted in a notification's
+/// `error_counts` (<https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode>), plus
+/// `TIMEOUT` for a request that got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorCode {
+    Unregistered,
+    InvalidArgument,
+    SenderIdMismatch,
+    ThirdPartyAuthError,
+    QuotaExceeded,
+    Unavailable,
+    Internal,
+    /// No answer (the request timed out, or its connection dropped mid-request): FCM may have
+    /// delivered it.
+    Timeout,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::Unregistered,
+        ErrorCode::InvalidArgument,
+        ErrorCode::SenderIdMismatch,
+        ErrorCode::ThirdPartyAuthError,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::Timeout,
+    ];
+
+    /// The code as FCM spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unregistered => "UNREGISTERED",
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::SenderIdMismatch => "SENDER_ID_MISMATCH",
+            ErrorCode::ThirdPartyAuthError => "THIRD_PARTY_AUTH_ERROR",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Timeout => "TIMEOUT",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    /// The code of a final answer about the token; `None` for a delivery.
+    pub fn of_outcome(outcome: Outcome) -> Option<ErrorCode> {
+        match outcome {
+            Outcome::Sent => None,
+            Outcome::Dead => Some(ErrorCode::Unregistered),
+            Outcome::InvalidToken => Some(ErrorCode::InvalidArgument),
+            Outcome::SenderIdMismatch => Some(ErrorCode::SenderIdMismatch),
+            Outcome::ThirdPartyAuth => Some(ErrorCode::ThirdPartyAuthError),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An answer that is not about the token. [`Error::action`] says what to do about it.
@@ -197,6 +264,19 @@ impl Error {
             self,
             Error::Transport(SendError::Timeout | SendError::Failed(_))
         )
+    }
+
+    /// The code a token left with this error after its last attempt is counted under: 429
+    /// is QUOTA_EXCEEDED, 500 INTERNAL, a request without an answer TIMEOUT (it may have been
+    /// delivered), any other transient failure UNAVAILABLE (FCM's code for 502, 503, 504).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Retryable { answer, .. } if answer.http == 429 => ErrorCode::QuotaExceeded,
+            Error::Retryable { answer, .. } if answer.http == 500 => ErrorCode::Internal,
+            Error::Payload(_) => ErrorCode::InvalidArgument,
+            e if e.fate_unknown() => ErrorCode::Timeout,
+            _ => ErrorCode::Unavailable,
+        }
     }
 
     fn setup(
@@ -812,7 +892,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
             // message is the only sign that the token, not the payload, is at fault.
             } else if token_violation || message.to_ascii_lowercase().contains("registration token")
             {
-                Ok(Outcome::Dead)
+                Ok(Outcome::InvalidToken)
             } else {
                 Err(Error::Payload(Rejection::Answer(answer())))
             }
@@ -908,6 +988,31 @@ mod tests {
     }
 
     #[test]
+    fn a_token_given_up_is_counted_under_fcms_code_or_timeout() {
+        let code = |status| classify(status, b"", None).unwrap_err().code();
+        assert_eq!(code(429), ErrorCode::QuotaExceeded);
+        assert_eq!(code(500), ErrorCode::Internal);
+        for status in [502, 503, 504] {
+            assert_eq!(code(status), ErrorCode::Unavailable, "{status}");
+        }
+        assert_eq!(
+            Error::Transport(SendError::Timeout).code(),
+            ErrorCode::Timeout
+        );
+        assert_eq!(
+            Error::Transport(SendError::Connect("refused".into())).code(),
+            ErrorCode::Unavailable
+        );
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(
+            ErrorCode::of_outcome(Outcome::InvalidToken),
+            Some(ErrorCode::InvalidArgument)
+        );
+    }
+
+    #[test]
     fn only_a_request_left_unanswered_has_an_unknown_fate() {
         assert!(Error::Transport(SendError::Timeout).fate_unknown());
         assert!(Error::Transport(SendError::Failed("reset".into())).fate_unknown());
@@ -960,7 +1065,7 @@ mod tests {
         assert_eq!(classify_fixture("UNREGISTERED").ok(), Some(Outcome::Dead));
         assert_eq!(
             classify_fixture("INVALID_ARGUMENT_bad_token").ok(),
-            Some(Outcome::Dead)
+            Some(Outcome::InvalidToken)
         );
         assert_eq!(
             classify_fixture("SENDER_ID_MISMATCH").ok(),
@@ -1109,6 +1214,7 @@ mod tests {
             silent: false,
             data: [("kind".to_string(), "chat".to_string())].into(),
             analytics_label: Some("spring-sale".into()),
+            dry_run: false,
         }
     }
 

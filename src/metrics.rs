@@ -124,7 +124,7 @@ impl Metrics {
     pub fn observe_fcm(&self, answer: &Result<Outcome, fcm::Error>, elapsed: Duration) {
         let class = match answer {
             Ok(Outcome::Sent) => 0,
-            Ok(Outcome::Dead) => 1,
+            Ok(Outcome::Dead | Outcome::InvalidToken) => 1,
             Ok(Outcome::SenderIdMismatch) => 2,
             Ok(Outcome::ThirdPartyAuth) => 3,
             Err(fcm::Error::Retryable { .. } | fcm::Error::Transport(_)) => 4,

@@ -29,8 +29,11 @@ pub enum Status {
     Succeeded,
     /// "failed": not sent, or not to everyone; `error` says why.
     Failed,
-    /// "cancelled": the sender withdrew it before it started.
+    /// "cancelled": the sender withdrew it before it started, or stopped it while it was sent.
     Cancelled,
+    /// "validated": a `dry_run`: recipients counted and the message validated by FCM, nothing
+    /// delivered.
+    Validated,
     /// Any other value, written by someone else: never processed (FlutterFlow skips it too).
     Other(String),
 }
@@ -52,6 +55,7 @@ impl Status {
             "succeeded" => Status::Succeeded,
             "failed" => Status::Failed,
             "cancelled" => Status::Cancelled,
+            "validated" => Status::Validated,
             other => Status::Other(other.to_string()),
         }
     }
@@ -64,6 +68,7 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Validated => "validated",
             Status::Other(other) => other,
         }
     }
@@ -181,6 +186,9 @@ pub struct MessageOptions {
     pub data: BTreeMap<String, String>,
     /// `analytics_label`: `fcm_options.analytics_label`.
     pub analytics_label: Option<String>,
+    /// `dry_run`: count the recipients and have FCM validate the message on one token
+    /// (`validate_only`), delivering nothing.
+    pub dry_run: bool,
 }
 
 /// FCM's longest time to live, 28 days ("ttl", maximum four weeks:
@@ -205,6 +213,18 @@ pub struct Invalid(pub String);
 
 fn invalid(msg: impl Into<String>) -> Invalid {
     Invalid(msg.into())
+}
+
+/// A field that is `true`, `false`, or absent (false).
+fn optional_bool(fields: &HashMap<String, Value>, name: &str) -> Result<bool, Invalid> {
+    match fields.get(name).and_then(|v| v.value_type.as_ref()) {
+        None | Some(value::ValueType::NullValue(_)) => Ok(false),
+        Some(value::ValueType::BooleanValue(b)) => Ok(*b),
+        Some(other) => Err(invalid(format!(
+            "{name} must be true or false, not {}",
+            type_name(other)
+        ))),
+    }
 }
 
 impl Notification {
@@ -330,16 +350,8 @@ impl MessageOptions {
                 key.len()
             )));
         }
-        let silent = match fields.get("silent").and_then(|v| v.value_type.as_ref()) {
-            None | Some(value::ValueType::NullValue(_)) => false,
-            Some(value::ValueType::BooleanValue(b)) => *b,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "silent must be true or false, not {}",
-                    type_name(other)
-                )));
-            }
-        };
+        let silent = optional_bool(fields, "silent")?;
+        let dry_run = optional_bool(fields, "dry_run")?;
         let data = parse_data(fields.get("data"), silent)?;
         let analytics_label = optional_text(fields, "analytics_label")?;
         if let Some(label) = &analytics_label
@@ -358,6 +370,7 @@ impl MessageOptions {
             silent,
             data,
             analytics_label,
+            dry_run,
         })
     }
 
@@ -1163,6 +1176,7 @@ mod tests {
                 ]
                 .into(),
                 analytics_label: Some("Spring-sale_2.0~%".into()),
+                dry_run: false,
             }
         );
         let plain = Notification::parse(Source::App, &targeted(vec![])).unwrap();
@@ -1444,6 +1458,7 @@ mod tests {
             Status::Succeeded,
             Status::Failed,
             Status::Cancelled,
+            Status::Validated,
         ] {
             assert_eq!(Status::parse(status.as_str()), status);
         }

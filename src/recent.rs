@@ -53,6 +53,9 @@ pub struct Entry {
     pub worker: Option<String>,
     pub error: Option<String>,
     pub warning: Option<String>,
+    /// `error_counts` when finished (its progress so far while started): how many tokens got
+    /// each of FCM's error codes.
+    pub errors: BTreeMap<String, u64>,
     #[serde(skip)]
     activity: DateTime<Utc>,
 }
@@ -165,6 +168,15 @@ impl Entry {
             took_seconds,
             error: text("error"),
             warning: text("warning"),
+            errors: doc
+                .fields
+                .get("error_counts")
+                .or_else(|| progress.as_ref().and_then(|p| p.fields.get("error_counts")))
+                .map(crate::claim::read_error_counts)
+                .unwrap_or_default()
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), n))
+                .collect(),
             activity,
         }
     }
@@ -180,7 +192,38 @@ impl Entry {
                 tokens.map_or_else(dash, |n| n.to_string())
             ),
         };
-        let note = if let Some(error) = &self.error {
+        let note = self.note(now);
+        let note = if self.errors.is_empty() {
+            note
+        } else {
+            let codes: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect();
+            format!("[{}] {note}", codes.join(", "))
+                .trim_end()
+                .to_string()
+        };
+        [
+            self.id.clone(),
+            self.collection.clone(),
+            self.created
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(dash),
+            self.status.clone(),
+            sent,
+            self.removed.map_or_else(dash, |n| n.to_string()),
+            self.took_seconds
+                .map(|s| span(chrono::Duration::milliseconds((s * 1000.0) as i64)))
+                .unwrap_or_else(dash),
+            note,
+        ]
+    }
+
+    /// The last column without the error counts: the error, the warning, or what is going on.
+    fn note(&self, now: DateTime<Utc>) -> String {
+        if let Some(error) = &self.error {
             first_words(error)
         } else if let Some(warning) = &self.warning {
             format!("warning: {}", first_words(warning))
@@ -206,21 +249,7 @@ impl Entry {
                     .unwrap_or_default(),
                 _ => String::new(),
             }
-        };
-        [
-            self.id.clone(),
-            self.collection.clone(),
-            self.created
-                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                .unwrap_or_else(dash),
-            self.status.clone(),
-            sent,
-            self.removed.map_or_else(dash, |n| n.to_string()),
-            self.took_seconds
-                .map(|s| span(chrono::Duration::milliseconds((s * 1000.0) as i64)))
-                .unwrap_or_else(dash),
-            note,
-        ]
+        }
     }
 }
 

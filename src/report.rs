@@ -9,7 +9,7 @@ use chrono::Utc;
 
 use crate::audience;
 use crate::claim::fields;
-use crate::fanout::{Abort, Tally};
+use crate::fanout::{Abort, Tally, Validated};
 use crate::model::{Audience, Notification, Status, pb};
 use crate::store;
 
@@ -44,6 +44,13 @@ impl Report {
             problems.push(format!(
                 "{} undelivered: FCM stayed unavailable through every retry",
                 t.undelivered
+            ));
+        }
+        if t.timed_out > 0 {
+            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
+            problems.push(format!(
+                "{} timed out; they may have been delivered (FCM did not answer, through every retry)",
+                t.timed_out
             ));
         }
         // Not a delivery problem, but the operator's to fix: said whatever the status.
@@ -83,7 +90,7 @@ impl Report {
                 }
             };
             (Status::Failed, Some(error), None)
-        } else if t.sent == 0 || t.undelivered > 0 {
+        } else if t.sent == 0 || t.undelivered > 0 || t.timed_out > 0 {
             problems.extend(kept);
             (
                 Status::Failed,
@@ -119,6 +126,60 @@ impl Report {
         }
     }
 
+    /// A dry run's outcome: `validated` with the devices a real send would reach (nothing
+    /// sent), or `failed` as a send would fail for want of tokens, or because FCM refused every
+    /// token the message was tried on.
+    pub fn validated(
+        n: &Notification,
+        v: &Validated,
+        without: &audience::UsersWithoutTokens,
+    ) -> Report {
+        if v.tokens == 0 {
+            return Report::finished(n, &Tally::default(), without);
+        }
+        let tally = Tally {
+            tokens: v.tokens,
+            errors: v.refused,
+            ..Default::default()
+        };
+        if !v.accepted {
+            let codes: Vec<String> = v
+                .refused
+                .iter()
+                .map(|(code, n)| format!("{n} {code}"))
+                .collect();
+            return Report {
+                status: Status::Failed,
+                error: Some(format!(
+                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
+                    codes.join(", ")
+                )),
+                warning: None,
+                tally,
+                without: without.clone(),
+            };
+        }
+        Report {
+            status: Status::Validated,
+            error: None,
+            warning: (without.count > 0)
+                .then(|| format!("{} user(s) have no device token", without.count)),
+            tally,
+            without: without.clone(),
+        }
+    }
+
+    /// Cancelled while it was sent: the counts so far; the status stays `cancelled`.
+    pub fn cancelled(t: &Tally) -> Report {
+        Report {
+            status: Status::Cancelled,
+            error: None,
+            warning: None,
+            tally: *t,
+            without: Default::default(),
+        }
+    }
+
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,
@@ -136,7 +197,13 @@ impl Report {
         f.insert("status".to_string(), store::string(self.status.as_str()));
         f.insert("num_sent".to_string(), store::integer(t.sent as i64));
         f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
-        f.insert("num_failed".to_string(), store::integer(t.failed() as i64));
+        // A dry run sends nothing, and fails nothing.
+        let failed = if self.status == Status::Validated {
+            0
+        } else {
+            t.failed()
+        };
+        f.insert("num_failed".to_string(), store::integer(failed as i64));
         f.insert(
             "num_tokens_removed".to_string(),
             store::integer(t.removed as i64),
@@ -153,6 +220,12 @@ impl Report {
                 f.insert("warning".to_string(), store::string(&w));
             }
             None => remove.push("warning"),
+        }
+        if !t.errors.is_empty() {
+            f.insert(
+                "error_counts".to_string(),
+                crate::claim::error_counts_value(&t.errors),
+            );
         }
         if self.without.count > 0 {
             f.insert(
@@ -359,5 +432,46 @@ mod tests {
         let (status, f) = decide(t, 0);
         assert_eq!(status, Status::Failed);
         assert!(text(&f, "error").starts_with("sent to 2 of 3 tokens"));
+    }
+
+    #[test]
+    fn timed_out_tokens_are_said_to_be_maybe_delivered_and_every_code_is_counted() {
+        let mut errors = crate::fanout::ErrorCounts::default();
+        errors.add(crate::fcm::ErrorCode::Timeout, 2);
+        errors.add(crate::fcm::ErrorCode::Unregistered, 1);
+        let t = Tally {
+            tokens: 5,
+            sent: 2,
+            dead: 1,
+            removed: 1,
+            timed_out: 2,
+            errors,
+            ..Default::default()
+        };
+        let (status, f) = decide(t, 0);
+        assert_eq!(status, Status::Failed);
+        let error = text(&f, "error");
+        assert!(
+            error.contains("2 timed out; they may have been delivered")
+                && !error.contains("unavailable"),
+            "{error}"
+        );
+        let Some(pb::value::ValueType::MapValue(m)) =
+            f.get("error_counts").and_then(|v| v.value_type.as_ref())
+        else {
+            panic!("no error_counts: {f:?}")
+        };
+        assert_eq!(m.fields.len(), 2);
+        assert_eq!(m.fields.get("TIMEOUT"), Some(&store::integer(2)));
+        assert_eq!(m.fields.get("UNREGISTERED"), Some(&store::integer(1)));
+        let (_, clean) = decide(
+            Tally {
+                tokens: 1,
+                sent: 1,
+                ..Default::default()
+            },
+            0,
+        );
+        assert!(!clean.contains_key("error_counts"));
     }
 }

@@ -725,7 +725,7 @@ pub enum Recent {
 }
 
 /// The fields `ffpush status` shows; nothing else (titles, recipients) is read.
-const RECENT_FIELDS: [&str; 13] = [
+const RECENT_FIELDS: [&str; 14] = [
     "status",
     "num_sent",
     "num_tokens",
@@ -733,6 +733,7 @@ const RECENT_FIELDS: [&str; 13] = [
     "num_tokens_removed",
     "error",
     "warning",
+    "error_counts",
     "started_at",
     "completed_at",
     "scheduled_time",

@@ -17,7 +17,7 @@ use crate::audience;
 use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
-use crate::fanout::{self, Abort, Context, Ledger, RetryPolicy};
+use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
 use crate::fcm::{MessageTemplate, Sender};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
@@ -39,6 +39,8 @@ pub(crate) enum Outcome {
     Interrupted,
     /// Firestore failed while reading tokens: progress saved, lease released, resumed later.
     Released(store::Error),
+    /// Cancelled by its sender while its progress was being saved: it keeps `cancelled`.
+    Cancelled,
     /// The outcome was written onto the document, at this update time.
     Reported(Status, Timestamp),
 }
@@ -361,11 +363,16 @@ impl Worker {
                     tracing::info!("the notification was deleted while it was sent; stopped");
                     Then::Done { written: None }
                 }
+                Ok(Outcome::Cancelled) => {
+                    tracing::info!("cancelled while it was sent; stopped");
+                    Then::Done { written: None }
+                }
                 Ok(Outcome::Reported(status, written)) => {
-                    if status == Status::Succeeded {
-                        this.metrics.notifications_succeeded.inc()
-                    } else {
-                        this.metrics.notifications_failed.inc()
+                    match status {
+                        Status::Succeeded => this.metrics.notifications_succeeded.inc(),
+                        // A dry run, or stopped by its sender: not a failure.
+                        Status::Validated | Status::Cancelled => {}
+                        _ => this.metrics.notifications_failed.inc(),
                     }
                     Then::Done {
                         written: Some(written),
@@ -558,10 +565,19 @@ impl Worker {
             retry: RetryPolicy::from_settings(&self.settings),
             gate: Some(claim.gate()),
         };
-        let result = fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop).await;
+        let result = if n.options.dry_run {
+            fanout::validate(&ctx, &template, pages, fan_stop)
+                .await
+                .map(Finished::Validated)
+        } else {
+            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop)
+                .await
+                .map(Finished::Sent)
+        };
         match renewal.finish().await.lost {
             Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
             Some(Lost::Deleted) => return Ok(Outcome::Deleted),
+            Some(Lost::Cancelled) => return self.stopped(&claim, &ledger).await,
             None => {}
         }
         let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
@@ -571,7 +587,8 @@ impl Worker {
             without.listed.clear();
         }
         let report = match result {
-            Ok(tally) => Report::finished(&n, &tally, &without),
+            Ok(Finished::Sent(tally)) => Report::finished(&n, &tally, &without),
+            Ok(Finished::Validated(found)) => Report::validated(&n, &found, &without),
             Err(Abort::Store(e)) if e.is_transient() => {
                 // Firestore is down: not the notification's fault. Release it to be resumed.
                 return settled(claim.release(&done).await, Outcome::Released(e));
@@ -584,6 +601,9 @@ impl Worker {
         };
         let (status, f, remove) = report.into_fields();
         if let Err(lost_or_failed) = claim.report(f, &remove).await {
+            if let ClaimError::Lost(Lost::Cancelled) = lost_or_failed {
+                return self.stopped(&claim, &ledger).await;
+            }
             return settled(Err(lost_or_failed), Outcome::Interrupted);
         }
         let written = claim.version();
@@ -609,12 +629,36 @@ fn backoff_after(losses: u32, cap: Duration) -> Duration {
     }
 }
 
+impl Worker {
+    /// The document was cancelled while it was sent: the fan-out has stopped; write the counts
+    /// so far onto it, keeping `cancelled`.
+    async fn stopped(
+        &self,
+        claim: &Claim,
+        ledger: &Mutex<Ledger>,
+    ) -> Result<Outcome, store::Error> {
+        let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
+        let (_, f, remove) = Report::cancelled(&done.tally).into_fields();
+        tracing::info!(
+            sent = done.tally.sent,
+            tokens = done.tally.tokens,
+            "cancelled while it was sent; stopped"
+        );
+        match claim.report(f, &remove).await {
+            Ok(()) => Ok(Outcome::Reported(Status::Cancelled, claim.version())),
+            Err(e) => settled(Err(e), Outcome::Cancelled),
+        }
+    }
+}
+
 /// What a write of a held document means for its processing: `done` when it was written.
 fn settled(written: Result<(), ClaimError>, done: Outcome) -> Result<Outcome, store::Error> {
     match written {
         Ok(()) => Ok(done),
         Err(ClaimError::Lost(Lost::TakenOver)) => Ok(Outcome::LeaseLost),
         Err(ClaimError::Lost(Lost::Deleted)) => Ok(Outcome::Deleted),
+        // Cancelled while its progress was saved: the document keeps `cancelled`.
+        Err(ClaimError::Lost(Lost::Cancelled)) => Ok(Outcome::Cancelled),
         Err(ClaimError::Store(e)) => Err(e),
     }
 }

@@ -193,6 +193,45 @@ async fn send_writes_a_flutterflow_document_and_wait_prints_the_outcome() {
         delivered,
         vec![(format!("{}-alice", app.project), "Hello".to_string())]
     );
+
+    // --dry-run: counted and validated, nothing more delivered; `validated` exits 0.
+    let project = app.project.clone();
+    let host = shared().firestore_host.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ffpush()
+            .args([
+                "send",
+                "--title",
+                "Check",
+                "--text",
+                "first",
+                "--user",
+                "users/alice",
+                "--user",
+                "users/nobody",
+                "--dry-run",
+                "--wait",
+            ])
+            .env("GOOGLE_CLOUD_PROJECT", project)
+            .env("FIRESTORE_EMULATOR_HOST", host)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: serde_json::Value =
+        serde_json::from_str(stdout.lines().nth(1).unwrap_or_default()).unwrap();
+    assert_eq!(outcome["status"], "validated", "{outcome}");
+    assert_eq!(outcome["num_tokens"], 1);
+    assert_eq!(outcome["num_sent"], 0);
+    assert_eq!(outcome["num_users_without_tokens"], 1);
+    assert_eq!(app.delivered().len(), 1, "the dry run delivered nothing");
     worker.stop().await;
 
     let out = ffpush()

@@ -326,6 +326,104 @@ async fn dead_tokens_are_removed_and_other_token_errors_counted() {
     assert_eq!(count(&t("unavailable")), 3);
     assert_eq!(count(&t("quota")), 2);
     assert_eq!(count(&t("mismatch")), 1, "a final answer is not retried");
+    assert_eq!(
+        error_counts(&done),
+        [
+            ("INVALID_ARGUMENT", 1),
+            ("SENDER_ID_MISMATCH", 1),
+            ("THIRD_PARTY_AUTH_ERROR", 1),
+            ("UNREGISTERED", 1),
+        ]
+        .map(|(c, n)| (c.to_string(), n))
+        .into(),
+        "final answers only: the retried ones that recovered are not counted"
+    );
+    worker.stop().await;
+}
+
+/// The `error_counts` map of a finished document (empty when it has none).
+fn error_counts(doc: &ffpush::model::pb::Document) -> std::collections::BTreeMap<String, i64> {
+    use ffpush::model::pb::value::ValueType;
+    match doc
+        .fields
+        .get("error_counts")
+        .and_then(|v| v.value_type.as_ref())
+    {
+        Some(ValueType::MapValue(m)) => m
+            .fields
+            .iter()
+            .map(|(k, v)| match v.value_type {
+                Some(ValueType::IntegerValue(n)) => (k.clone(), n),
+                _ => panic!("{k} is not a count: {v:?}"),
+            })
+            .collect(),
+        None => Default::default(),
+        other => panic!("error_counts is not a map: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tokens_whose_retries_ran_out_are_counted_by_their_last_answer() {
+    let app = TestApp::with(|s| {
+        s.max_attempts = 2;
+        s.fcm_timeout = Duration::from_millis(700);
+        s.max_backoff = Duration::from_millis(200);
+        s.quota_floor = Duration::from_millis(100);
+        s.retry_budget = Duration::from_secs(3);
+    })
+    .await;
+    let p = app.project.clone();
+    let t = |n: &str| format!("{p}-{n}");
+    for (i, name) in ["quota", "unavailable", "internal", "hung", "fine"]
+        .iter()
+        .enumerate()
+    {
+        app.add_token("u1", &format!("t{i}"), &t(name), "iOS").await;
+    }
+    let fcm = app.fcm();
+    fcm.script(
+        &t("quota"),
+        Script::QuotaExceeded {
+            retry_after_secs: 1,
+            times: 1000,
+        },
+    );
+    fcm.script(
+        &t("unavailable"),
+        Script::Unavailable {
+            times: 1000,
+            retry_after_secs: None,
+        },
+    );
+    fcm.script(&t("internal"), Script::Internal { times: 1000 });
+    fcm.script(&t("hung"), Script::Hang);
+    let (worker, _) = app.start_worker().await;
+    let doc = app.notify("Retries run out", "users/u1").await;
+    let done = app.finished(&doc).await;
+    fcm.clear_script(&t("hung"));
+    for name in ["quota", "unavailable", "internal"] {
+        fcm.clear_script(&t(name));
+    }
+    assert_eq!(text(&done, "status").as_deref(), Some("failed"));
+    assert_eq!(num(&done, "num_sent"), Some(1));
+    assert_eq!(num(&done, "num_tokens"), Some(5));
+    assert_eq!(
+        error_counts(&done),
+        [
+            ("INTERNAL", 1),
+            ("QUOTA_EXCEEDED", 1),
+            ("TIMEOUT", 1),
+            ("UNAVAILABLE", 1),
+        ]
+        .map(|(c, n)| (c.to_string(), n))
+        .into()
+    );
+    let error = text(&done, "error").unwrap_or_default();
+    assert!(
+        error.contains("3 undelivered")
+            && error.contains("1 timed out; they may have been delivered"),
+        "{error}"
+    );
     worker.stop().await;
 }
 
@@ -634,5 +732,185 @@ async fn an_expired_access_token_is_refreshed_once_and_the_send_succeeds() {
         app.fcm().tokens_issued() > issued,
         "a new token was fetched from the token endpoint"
     );
+    worker.stop().await;
+}
+
+/// A map field of string → string, as a notification's `data`.
+fn string_map(entries: &[(&str, &str)]) -> ffpush::model::pb::Value {
+    use ffpush::model::pb;
+    pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: entries.iter().map(|(k, v)| (k.to_string(), s(v))).collect(),
+        })),
+    }
+}
+
+fn boolean(b: bool) -> ffpush::model::pb::Value {
+    ffpush::model::pb::Value {
+        value_type: Some(ffpush::model::pb::value::ValueType::BooleanValue(b)),
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_counts_the_devices_validates_the_message_and_delivers_nothing() {
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let t = |n: &str| format!("{p}-{n}");
+    // The first token in path order is dead: the message is validated on the next one, and
+    // the dead one is kept (a dry run removes nothing).
+    app.add_token("u1", "a", &t("dead"), "Android").await;
+    app.add_token("u1", "b", &t("u1-ios"), "iOS").await;
+    app.add_token("u2", "a", &t("u1-ios"), "iOS").await;
+    app.add_token("u2", "b", &t("u2-android"), "Android").await;
+    let fcm = app.fcm();
+    fcm.script(&t("dead"), Script::Unregistered);
+    let (worker, _) = app.start_worker().await;
+    let doc = app
+        .write(
+            CONSOLE,
+            vec![
+                ("notification_title", s("Check me")),
+                ("notification_text", s("first")),
+                ("user_refs", s("users/u1,users/u2,users/ghost")),
+                ("dry_run", boolean(true)),
+            ],
+        )
+        .await;
+    let done = app.finished(&doc).await;
+    assert_eq!(
+        text(&done, "status").as_deref(),
+        Some("validated"),
+        "{:?}",
+        text(&done, "error")
+    );
+    assert_eq!(
+        num(&done, "num_tokens"),
+        Some(3),
+        "unique tokens, as a send"
+    );
+    assert_eq!(num(&done, "num_sent"), Some(0));
+    assert_eq!(num(&done, "num_failed"), Some(0));
+    assert_eq!(num(&done, "num_users_without_tokens"), Some(1));
+    assert!(text(&done, "error").is_none());
+    assert!(app.delivered().is_empty(), "nothing delivered");
+    let validated: Vec<_> = fcm
+        .messages(&p)
+        .into_iter()
+        .filter(|m| m.validate_only)
+        .collect();
+    assert_eq!(validated.len(), 1, "validated on one token");
+    assert_eq!(validated[0].message["notification"]["title"], "Check me");
+    assert_eq!(app.token_docs("u1").await.len(), 2, "the dead token kept");
+    fcm.clear_script(&t("dead"));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_of_a_message_fcm_refuses_fails_with_fcms_error() {
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let (worker, _) = app.start_worker().await;
+    // FCM takes at most 2048 bytes to a topic; ffpush checks the 4096 bytes of a token message.
+    let pad = "x".repeat(3000);
+    let doc = app
+        .write(
+            CONSOLE,
+            vec![
+                ("notification_title", s("Too big for a topic")),
+                ("notification_text", s("x")),
+                ("target_topic", s(&format!("{p}-news"))),
+                ("data", string_map(&[("pad", &pad)])),
+                ("dry_run", boolean(true)),
+            ],
+        )
+        .await;
+    let done = app.finished(&doc).await;
+    assert_eq!(text(&done, "status").as_deref(), Some("failed"));
+    let error = text(&done, "error").unwrap_or_default();
+    assert!(
+        error.contains("FCM rejected the message") && error.contains("too large"),
+        "{error}"
+    );
+    assert_eq!(num(&done, "num_sent"), Some(0));
+    assert!(app.delivered().is_empty());
+    worker.stop().await;
+}
+
+/// A mistaken broadcast can be stopped: `status: "cancelled"` set while it is being sent stops
+/// the fan-out at the next lease renewal; the document keeps `cancelled` and gets the counts
+/// of what was sent, and nothing more is sent.
+#[tokio::test]
+async fn a_notification_cancelled_while_it_is_sent_stops_and_keeps_its_counts() {
+    use futures::StreamExt as _;
+    const TOKENS: usize = 300;
+    const RATE: u32 = 20;
+    let app = TestApp::with(|s| {
+        s.fcm_rate = RATE;
+        s.concurrency = 4;
+    })
+    .await;
+    let tokens: Vec<String> = (0..TOKENS)
+        .map(|i| format!("{}-slow-{i:03}", app.project))
+        .collect();
+    futures::stream::iter(tokens.iter().enumerate())
+        .for_each_concurrent(16, |(i, token)| {
+            let app = &app;
+            async move {
+                app.add_token("many", &format!("t{i:03}"), token, "Android")
+                    .await
+            }
+        })
+        .await;
+    let (worker, _) = app.start_worker().await;
+    let doc = app.notify("Sent by mistake", "users/many").await;
+    let name = app.store.doc_name(&doc);
+    crate::wait_until(Duration::from_secs(60), || app.delivered().len() >= 10).await;
+    let mut cancel = HashMap::new();
+    cancel.insert("status".to_string(), s("cancelled"));
+    app.store
+        .update_existing(&name, cancel, &[])
+        .await
+        .expect("the console's cancel");
+    let cancelled_at = Utc::now();
+    // `cancelled` is final from the start: wait for the counts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let doc = app
+            .store
+            .get(&doc)
+            .await
+            .unwrap()
+            .expect("the notification");
+        if num(&doc, "num_sent").is_some() {
+            break doc;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no counts written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Nothing goes out once the counts are written.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = app.fcm().messages(&app.project);
+    let last = messages.iter().map(|m| m.received_at).max().unwrap();
+    let stopped_after = (last - cancelled_at).num_milliseconds() as f64 / 1000.0;
+    eprintln!(
+        "cancelled after {} of {TOKENS} sends at {RATE}/s: the last send arrived {stopped_after:.2} s after the cancel; {} sent in all",
+        10,
+        messages.len()
+    );
+    assert_eq!(text(&done, "status").as_deref(), Some("cancelled"));
+    assert_eq!(
+        num(&done, "num_sent"),
+        Some(messages.len() as i64),
+        "every send counted"
+    );
+    assert!(
+        messages.len() < TOKENS / 2,
+        "stopped long before the end: {} sent",
+        messages.len()
+    );
+    assert!(text(&done, "ffpush_lease_expires_at").is_none());
+    assert!(!done.fields.contains_key("ffpush_lease_expires_at"));
+    assert!(!done.fields.contains_key("ffpush_progress"));
+    assert!(text(&done, "error").is_none());
     worker.stop().await;
 }

@@ -645,6 +645,7 @@ fn all_options() -> Value {
         "silent": boolean(false),
         "data": data_of(MAX_DATA_ENTRIES, MAX_DATA_LENGTH),
         "analytics_label": s(&format!("Spring-sale_2.0~%{}", "x".repeat(33))),
+        "dry_run": boolean(true),
     })
 }
 
@@ -710,6 +711,7 @@ async fn message_options_are_bounded_and_topics_are_for_trusted_back_ends() {
             json!({"collapse_key": s(&"k".repeat(65))}),
         ),
         ("silent as text", json!({"silent": s("true")})),
+        ("dry_run as text", json!({"dry_run": s("true")})),
         ("data as text", json!({"data": s("kind=chat")})),
         ("a number in data", json!({"data": data("n", int(1))})),
         (

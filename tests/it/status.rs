@@ -85,6 +85,17 @@ async fn status_lists_the_latest_notifications_of_both_collections() {
     ] {
         old.insert(k.to_string(), v);
     }
+    // Written as a worker writes it, with one device from another Firebase project.
+    let mut counts = std::collections::HashMap::new();
+    counts.insert("SENDER_ID_MISMATCH".to_string(), store::integer(1));
+    old.insert(
+        "error_counts".to_string(),
+        ffpush::model::pb::Value {
+            value_type: Some(ffpush::model::pb::value::ValueType::MapValue(
+                ffpush::model::pb::MapValue { fields: counts },
+            )),
+        },
+    );
     app.store
         .set("ff_push_notifications/old-one", old)
         .await
@@ -182,6 +193,11 @@ async fn status_lists_the_latest_notifications_of_both_collections() {
     assert_eq!(by_id(&from_app)["status"], "succeeded");
     assert_eq!(by_id(&waiting)["status"], "new");
     assert_eq!(by_id("ff_push_notifications/old-one")["took_seconds"], 3.0);
+    assert_eq!(
+        by_id("ff_push_notifications/old-one")["errors"],
+        serde_json::json!({"SENDER_ID_MISMATCH": 1})
+    );
+    assert_eq!(ok["errors"], serde_json::json!({}));
 
     // --failed, --since, --limit.
     assert_eq!(ids(&json(&app, &["--failed"])), [id(&failed)]);
@@ -231,6 +247,10 @@ async fn status_lists_the_latest_notifications_of_both_collections() {
         "{table}"
     );
     assert!(line(&waiting).contains("not picked up yet"), "{table}");
+    assert!(
+        line("ff_push_notifications/old-one").contains("[SENDER_ID_MISMATCH 1]"),
+        "{table}"
+    );
     let column: Vec<usize> = lines[1..].iter().map(|l| l.find(" ff_").unwrap()).collect();
     assert!(
         column

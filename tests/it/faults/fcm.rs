@@ -163,7 +163,7 @@ async fn an_fcm_outage_mid_broadcast_delays_but_neither_loses_nor_repeats() {
 
 /// One token of 200 is never answered (a stuck FCM backend). The others are sent once each;
 /// the hung one is tried `FFPUSH_MAX_ATTEMPTS` times, each ending in a timeout, and counted
-/// as undelivered; the document finishes and the worker goes on.
+/// as timed out (it may have been delivered); the document finishes and the worker goes on.
 #[tokio::test]
 async fn a_hung_token_among_many_is_counted_and_holds_up_nothing_else() {
     const USERS: usize = 200;
@@ -193,7 +193,10 @@ async fn a_hung_token_among_many_is_counted_and_holds_up_nothing_else() {
     assert_eq!(num(&done, "num_sent"), Some(USERS as i64 - 1));
     assert_eq!(num(&done, "num_failed"), Some(1));
     let error = text(&done, "error").unwrap_or_default();
-    assert!(error.contains("1 undelivered"), "{error}");
+    assert!(
+        error.contains("1 timed out; they may have been delivered"),
+        "{error}"
+    );
 
     let counts = deliveries(fcm, &p);
     let duplicates: usize = counts.values().map(|n| n.saturating_sub(1)).sum();

@@ -295,3 +295,85 @@ async fn progress_an_older_version_saved_is_resumed_exactly() {
     );
     worker.stop().await;
 }
+
+/// The error counts a worker that died had saved in its progress are carried by the worker
+/// that takes over, and added to: `error_counts` covers every token's final answer.
+#[tokio::test]
+async fn error_counts_saved_in_the_progress_survive_a_takeover() {
+    use ffpush::model::pb;
+    let app = TestApp::new().await;
+    let p = app.project.clone();
+    let tokens: Vec<String> = (0..4).map(|i| format!("{p}-taken-{i}")).collect();
+    for (i, token) in tokens.iter().enumerate() {
+        app.add_token("big", &format!("t{i:03}"), token, "Android")
+            .await;
+    }
+    app.fcm().script(&tokens[3], Script::SenderIdMismatch);
+    let map = |entries: Vec<(&str, pb::Value)>| pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        })),
+    };
+    // The dead worker finished the first two: one sent, one refused by APNs.
+    let progress = map(vec![
+        (
+            "cursor",
+            store::string(&app.store.doc_name("users/big/fcm_tokens/t001")),
+        ),
+        ("tokens", crate::int(2)),
+        ("sent", crate::int(1)),
+        ("third_party_auth", crate::int(1)),
+        (
+            "error_counts",
+            map(vec![("THIRD_PARTY_AUTH_ERROR", crate::int(1))]),
+        ),
+    ]);
+    let now = chrono::Utc::now();
+    let doc = app
+        .write(
+            "ff_push_notifications",
+            vec![
+                ("notification_title", crate::s("Taken over")),
+                ("notification_text", crate::s("x")),
+                ("user_refs", crate::s("users/big")),
+                ("status", crate::s("started")),
+                ("started_at", store::timestamp(now)),
+                ("ffpush_worker", crate::s("a-dead-worker")),
+                (LEASE, store::timestamp(now - chrono::Duration::seconds(1))),
+                ("ffpush_progress", progress),
+            ],
+        )
+        .await;
+    let (worker, _) = app.start_worker().await;
+    let done = app.finished(&doc).await;
+    app.fcm().clear_script(&tokens[3]);
+    assert_eq!(crate::num(&done, "num_tokens"), Some(4));
+    assert_eq!(crate::num(&done, "num_sent"), Some(2));
+    let Some(pb::value::ValueType::MapValue(counts)) = done
+        .fields
+        .get("error_counts")
+        .and_then(|v| v.value_type.as_ref())
+    else {
+        panic!("no error_counts: {:?}", done.fields)
+    };
+    let mut counts: Vec<(String, i64)> = counts
+        .fields
+        .iter()
+        .map(|(k, v)| match v.value_type {
+            Some(pb::value::ValueType::IntegerValue(n)) => (k.clone(), n),
+            _ => (k.clone(), -1),
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("SENDER_ID_MISMATCH".to_string(), 1),
+            ("THIRD_PARTY_AUTH_ERROR".to_string(), 1)
+        ]
+    );
+    worker.stop().await;
+}
