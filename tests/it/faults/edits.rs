@@ -326,8 +326,6 @@ mod mid_send {
     use std::time::Duration;
 
     use ffpush::config::Settings;
-    use ffpush::dev::fcm_emulator::Script;
-    use futures::StreamExt;
 
     use crate::{TestApp, assert_succeeded, num, s, text, wait_until};
 
@@ -340,24 +338,6 @@ mod mid_send {
         s.fcm_rate = RATE;
         s.lease = Duration::from_secs(3);
         s.progress_interval = INTERVAL;
-    }
-
-    /// `n` tokens of user `big`, each answered after 20 ms.
-    async fn audience(app: &TestApp, n: usize) -> Vec<String> {
-        let tokens: Vec<String> = (0..n)
-            .map(|i| format!("{}-big-{i:03}", app.project))
-            .collect();
-        for token in &tokens {
-            app.fcm()
-                .script(token, Script::Latency(Duration::from_millis(20)));
-        }
-        futures::stream::iter(tokens.iter().enumerate())
-            .for_each_concurrent(16, |(i, token)| async move {
-                app.add_token("big", &format!("t{i:03}"), token, "Android")
-                    .await
-            })
-            .await;
-        tokens
     }
 
     fn per_token(app: &TestApp) -> HashMap<String, usize> {
@@ -373,7 +353,7 @@ mod mid_send {
     #[tokio::test]
     async fn a_document_edited_while_it_is_sent_is_finished_by_its_worker_without_duplicates() {
         let app = TestApp::with(tune).await;
-        let tokens = audience(&app, 120).await;
+        let tokens = crate::faults::big_audience(&app, 120).await;
         let (worker, _) = app.start_worker().await;
         let doc = app.notify("edited", "users/big").await;
         let name = app.store.doc_name(&doc);
@@ -409,7 +389,7 @@ mod mid_send {
     #[tokio::test]
     async fn a_document_deleted_while_it_is_sent_stops_the_send_and_is_not_recreated() {
         let app = TestApp::with(tune).await;
-        audience(&app, 120).await;
+        crate::faults::big_audience(&app, 120).await;
         let (worker, _) = app.start_worker().await;
         let doc = app.notify("deleted", "users/big").await;
         wait_until(Duration::from_secs(60), || app.delivered().len() >= 30).await;

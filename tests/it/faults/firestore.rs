@@ -11,8 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ffpush::config::Settings;
 use ffpush::daemon::{self, Daemon};
-use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
-use futures::StreamExt;
+use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Proxy;
@@ -56,24 +55,6 @@ fn through(app: &TestApp, proxy: &Proxy) -> Settings {
     s.firestore_emulator_host = Some(proxy.host());
     s.worker_id = "worker-a".into();
     s
-}
-
-/// `n` tokens of user `big`, written concurrently; each answered after 20 ms by FCM.
-async fn audience(app: &TestApp, n: usize) -> Vec<String> {
-    let tokens: Vec<String> = (0..n)
-        .map(|i| format!("{}-big-{i:03}", app.project))
-        .collect();
-    for token in &tokens {
-        app.fcm()
-            .script(token, Script::Latency(Duration::from_millis(20)));
-    }
-    futures::stream::iter(tokens.iter().enumerate())
-        .for_each_concurrent(16, |(i, token)| async move {
-            app.add_token("big", &format!("t{i:03}"), token, "Android")
-                .await
-        })
-        .await;
-    tokens
 }
 
 /// Sends of `title` per token over the given emulators' records of this project.
@@ -149,7 +130,7 @@ async fn cut_while_idle_then_documents_written_while_cut_and_after_healing_are_s
 #[tokio::test]
 async fn cut_while_sending_pauses_within_the_stop_window_and_finishes_once_healed() {
     let app = TestApp::with(tune).await;
-    let tokens = audience(&app, 240).await;
+    let tokens = super::big_audience(&app, 240).await;
     let proxy = Proxy::start(app.settings.firestore_emulator_host.as_deref().unwrap()).await;
     let (a, _) = start(through(&app, &proxy)).await;
     let doc = app.notify("cut", "users/big").await;
@@ -200,7 +181,7 @@ enum Fault {
 /// A's last saved progress; then A's connection heals.
 async fn longer_than_the_lease(fault: Fault) {
     let app = TestApp::with(tune).await;
-    let tokens = audience(&app, 240).await;
+    let tokens = super::big_audience(&app, 240).await;
     let proxy = Proxy::start(app.settings.firestore_emulator_host.as_deref().unwrap()).await;
     let (a, _) = start(through(&app, &proxy)).await;
     // B sends to an FCM emulator of its own: each send is known to be A's or B's.
