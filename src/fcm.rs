@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::metrics::FcmMetrics;
 use crate::model::{Invalid, Notification};
 
+pub use pace::Load as PaceLoad;
 use pace::Pacer;
 use pool::{Pool, PoolConfig};
 pub use pool::{Protocol, SendError};
@@ -384,6 +385,19 @@ impl Sender {
     /// QUOTA_EXCEEDED. Every send waits here once, before [`Sender::send_now`].
     pub async fn pace(&self) {
         self.pacer.acquire().await;
+    }
+
+    /// Paces this instance at `share` messages per second from now on: its share of
+    /// `FFPUSH_FCM_RATE` among the project's instances (see [`crate::instances`]); 0 holds
+    /// every send until it is raised. No effect when unpaced (`FFPUSH_FCM_RATE=0`).
+    pub fn set_share(&self, share: f64) {
+        self.pacer.set_share(share);
+    }
+
+    /// How much the pace has held sends back so far: whether this instance wants more than
+    /// its share.
+    pub fn pace_load(&self) -> PaceLoad {
+        self.pacer.load()
     }
 
     /// [`Sender::pace`], then [`Sender::send_now`].
