@@ -400,6 +400,11 @@ impl Sender {
         self.pacer.load()
     }
 
+    /// Resolves when a send has to wait for this instance's pace, from the call on.
+    pub async fn held_back(&self) {
+        self.pacer.held_back().await;
+    }
+
     /// [`Sender::pace`], then [`Sender::send_now`].
     pub async fn send(&self, body: Bytes) -> Result<Outcome, Error> {
         self.pace().await;

@@ -17,13 +17,15 @@
 //!   left (often nothing) and grows as the others, at their next renewal, make room: the shares
 //!   in force never add up to more than the rate.
 //!
-//! Liveness is judged on Firestore's clock alone: a heartbeat's `update_time` (set by
-//! Firestore) against the `read_time` of the query that read it, with the lifetime the
-//! heartbeat itself states ([`LIFETIME_BEATS`] renewals, so four may be missed). No instance's
-//! own clock enters, so skew between them cannot make one look alive or gone. A heartbeat past
-//! its lifetime counts as gone, its share returns to the others at their next renewal, and the
-//! first instance to see it deletes it (on the condition that it was not renewed meanwhile). On
-//! a graceful stop an instance deletes its own once its sends have drained.
+//! Liveness is judged on Firestore's clock alone, never on an instance's own: a heartbeat
+//! counts as gone once it is past the lifetime it states ([`LIFETIME_BEATS`] renewals, so four
+//! may be missed) at the `update_time` (set by Firestore) of a renewal of the instance judging
+//! it. Skew between the instances' clocks therefore cannot make one look alive or gone, and
+//! neither can a stall of Firestore or of every instance at once: that leaves every heartbeat
+//! old, but none is outlived by a renewal made while the others' were due. A gone heartbeat's
+//! share returns to the others at their next renewal, and the first instance to see it deletes
+//! it (on the condition that it was not renewed meanwhile). On a graceful stop an instance
+//! deletes its own once its sends have drained.
 //!
 //! When Firestore cannot be reached, an instance keeps its last share while its last heartbeat
 //! still counts as alive for the others: `LIFETIME_BEATS − 1` intervals from when that renewal
@@ -62,7 +64,7 @@ pub const LIFETIME_BEATS: u32 = 5;
 
 /// What an instance its pace does not hold back keeps at least, as a part of an equal share:
 /// enough to start a small notification at once while another instance sends a large one.
-pub const IDLE_RESERVE: f64 = 0.05;
+pub const IDLE_RESERVE: f64 = 0.02;
 
 /// An instance wants more than its share when at least this part of the sends of the last
 /// interval waited for the pace, or sends are waiting now.
@@ -135,12 +137,16 @@ impl Heartbeat {
         })
     }
 
-    /// Whether it still counts as alive at `now`, a time on Firestore's clock.
+    /// Whether it still counts as alive at `now`, a time on Firestore's clock (the
+    /// `update_time` of the judging instance's own renewal, or a query's `read_time`).
     pub fn alive_at(&self, now: &Timestamp) -> bool {
-        match (store::from_timestamp(&self.renewed), store::from_timestamp(now)) {
+        match (
+            store::from_timestamp(&self.renewed),
+            store::from_timestamp(now),
+        ) {
             (Some(renewed), Some(now)) => {
-                let lifetime = chrono::Duration::from_std(self.lifetime)
-                    .unwrap_or(chrono::Duration::MAX);
+                let lifetime =
+                    chrono::Duration::from_std(self.lifetime).unwrap_or(chrono::Duration::MAX);
                 now < renewed + lifetime
             }
             _ => false,
@@ -168,6 +174,8 @@ pub struct Plan {
     pub instances: usize,
     /// What this instance may pace at, whole messages per second.
     pub share: f64,
+    /// What it would pace at once the others have made room for it (≥ `share`).
+    pub target: f64,
 }
 
 /// This instance's share, given the live instances' heartbeats (`others`: not its own).
@@ -179,14 +187,11 @@ pub fn plan(own: Own, others: &[Heartbeat]) -> Plan {
             rate: 0.0,
             instances,
             share: 0.0,
+            target: 0.0,
         };
     }
     let peers: Vec<&Heartbeat> = others.iter().filter(|h| h.rate > 0).collect();
-    let rate = peers
-        .iter()
-        .map(|h| h.rate)
-        .fold(own.rate, u32::min)
-        .into();
+    let rate = peers.iter().map(|h| h.rate).fold(own.rate, u32::min).into();
     let reserve = rate / (peers.len() + 1) as f64 * IDLE_RESERVE;
     let want = |held_back: bool, used: f64| {
         if held_back {
@@ -197,13 +202,14 @@ pub fn plan(own: Own, others: &[Heartbeat]) -> Plan {
     };
     let mut wants = vec![want(own.held_back, own.used)];
     wants.extend(peers.iter().map(|h| want(h.held_back, h.used)));
-    let target = fill(rate, &wants)[0];
+    let target = fill(rate, &wants)[0].floor();
     // Only into room the others have published: theirs may not have come down yet.
     let room = rate - peers.iter().map(|h| h.share).sum::<f64>();
     Plan {
         rate,
         instances,
-        share: target.min(room).max(0.0).floor(),
+        share: target.min(room.floor()).max(0.0),
+        target,
     }
 }
 
@@ -328,6 +334,10 @@ struct Heart {
     share: f64,
     /// Live instances at the last renewal, this one included.
     instances: usize,
+    /// Published at the last renewal: the pace held this instance back.
+    held_back: bool,
+    /// Its share is below what it would take once the others make room: renew sooner.
+    growing: bool,
     /// The pace's counts at the last renewal, and when they were read.
     load: PaceLoad,
     load_at: Instant,
@@ -367,6 +377,8 @@ impl Membership {
             started_at: Utc::now(),
             share: 0.0,
             instances: 1,
+            held_back: false,
+            growing: false,
             load_at: Instant::now(),
             renewed_sent: None,
             failing: false,
@@ -410,8 +422,7 @@ impl Membership {
             ..Default::default()
         };
         let mut client = heart.store.client();
-        match tokio::time::timeout(Duration::from_secs(2), client.delete_document(request)).await
-        {
+        match tokio::time::timeout(Duration::from_secs(2), client.delete_document(request)).await {
             Ok(Ok(_)) => tracing::info!("left the instances of this project"),
             Ok(Err(status)) => {
                 tracing::warn!(error = %Chain(&Error::from(status)), "could not delete this instance's heartbeat; it expires on its own")
@@ -425,14 +436,30 @@ impl Membership {
 
 impl Heart {
     async fn run(mut self, stop: CancellationToken) -> Heart {
-        // A renewal that hangs must not hold up the check below for long.
-        let limit = (self.interval * 2).max(Duration::from_secs(1));
         let hold_after = self.interval * (LIFETIME_BEATS - 1);
+        let sender = self.sender.clone();
         loop {
+            // While its pace holds it back, or the others have yet to make room for it, an
+            // instance renews four times as often: it takes room as soon as the others
+            // publish it, and gives its own back soon after its sends end. At once when its
+            // pace starts holding it back.
+            let pause = if self.growing || self.held_back {
+                self.interval / 4
+            } else {
+                self.interval
+            };
             tokio::select! {
                 _ = stop.cancelled() => return self,
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = sender.held_back(), if !self.held_back => {}
             }
+            // A renewal that hangs must not hold up the check below past its time.
+            let hold_at = self.renewed_sent.map(|sent| sent + hold_after);
+            let limit = match hold_at {
+                Some(at) if at > Instant::now() => at - Instant::now(),
+                _ => hold_after,
+            }
+            .max(self.interval);
             let result = tokio::select! {
                 _ = stop.cancelled() => return self,
                 result = tokio::time::timeout(limit, self.beat()) => result,
@@ -471,22 +498,26 @@ impl Heart {
 
     /// One renewal: read everyone's heartbeats, plan, lower at once, publish, raise.
     async fn beat(&mut self) -> Result<(), Error> {
-        let (heartbeats, read_time) = read(&self.store).await?;
+        let (heartbeats, _) = read(&self.store).await?;
         let load = self.sender.pace_load();
         let now = Instant::now();
         let (used, held_back) = demand(self.load, load, now - self.load_at);
         self.load = load;
         self.load_at = now;
         let own_id = self.name.rsplit('/').next().unwrap_or_default();
+        let mine = heartbeats
+            .iter()
+            .find(|h| h.id == own_id)
+            .map(|h| h.renewed);
         let mut others = Vec::new();
         for heartbeat in heartbeats {
             if heartbeat.id == own_id {
                 continue;
             }
-            if heartbeat.alive_at(&read_time) {
-                others.push(heartbeat);
-            } else {
+            if mine.is_some_and(|mine| !heartbeat.alive_at(&mine)) {
                 self.bury(&heartbeat).await;
+            } else {
+                others.push(heartbeat);
             }
         }
         let plan = plan(
@@ -508,6 +539,8 @@ impl Heart {
             self.apply(plan.share);
         }
         self.instances = plan.instances;
+        self.held_back = held_back;
+        self.growing = plan.share < plan.target;
         self.metrics.instances.set(plan.instances as u64);
         if before.0 != plan.instances {
             tracing::info!(
@@ -547,10 +580,7 @@ impl Heart {
             fields::LIFETIME_MS.into(),
             store::integer(lifetime.as_millis() as i64),
         );
-        f.insert(
-            fields::STARTED_AT.into(),
-            store::timestamp(self.started_at),
-        );
+        f.insert(fields::STARTED_AT.into(), store::timestamp(self.started_at));
         // For people reading the collection only: liveness is judged on Firestore's clock.
         let expires = Utc::now() + chrono::Duration::from_std(lifetime).unwrap_or_default();
         f.insert(fields::EXPIRES_AT.into(), store::timestamp(expires));
@@ -569,11 +599,13 @@ impl Heart {
     /// Deletes an expired heartbeat, unless it was renewed since it was read.
     async fn bury(&self, heartbeat: &Heartbeat) {
         let request = pb::DeleteDocumentRequest {
-            name: format!("{}/{COLLECTION}/{}", self.store.documents_path(), heartbeat.id),
+            name: format!(
+                "{}/{COLLECTION}/{}",
+                self.store.documents_path(),
+                heartbeat.id
+            ),
             current_document: Some(Precondition {
-                condition_type: Some(precondition::ConditionType::UpdateTime(
-                    heartbeat.renewed,
-                )),
+                condition_type: Some(precondition::ConditionType::UpdateTime(heartbeat.renewed)),
             }),
             ..Default::default()
         };
@@ -635,7 +667,8 @@ mod tests {
             Plan {
                 rate: 9500.0,
                 instances: 1,
-                share: 9500.0
+                share: 9500.0,
+                target: 9500.0,
             }
         );
         assert_eq!(plan(busy(9500), &[]).share, 9500.0);
@@ -643,7 +676,10 @@ mod tests {
 
     #[test]
     fn idle_instances_hold_equal_shares() {
-        let others = [peer(9000, 3000.0, false, 0.0), peer(9000, 3000.0, false, 3.0)];
+        let others = [
+            peer(9000, 3000.0, false, 0.0),
+            peer(9000, 3000.0, false, 3.0),
+        ];
         let p = plan(idle(9000), &others);
         assert_eq!((p.instances, p.share), (3, 3000.0));
     }
@@ -651,10 +687,17 @@ mod tests {
     #[test]
     fn a_newcomer_takes_only_the_room_the_others_left() {
         // Two instances at half each have not seen the third yet: it waits.
-        let others = [peer(9000, 4500.0, false, 0.0), peer(9000, 4500.0, false, 0.0)];
-        assert_eq!(plan(idle(9000), &others).share, 0.0);
+        let others = [
+            peer(9000, 4500.0, false, 0.0),
+            peer(9000, 4500.0, false, 0.0),
+        ];
+        let p = plan(idle(9000), &others);
+        assert_eq!((p.share, p.target), (0.0, 3000.0));
         // Once they have lowered theirs to a third, it takes its third.
-        let others = [peer(9000, 3000.0, false, 0.0), peer(9000, 3000.0, false, 0.0)];
+        let others = [
+            peer(9000, 3000.0, false, 0.0),
+            peer(9000, 3000.0, false, 0.0),
+        ];
         assert_eq!(plan(idle(9000), &others).share, 3000.0);
         // And an instance that sees the newcomer lowers its share at once.
         let others = [peer(9000, 4500.0, false, 0.0), peer(9000, 0.0, false, 0.0)];
@@ -663,28 +706,37 @@ mod tests {
 
     #[test]
     fn the_instances_held_back_share_what_the_others_do_not_use() {
-        // Two idle instances keep 5 % of an equal share each; the busy one gets the rest.
-        let idle_peers = [peer(9000, 150.0, false, 0.0), peer(9000, 150.0, false, 0.0)];
-        assert_eq!(plan(busy(9000), &idle_peers).share, 8700.0);
+        // Two idle instances keep 2 % of an equal share each; the busy one gets the rest.
+        let idle_peers = [peer(9000, 60.0, false, 0.0), peer(9000, 60.0, false, 0.0)];
+        assert_eq!(plan(busy(9000), &idle_peers).share, 8880.0);
         // An idle instance sending a little keeps twice what it uses.
-        let others = [peer(9000, 800.0, false, 400.0), peer(9000, 150.0, false, 0.0)];
-        assert_eq!(plan(busy(9000), &others).share, 9000.0 - 800.0 - 150.0);
+        let others = [
+            peer(9000, 800.0, false, 400.0),
+            peer(9000, 60.0, false, 0.0),
+        ];
+        assert_eq!(plan(busy(9000), &others).share, 9000.0 - 800.0 - 60.0);
         // Two busy instances split what the idle one leaves.
-        let others = [peer(9000, 4425.0, true, 4425.0), peer(9000, 150.0, false, 0.0)];
-        assert_eq!(plan(busy(9000), &others).share, 4425.0);
+        let others = [
+            peer(9000, 4470.0, true, 4470.0),
+            peer(9000, 60.0, false, 0.0),
+        ];
+        assert_eq!(plan(busy(9000), &others).share, 4470.0);
         // The idle one's view: its reserve.
-        let others = [peer(9000, 4425.0, true, 0.0), peer(9000, 4425.0, true, 0.0)];
-        assert_eq!(plan(idle(9000), &others).share, 150.0);
+        let others = [peer(9000, 4470.0, true, 0.0), peer(9000, 4470.0, true, 0.0)];
+        assert_eq!(plan(idle(9000), &others).share, 60.0);
     }
 
     #[test]
     fn a_busy_instance_grows_only_as_the_others_make_room() {
         // All were idle at a third each; this one became busy. The others still hold theirs.
-        let others = [peer(9000, 3000.0, false, 0.0), peer(9000, 3000.0, false, 0.0)];
+        let others = [
+            peer(9000, 3000.0, false, 0.0),
+            peer(9000, 3000.0, false, 0.0),
+        ];
         assert_eq!(plan(busy(9000), &others).share, 3000.0);
         // One has lowered to its reserve.
-        let others = [peer(9000, 150.0, false, 0.0), peer(9000, 3000.0, false, 0.0)];
-        assert_eq!(plan(busy(9000), &others).share, 5850.0);
+        let others = [peer(9000, 60.0, false, 0.0), peer(9000, 3000.0, false, 0.0)];
+        assert_eq!(plan(busy(9000), &others).share, 5940.0);
     }
 
     #[test]
@@ -711,9 +763,8 @@ mod tests {
         for a in states {
             for b in states {
                 for c in states {
-                    let hb = |(held_back, used): (bool, f64), share| {
-                        peer(9000, share, held_back, used)
-                    };
+                    let hb =
+                        |(held_back, used): (bool, f64), share| peer(9000, share, held_back, used);
                     let own = |(held_back, used): (bool, f64)| Own {
                         rate: 9000,
                         held_back,
@@ -745,9 +796,18 @@ mod tests {
             waiting,
         };
         let second = Duration::from_secs(1);
-        assert_eq!(demand(load(0, 0, 0), load(100, 0, 0), second), (100.0, false));
-        assert_eq!(demand(load(0, 0, 0), load(100, 10, 0), second), (100.0, false));
-        assert_eq!(demand(load(0, 0, 0), load(100, 30, 0), second), (100.0, true));
+        assert_eq!(
+            demand(load(0, 0, 0), load(100, 0, 0), second),
+            (100.0, false)
+        );
+        assert_eq!(
+            demand(load(0, 0, 0), load(100, 10, 0), second),
+            (100.0, false)
+        );
+        assert_eq!(
+            demand(load(0, 0, 0), load(100, 30, 0), second),
+            (100.0, true)
+        );
         assert_eq!(demand(load(0, 0, 0), load(0, 0, 1), second), (0.0, true));
     }
 

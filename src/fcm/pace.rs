@@ -18,7 +18,7 @@
 //! per second. 429s answered to requests sent before the pause began belong to the same
 //! event: they neither halve the rate again nor lengthen the pause.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -44,6 +44,9 @@ pub struct Pacer {
     state: Mutex<State>,
     /// Woken when the share changes: sends waiting for a slot take a new one.
     changed: Notify,
+    /// Woken when a send has to wait while `watch` is set (see [`Pacer::held_back`]).
+    pressure: Notify,
+    watch: AtomicBool,
     load: Counts,
     metrics: Arc<FcmMetrics>,
 }
@@ -141,6 +144,8 @@ impl Pacer {
                 ramp_from: now,
             }),
             changed: Notify::new(),
+            pressure: Notify::new(),
+            watch: AtomicBool::new(false),
             load: Counts::default(),
             metrics,
         }
@@ -162,15 +167,15 @@ impl Pacer {
             match self.reserve(Instant::now()) {
                 Wait::Go => break,
                 Wait::Pause(until) => {
-                    waiting.get_or_insert_with(|| Waiting::new(&self.load.waiting));
+                    waiting.get_or_insert_with(|| self.wait());
                     tokio::time::sleep_until(until).await;
                 }
                 Wait::Hold => {
-                    waiting.get_or_insert_with(|| Waiting::new(&self.load.waiting));
+                    waiting.get_or_insert_with(|| self.wait());
                     changed.await;
                 }
                 Wait::Slot(at) => {
-                    waiting.get_or_insert_with(|| Waiting::new(&self.load.waiting));
+                    waiting.get_or_insert_with(|| self.wait());
                     tokio::select! {
                         _ = tokio::time::sleep_until(at) => {
                             // A quota pause that began meanwhile holds this send too.
@@ -191,6 +196,24 @@ impl Pacer {
                 .pace_wait_micros
                 .inc_by(started.elapsed().as_micros() as u64);
         }
+    }
+
+    /// A send begins to wait.
+    fn wait(&self) -> Waiting<'_> {
+        if self.watch.load(Ordering::Relaxed) && self.watch.swap(false, Ordering::Relaxed) {
+            self.pressure.notify_waiters();
+        }
+        Waiting::new(&self.load.waiting)
+    }
+
+    /// Resolves when a send has to wait for the pace, from the call on: the moment an
+    /// instance that wanted no more than its share starts to.
+    pub async fn held_back(&self) {
+        let pressure = self.pressure.notified();
+        tokio::pin!(pressure);
+        pressure.as_mut().enable();
+        self.watch.store(true, Ordering::Relaxed);
+        pressure.await;
     }
 
     fn paused(&self, now: Instant) -> bool {
@@ -282,9 +305,7 @@ impl Pacer {
         state.next = state.next.max(until);
         state.ramp_from = until;
         if !self.unpaced {
-            state.rate = (state.rate / 2.0)
-                .max(state.share * MIN_FRACTION)
-                .max(1.0);
+            state.rate = (state.rate / 2.0).max(state.share * MIN_FRACTION).max(1.0);
             self.metrics.pace_rate.set(state.rate as u64);
         }
         self.metrics.quota_pauses.inc();
@@ -422,6 +443,25 @@ mod tests {
         let secs = all.await.unwrap();
         assert!((30.0..30.2).contains(&secs), "{secs}");
         assert_eq!(pacer.metrics.pace_rate.get(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_back_resolves_when_a_send_first_waits() {
+        let pacer = Arc::new(pacer(100));
+        let watching = {
+            let pacer = pacer.clone();
+            tokio::spawn(async move { pacer.held_back().await })
+        };
+        tokio::task::yield_now().await;
+        // The burst (50 ms worth, and the slot of now) goes without waiting.
+        time_for(&pacer, 6).await;
+        tokio::task::yield_now().await;
+        assert!(!watching.is_finished());
+        time_for(&pacer, 1).await;
+        tokio::time::timeout(Duration::from_secs(1), watching)
+            .await
+            .expect("the seventh send waited")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
