@@ -365,14 +365,13 @@ async fn broadcast(bench: &crate::Bench, cell: Cell) -> (Vec<WorkerProcess>, Tar
                     .is_some_and(|w| w.contains(&pid))
             })
             .count();
-        let sent_here = metric(worker.port, "ffpush_fcm_messages_total{outcome=\"sent\"}")
-            - sent_before[i];
+        let sent_here =
+            metric(worker.port, "ffpush_fcm_messages_total{outcome=\"sent\"}") - sent_before[i];
         let shares: Vec<f64> = busy.iter().map(|s| s.shares[i]).collect();
         let mean = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
         let least = shares.iter().copied().fold(f64::INFINITY, f64::min);
         let most = shares.iter().copied().fold(0.0, f64::max);
-        let waited =
-            metric(worker.port, "ffpush_fanout_token_wait_seconds_total") - wait_before[i];
+        let waited = metric(worker.port, "ffpush_fanout_token_wait_seconds_total") - wait_before[i];
         println!(
             "| {} | {claimed} | {sent_here:.0} | {:.1} % | {mean:.0} | {least:.0} – {most:.0} | {waited:.1} |",
             i + 1,
@@ -385,7 +384,12 @@ async fn broadcast(bench: &crate::Bench, cell: Cell) -> (Vec<WorkerProcess>, Tar
 
 /// An instance joins, one stops (SIGTERM), one crashes (SIGKILL): how long until the shares
 /// add up to the rate again among the instances left.
-fn rebalancing(bench: &crate::Bench, mut workers: Vec<WorkerProcess>, target: &Target, project: &str) {
+fn rebalancing(
+    bench: &crate::Bench,
+    mut workers: Vec<WorkerProcess>,
+    target: &Target,
+    project: &str,
+) {
     let rate = f64::from(target.settings.fcm_rate);
     let limit = Duration::from_secs(60);
     let ports: Vec<u16> = workers.iter().map(|w| w.port).collect();
@@ -407,7 +411,9 @@ fn rebalancing(bench: &crate::Bench, mut workers: Vec<WorkerProcess>, target: &T
     let join = tokio::task::block_in_place(|| {
         until(&ports4, limit, |shares, seen| {
             seen.iter().all(|&n| n == 4.0)
-                && shares.iter().all(|&s| (s - (rate / 4.0).floor()).abs() <= 1.0)
+                && shares
+                    .iter()
+                    .all(|&s| (s - (rate / 4.0).floor()).abs() <= 1.0)
         })
     });
     workers.push(joined);

@@ -78,7 +78,8 @@ struct Counts {
     waiting: AtomicUsize,
 }
 
-/// What [`Pacer::load`] reports: counts since start, and the sends waiting now.
+/// How much the pace held sends back (`Sender::pace_load`): counts since start, and the
+/// sends waiting now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Load {
     pub sends: u64,
