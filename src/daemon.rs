@@ -40,8 +40,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // reachable yet is warned about, and sends retry until it is.
     sender.connect().await?;
     let metrics = Arc::new(Metrics::with_fcm(sender.metrics()));
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", settings.port))
+        .await
+        .with_context(|| format!("binding the health port {} (PORT)", settings.port))?;
+    let http_addr = listener.local_addr()?;
     // Before anything is sent: this instance's share of FFPUSH_FCM_RATE, agreed with the
-    // project's other instances through their heartbeats.
+    // project's other instances through their heartbeats. Last of what may fail, so that a
+    // start that fails leaves no heartbeat renewed behind.
     let membership = Membership::join(
         store.clone(),
         sender.clone(),
@@ -51,10 +56,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     )
     .await
     .context("joining the project's other instances (ffpush_instances)")?;
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", settings.port))
-        .await
-        .with_context(|| format!("binding the health port {} (PORT)", settings.port))?;
-    let http_addr = listener.local_addr()?;
     let stop = shutdown.child_token();
     let (worker, due) = Worker::new(
         settings.clone(),

@@ -313,10 +313,17 @@ fn boolean(b: bool) -> Value {
 }
 
 /// This instance's membership: its heartbeat, renewed in the background, and its share set
-/// on the sender from everyone's. [`Membership::leave`] ends it.
+/// on the sender from everyone's. [`Membership::leave`] ends it; dropped without leaving, it
+/// stops renewing and the heartbeat expires, as a crashed instance's does.
 pub struct Membership {
     stop: CancellationToken,
-    task: JoinHandle<Heart>,
+    task: Option<JoinHandle<Heart>>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// The renewal loop's own state.
@@ -406,14 +413,20 @@ impl Membership {
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(heart.run(stop.clone()));
-        Ok(Membership { stop, task })
+        Ok(Membership {
+            stop,
+            task: Some(task),
+        })
     }
 
     /// Stops renewing and deletes this instance's heartbeat, so the others take its share at
     /// their next renewal. Call it once this instance's sends have drained.
-    pub async fn leave(self) {
+    pub async fn leave(mut self) {
         self.stop.cancel();
-        let Ok(heart) = self.task.await else {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let Ok(heart) = task.await else {
             return;
         };
         heart.sender.set_share(0.0);

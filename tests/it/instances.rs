@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ffpush::daemon::{self, Daemon};
 use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator};
+use ffpush::dev::firestore_emulator::FirestoreEmulator;
 use ffpush::instances;
 use ffpush::model::pb;
 use ffpush::store;
@@ -164,6 +165,69 @@ async fn instances_share_the_rate_and_rebalance_as_one_joins_leaves_or_crashes()
     }
     a.stop().await;
     assert!(heartbeats(&app).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_firestore_instances_keep_their_shares_then_hold_their_sends() {
+    const RATE: u64 = 900;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emulator = tokio::task::spawn_blocking(move || FirestoreEmulator::start(Some(port)))
+        .await
+        .unwrap()
+        .unwrap();
+    let host = emulator.host_port().to_string();
+    let app = TestApp::with(|s| {
+        s.firestore_emulator_host = Some(host.clone());
+        s.fcm_rate = RATE as u32;
+        s.heartbeat_interval = HEARTBEAT;
+    })
+    .await;
+    let a = start(&app, "a").await;
+    let b = start(&app, "b").await;
+    let limit = Duration::from_secs(60);
+    shares_become(&app, limit, |s| {
+        s.len() == 2 && s.values().all(|&v| v == RATE / 2)
+    })
+    .await;
+    let both = |series: &'static str| {
+        let (a, b) = (&a, &b);
+        async move { [metric(a, series).await, metric(b, series).await] }
+    };
+    assert_eq!(both("ffpush_fcm_rate_share").await, [450.0; 2]);
+
+    // Firestore gone: neither may take the other's half (neither can tell whether the other
+    // is still there); once their own heartbeats have expired for the others, both hold.
+    tokio::task::spawn_blocking(move || drop(emulator))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let shares = both("ffpush_fcm_rate_share").await;
+        assert!(shares.iter().all(|&s| s <= 450.0), "{shares:?}");
+        if shares == [0.0; 2] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{shares:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Back (empty, as the emulator keeps nothing): each publishes its heartbeat again, and
+    // the halves return.
+    let _restarted = tokio::task::spawn_blocking(move || FirestoreEmulator::start(Some(port)))
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + limit;
+    while both("ffpush_fcm_rate_share").await != [450.0; 2] {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 /// FlutterFlow's user ids are Firestore auto-ids: spread over the alphabet its batch bounds cut.
