@@ -218,8 +218,14 @@ settings_table! {
     }
     fcm_rate: FCM_RATE {
         env: "FFPUSH_FCM_RATE", flag: "fcm-rate", kind: Kind::Number { min: 0, max: 1_000_000 },
-        default: "10000",
-        help: "messages per second this instance sends at most; 0: unpaced. The default is FCM's default project quota, 600 000 per minute, so one instance alone stays within it; a 429 QUOTA_EXCEEDED pauses the whole instance, which then speeds up gradually (0–1000000)",
+        // 95 % of FCM's default project quota (600 000 a minute): see the help.
+        default: "9500",
+        help: "messages per second all instances of the project send together at most: each paces at its share, agreed through `ffpush_instances` (see Pacing); 0: unpaced. The default is 95 % of FCM's default project quota (600 000 per minute = 10 000/s): the 5 % left is for sends the pacer does not see (another sender in the project, `ffpush doctor`, requests on the wire while shares change, the pacer's 55 ms burst). After a quota increase, set 95 % of the new quota per second (0–1000000)",
+    }
+    heartbeat_interval: HEARTBEAT_INTERVAL {
+        env: "FFPUSH_HEARTBEAT_INTERVAL", flag: "heartbeat-interval",
+        kind: Kind::Duration { min_ms: 100, max_ms: MINUTE }, default: "2s",
+        help: "how often an instance renews its heartbeat in `ffpush_instances` and recomputes its share of `FFPUSH_FCM_RATE`; one that misses 5 renewals (by Firestore's clock) counts as gone and its share returns to the others (100ms–1m)",
     }
     max_attempts: MAX_ATTEMPTS {
         env: "FFPUSH_MAX_ATTEMPTS", flag: "max-attempts", kind: Kind::Number { min: 1, max: 100 },
@@ -413,8 +419,11 @@ pub struct Settings {
     /// Fixed number of HTTP/2 connections to FCM; `None`: sized from `concurrency` and the
     /// server's stream limit.
     pub fcm_connections: Option<usize>,
-    /// Messages per second at most, for the whole instance; 0: unpaced.
+    /// Messages per second at most, for all instances of the project together (each paces
+    /// at its share); 0: unpaced.
     pub fcm_rate: u32,
+    /// How often the instance's heartbeat is renewed and its share recomputed.
+    pub heartbeat_interval: Duration,
 }
 
 /// Root certificate(s) from a PEM file, read once at start so a bad file stops the program
@@ -564,6 +573,7 @@ impl Settings {
                 None => None,
             },
             fcm_rate: FCM_RATE.number(args)? as u32,
+            heartbeat_interval: HEARTBEAT_INTERVAL.duration(args)?,
         };
         if settings.schedule_window < settings.sweep_interval * 2 {
             return Err(SCHEDULE_WINDOW.error(
@@ -751,7 +761,11 @@ mod tests {
         assert!(s.firestore_emulator_host.is_none());
         assert_eq!(s.concurrency, 1000);
         assert_eq!(s.fcm_connections, None, "sized from the concurrency");
-        assert_eq!(s.fcm_rate, 10_000, "FCM's default quota, 600 000 a minute");
+        assert_eq!(
+            s.fcm_rate, 9_500,
+            "95 % of FCM's default quota, 600 000 a minute"
+        );
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -1023,6 +1037,8 @@ mod tests {
             (&CONCURRENCY, "0"),
             (&MAX_ATTEMPTS, "1000"),
             (&MAX_DOCUMENTS, "0"),
+            (&HEARTBEAT_INTERVAL, "0s"),
+            (&HEARTBEAT_INTERVAL, "5m"),
         ] {
             let mut a = args();
             *(spec.slot_mut)(&mut a) = Some(value.to_string());

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::fcm::Sender;
+use crate::instances::Membership;
 use crate::intake::{self, ListenState};
 use crate::metrics::Metrics;
 use crate::server;
@@ -23,6 +24,8 @@ pub struct Daemon {
     pub http_addr: SocketAddr,
     stop: CancellationToken,
     background: Vec<JoinHandle<()>>,
+    /// This instance's heartbeat and share of FFPUSH_FCM_RATE.
+    membership: Membership,
 }
 
 /// Connects (waiting for Firestore if it is down), starts listening and serving.
@@ -41,6 +44,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("binding the health port {} (PORT)", settings.port))?;
     let http_addr = listener.local_addr()?;
+    // Before anything is sent: this instance's share of FFPUSH_FCM_RATE, agreed with the
+    // project's other instances through their heartbeats. Last of what may fail, so that a
+    // start that fails leaves no heartbeat renewed behind.
+    let membership = Membership::join(
+        store.clone(),
+        sender.clone(),
+        metrics.clone(),
+        &settings,
+        &shutdown,
+    )
+    .await
+    .context("joining the project's other instances (ffpush_instances)")?;
     let stop = shutdown.child_token();
     let (worker, due) = Worker::new(
         settings.clone(),
@@ -92,6 +107,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         http_addr,
         stop,
         background,
+        membership,
     })
 }
 
@@ -121,6 +137,8 @@ impl Daemon {
                 "shutdown grace ran out with work in flight; it will be resumed elsewhere"
             );
         }
+        // Only now: its share goes to the others once nothing of this instance is in flight.
+        self.membership.leave().await;
         for task in self.background {
             task.abort();
         }

@@ -20,6 +20,7 @@ use crate::config::Settings;
 use crate::metrics::FcmMetrics;
 use crate::model::{Audience, Invalid, Notification, Priority};
 
+pub use pace::Load as PaceLoad;
 use pace::Pacer;
 use pool::{Pool, PoolConfig};
 pub use pool::{Protocol, SendError};
@@ -638,6 +639,24 @@ impl Sender {
     /// QUOTA_EXCEEDED. Every send waits here once, before [`Sender::send_now`].
     pub async fn pace(&self) {
         self.pacer.acquire().await;
+    }
+
+    /// Paces this instance at `share` messages per second from now on: its share of
+    /// `FFPUSH_FCM_RATE` among the project's instances (see [`crate::instances`]); 0 holds
+    /// every send until it is raised. No effect when unpaced (`FFPUSH_FCM_RATE=0`).
+    pub fn set_share(&self, share: f64) {
+        self.pacer.set_share(share);
+    }
+
+    /// How much the pace has held sends back so far: whether this instance wants more than
+    /// its share.
+    pub fn pace_load(&self) -> PaceLoad {
+        self.pacer.load()
+    }
+
+    /// Resolves when a send has to wait for this instance's pace, from the call on.
+    pub async fn held_back(&self) {
+        self.pacer.held_back().await;
     }
 
     /// [`Sender::pace`], then [`Sender::send_now`].

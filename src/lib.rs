@@ -32,6 +32,8 @@
 //! - [`config`]: settings from environment and flags, validated once at start.
 //! - [`metrics`], `server`: Prometheus counters and the health/metrics HTTP port;
 //!   `logging`: text, or Cloud Logging JSON on Cloud Run.
+//! - [`instances`]: the instances of a project find each other through heartbeats in
+//!   `ffpush_instances` and share `FFPUSH_FCM_RATE` (each paces at its share).
 //! - [`daemon`]: `ffpush run`, the entry point `main` and the tests share.
 //! - [`cli`]: the subcommands; [`doctor`]: the operator's checks; [`migrate`]: versioned data
 //!   migrations (`ffpush migrate`), recorded in `ffpush_migrations`; [`recent`]: `ffpush
@@ -52,6 +54,7 @@ pub mod doctor;
 pub(crate) mod errors;
 pub mod fanout;
 pub mod fcm;
+pub mod instances;
 pub(crate) mod intake;
 pub(crate) mod limits;
 pub(crate) mod logging;

@@ -76,8 +76,8 @@ pub struct FcmMetrics {
     pub streams_refused: Counter,
     /// FCM requests on the wire right now.
     pub requests_in_flight: Gauge,
-    /// Sends allowed per second now (`FFPUSH_FCM_RATE`, lower after a quota pause; 0:
-    /// unpaced).
+    /// Sends allowed per second now (this instance's share of `FFPUSH_FCM_RATE`, lower after
+    /// a quota pause; 0: unpaced).
     pub pace_rate: Gauge,
     /// Time sends waited for the pacer (rate and quota pauses), summed over sends.
     pub pace_wait_micros: Counter,
@@ -104,6 +104,11 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
+    /// Instances of the project alive by their heartbeats, this one included, as it last
+    /// read them (see [`crate::instances`]).
+    pub instances: Gauge,
+    /// This instance's share of `FFPUSH_FCM_RATE`, messages per second (0: unpaced, or held).
+    pub rate_share: Gauge,
     /// The FCM sender's pool (see [`FcmMetrics`]).
     pub fcm: Arc<FcmMetrics>,
     /// Observations per bucket, not cumulative (see [`Metrics::observe_fcm`]).
@@ -308,7 +313,7 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP ffpush_fcm_pace_rate FCM sends allowed per second now (FFPUSH_FCM_RATE, lower while recovering from a quota pause; 0: unpaced)."
+            "# HELP ffpush_fcm_pace_rate FCM sends allowed per second now (this instance's share of FFPUSH_FCM_RATE, lower while recovering from a quota pause; 0: unpaced)."
         )?;
         writeln!(out, "# TYPE ffpush_fcm_pace_rate gauge")?;
         writeln!(out, "ffpush_fcm_pace_rate {}", fcm.pace_rate.get())?;
@@ -332,6 +337,18 @@ impl Metrics {
             "ffpush_fcm_quota_pauses_total {}",
             fcm.quota_pauses.get()
         )?;
+        writeln!(
+            out,
+            "# HELP ffpush_instances Instances of this project alive by their heartbeats in ffpush_instances, this one included, as it last read them."
+        )?;
+        writeln!(out, "# TYPE ffpush_instances gauge")?;
+        writeln!(out, "ffpush_instances {}", self.instances.get())?;
+        writeln!(
+            out,
+            "# HELP ffpush_fcm_rate_share This instance's share of FFPUSH_FCM_RATE, messages per second (0: unpaced, or holding its sends)."
+        )?;
+        writeln!(out, "# TYPE ffpush_fcm_rate_share gauge")?;
+        writeln!(out, "ffpush_fcm_rate_share {}", self.rate_share.get())?;
         writeln!(
             out,
             "# HELP ffpush_fcm_request_duration_seconds Latency of one FCM send request."

@@ -31,7 +31,7 @@ pub async fn seed(store: &Store, range: std::ops::Range<usize>) -> f64 {
 
 /// Writes the document `doc(i)` names and fills for each `i` of `range`, 500 writes per
 /// BatchWrite, four requests in flight. Returns documents per second.
-async fn write_all(
+pub async fn write_all(
     store: &Store,
     range: std::ops::Range<usize>,
     what: &str,

@@ -12,6 +12,10 @@
 //!   10k/100k/1M tokens: messages/s, CPU-ms per 1000 messages, peak RSS (VmHWM).
 //! - `quota`: 100 000 and 1 000 000 tokens against the emulator's `--quota` (FCM's 600 000 a
 //!   minute, and the same rate in 1 s windows): delivered, refused, instance-wide pauses.
+//! - `instances`: three `ffpush run` on one project, a broadcast in 12 batch documents against
+//!   the emulator's `--quota` (10 000/s in 10 s windows): messages/s together, 429s, each
+//!   instance's documents, messages and share; then how fast the shares follow an instance
+//!   joining, stopping and crashing.
 //! - `fanout`: messages/s and CPU-ms per 1000 messages of the production fan-out (this process)
 //!   against the FCM emulator (another process), h2c and HTTPS (h2 by ALPN), for 10k/100k/1M
 //!   tokens from memory at concurrency 1/64/256/1024. Each cell stops at its token count or its
@@ -53,6 +57,7 @@ mod ceiling;
 mod fanout;
 mod firestore;
 mod idle;
+mod instances;
 mod procs;
 mod realistic;
 
@@ -91,9 +96,10 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "realistic",
     "quota",
+    "instances",
     "fanout",
     "ceiling",
     "latency",
@@ -259,6 +265,9 @@ fn main() {
         }
         if bench.options.wants("quota") {
             realistic::quota(&bench).await;
+        }
+        if bench.options.wants("instances") {
+            instances::run(&bench).await;
         }
         if bench.options.wants("fanout") {
             fanout_matrix(&bench).await;

@@ -12,6 +12,7 @@ mod fcm_http1;
 mod fcm_pool;
 mod fcm_quota;
 mod fidelity;
+mod instances;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -135,6 +135,26 @@ fn filter_terms(filter: &str) -> (String, String, Vec<(String, String)>) {
     (name.to_string(), kind.to_string(), labels)
 }
 
+/// The labels of the `prometheus_target` resource Managed Service for Prometheus writes to
+/// (https://cloud.google.com/monitoring/api/resources#tag_prometheus_target); on Cloud Run,
+/// `instance` tells the instances apart.
+const TARGET_LABELS: [&str; 6] = [
+    "project_id",
+    "location",
+    "cluster",
+    "namespace",
+    "job",
+    "instance",
+];
+
+/// `resource.label."instance"` (a groupByFields entry) → `instance`; `None` for a metric label.
+fn resource_label(field: &str) -> Option<&str> {
+    field
+        .strip_prefix("resource.label.")
+        .or_else(|| field.strip_prefix("resource.labels."))
+        .map(|label| label.trim_matches('"'))
+}
+
 /// `metric.label."status"` (a groupByFields entry) → `status`.
 fn group_label(field: &str) -> String {
     field
@@ -199,7 +219,15 @@ fn the_dashboard_charts_only_what_ffpush_exports_read_as_its_kind() {
             .into_iter()
             .flatten()
         {
-            let label = group_label(field.as_str().expect("a string"));
+            let field = field.as_str().expect("a string");
+            if let Some(label) = resource_label(field) {
+                assert!(
+                    TARGET_LABELS.contains(&label),
+                    "{name}: prometheus_target has no label {label}"
+                );
+                continue;
+            }
+            let label = group_label(field);
             assert!(
                 family.labels.contains_key(&label),
                 "{name} has no label {label} to group by"

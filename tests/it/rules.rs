@@ -1354,6 +1354,53 @@ async fn ff_push_notifications_is_closed_to_clients() {
     );
 }
 
+/// The instances' heartbeats: what each paces at is none of an app user's business, and a
+/// forged heartbeat would take a share of the project's FCM rate from the real ones.
+#[tokio::test]
+async fn ffpush_instances_is_closed_to_clients() {
+    let c = Client::new();
+    let heartbeat = json!({
+        "worker": {"stringValue": "alice"},
+        "rate": {"integerValue": "9500"},
+        "share": {"doubleValue": 9500.0},
+        "lifetime_ms": {"integerValue": "10000"},
+    });
+    allowed(
+        &c.create(As::Server, "ffpush_instances/w1", heartbeat.clone())
+            .await,
+        "the server (an instance's service account)",
+    );
+    // Even under an id equal to the user's uid (the users' own rule is keyed by it).
+    for path in ["ffpush_instances/alice", "ffpush_instances/w2"] {
+        denied(
+            &c.create(As::User("alice"), path, heartbeat.clone()).await,
+            "an app user writing a heartbeat",
+        );
+    }
+    denied(
+        &c.get(As::User("alice"), "ffpush_instances/w1").await,
+        "reading one",
+    );
+    denied(
+        &c.query(As::User("alice"), "ffpush_instances", None).await,
+        "listing them",
+    );
+    denied(
+        &c.patch(
+            As::User("alice"),
+            "ffpush_instances/w1",
+            json!({"share": {"doubleValue": 0.0}}),
+        )
+        .await,
+        "changing one",
+    );
+    denied(
+        &c.delete(As::User("alice"), "ffpush_instances/w1").await,
+        "deleting one",
+    );
+    assert_eq!(c.stored("ffpush_instances").await, 1);
+}
+
 #[tokio::test]
 async fn unauthenticated_clients_are_denied_everything() {
     let c = Client::new();
