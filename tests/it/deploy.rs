@@ -186,10 +186,22 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
 
     let c = container(&m);
     assert_eq!(c["ports"][0]["containerPort"], 8080);
-    for probe in ["startupProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+    // Traffic moves (and the old revision goes) once the startup probe passes: only once
+    // caught up. Alive is all the liveness probe asks.
+    for (probe, path) in [("startupProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], 8080, "{probe}");
     }
+    let startup = &c["startupProbe"];
+    let budget = startup["failureThreshold"]
+        .as_u64()
+        .expect("failureThreshold")
+        * startup["periodSeconds"].as_u64().expect("periodSeconds");
+    // Cloud Run's limit is 240 s; a replay of a million documents takes about 80 s.
+    assert!(
+        (160..=240).contains(&budget),
+        "startup budget {budget} s: room for a million-document replay, within Cloud Run's 240 s"
+    );
     let command = &c["command"];
     assert!(
         command.is_null() || *command == serde_yaml_ng::from_str::<Value>("[ffpush, run]").unwrap(),
@@ -238,7 +250,7 @@ fn the_metrics_collector_scrapes_what_ffpush_serves() {
     assert_eq!(dependencies, serde_json::json!({"collector": ["ffpush"]}));
     let ffpush = &all["ffpush"];
     assert_eq!(
-        ffpush["startupProbe"]["httpGet"]["path"], "/healthz",
+        ffpush["startupProbe"]["httpGet"]["path"], "/readyz",
         "the dependency waits for this probe"
     );
 
