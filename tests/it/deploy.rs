@@ -528,6 +528,70 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--alert-channel my-email"));
 }
 
+/// `--retention` is opt-in: without it nothing about expiry is printed; with it the service
+/// gets `FFPUSH_RETENTION` and both collection groups a TTL policy on `ffpush_expires_at`.
+#[test]
+fn deploy_sh_retention_sets_the_setting_and_the_ttl_policies_only_when_given() {
+    let dry_run = |extra: &[&str]| {
+        let out = Command::new("bash")
+            .arg(path("deploy/deploy.sh"))
+            .args(["--dry-run", "--tag", "t1"])
+            .args(extra)
+            .args(["demo-project", "europe-west1"])
+            .output()
+            .expect("running deploy.sh --dry-run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = dry_run(&[]);
+    assert_eq!(code, Some(0));
+    assert!(
+        !stdout.contains("ttls") && !stdout.contains("value: 2160h"),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) = dry_run(&["--retention", "2160h"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for group in ["ff_push_notifications", "ff_user_push_notifications"] {
+        let command = format!(
+            "gcloud firestore fields ttls update ffpush_expires_at --collection-group {group} --enable-ttl --async --project demo-project"
+        );
+        assert!(
+            stdout.lines().any(|l| l == command),
+            "{command} not in\n{stdout}"
+        );
+    }
+    let rendered: String = stdout
+        .lines()
+        .skip_while(|l| *l != "# rendered deploy/service.yaml:")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("#   "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let manifest: Value =
+        serde_yaml_ng::from_str(&rendered).expect("the rendered manifest is YAML");
+    let env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("ffpush's env");
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "FFPUSH_RETENTION" && e["value"] == "2160h"),
+        "{rendered}"
+    );
+    // What ffpush itself accepts.
+    assert_eq!(
+        ffpush::config::parse_duration("2160h"),
+        Some(std::time::Duration::from_secs(2160 * 3600))
+    );
+
+    let (code, _, stderr) = dry_run(&["--retention", "90d"]);
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("--retention 90d"), "{stderr}");
+}
+
 #[test]
 fn the_dashboard_file_is_what_deploy_sh_expects() {
     let text = read("deploy/dashboard.json");

@@ -226,3 +226,49 @@ async fn not_ready_while_the_start_up_replay_is_handed_over() {
     );
     daemon.stop().await;
 }
+
+/// `FFPUSH_RETENTION`: a finished document carries `ffpush_expires_at` = `completed_at` + the
+/// retention, for a Firestore TTL policy; without the setting (the default) it carries none.
+#[tokio::test]
+async fn retention_stamps_an_expiry_on_finished_documents_only_when_set() {
+    for retention in [None, Some(Duration::from_secs(48 * 3600))] {
+        let app = TestApp::with(|s| s.retention = retention).await;
+        app.add_token("u1", "a", &format!("{}-ok", app.project), "iOS")
+            .await;
+        let (worker, _) = app.start_worker().await;
+        let sent = app.notify("kept", "users/u1").await;
+        // Failed before any claim: due longer ago than FFPUSH_MAX_LATENESS.
+        let expired = app
+            .write(
+                "ff_push_notifications",
+                vec![
+                    ("notification_title", crate::s("late")),
+                    ("notification_text", crate::s("x")),
+                    ("user_refs", crate::s("users/u1")),
+                    (
+                        "scheduled_time",
+                        store::timestamp(chrono::Utc::now() - chrono::Duration::days(3)),
+                    ),
+                ],
+            )
+            .await;
+        let sent = app.finished(&sent).await;
+        assert_succeeded(&sent);
+        let expired = app.finished(&expired).await;
+        assert_eq!(crate::text(&expired, "status").as_deref(), Some("failed"));
+        for doc in [&sent, &expired] {
+            let completed = store::timestamp_field(doc, "completed_at").expect("completed_at");
+            let expires = store::timestamp_field(doc, "ffpush_expires_at");
+            match retention {
+                None => assert_eq!(expires, None, "no expiry unless asked for"),
+                Some(r) => assert_eq!(
+                    expires,
+                    Some(completed + chrono::Duration::from_std(r).unwrap()),
+                    "{}",
+                    doc.name
+                ),
+            }
+        }
+        worker.stop().await;
+    }
+}
