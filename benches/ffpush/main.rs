@@ -61,6 +61,8 @@ pub struct Options {
     pub rss_sizes: Vec<usize>,
     /// Documents of the `far-future` scenario.
     pub far_future: usize,
+    /// Finished documents of the `start` scenario.
+    pub history: usize,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -81,7 +83,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "realistic",
     "quota",
     "fanout",
@@ -92,6 +94,7 @@ const SCENARIOS: [&str; 10] = [
     "flutterflow",
     "rss",
     "far-future",
+    "start",
 ];
 
 impl Options {
@@ -102,6 +105,7 @@ impl Options {
             cell_secs: 20,
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             far_future: 200_000,
+            history: 100_000,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -133,6 +137,7 @@ impl Options {
                 "--latency" => o.latency = number(args.next(), "--latency") as u64,
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
+                "--history" => o.history = number(args.next(), "--history"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -266,6 +271,9 @@ fn main() {
         }
         if bench.options.wants("far-future") {
             firestore::far_future(&bench).await;
+        }
+        if bench.options.wants("start") {
+            firestore::start_with_history(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {
