@@ -964,7 +964,10 @@ async fn seed_finished(store: &Store, range: std::ops::Range<usize>) -> f64 {
     write_all(store, range, "notification", |i| {
         let mut fields = HashMap::new();
         fields.insert("notification_title".to_string(), store::string("Old news"));
-        fields.insert("notification_text".to_string(), store::string("Sent long ago"));
+        fields.insert(
+            "notification_text".to_string(),
+            store::string("Sent long ago"),
+        );
         fields.insert("user_refs".to_string(), store::string(&user_path(i)));
         fields.insert("timestamp".to_string(), now.clone());
         fields.insert("status".to_string(), store::string("succeeded"));
@@ -1008,10 +1011,18 @@ pub async fn start_with_history(bench: &crate::Bench) {
             let cpu = procs::cpu_seconds(worker.pid());
             let written = Instant::now();
             let doc = create(store, To::User(0)).await;
-            finished(store, &doc, Duration::from_millis(20), Duration::from_secs(600)).await;
+            finished(
+                store,
+                &doc,
+                Duration::from_millis(20),
+                Duration::from_secs(600),
+            )
+            .await;
             let sent = written.elapsed().as_secs_f64();
             drop(worker);
-            eprintln!("start with {history} finished documents: ready in {ready:.1}s, then sent in {sent:.1}s");
+            eprintln!(
+                "start with {history} finished documents: ready in {ready:.1}s, then sent in {sent:.1}s"
+            );
             (history, ready, cpu, sent)
         }
     };

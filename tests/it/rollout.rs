@@ -175,7 +175,7 @@ async fn a_rolling_restart_sends_every_notification_once_and_promptly() {
     for doc in &docs {
         let done = app.finished(doc).await;
         assert_succeeded(&done);
-        let created = done.create_time.clone().expect("a create time");
+        let created = done.create_time.expect("a create time");
         let created = chrono::DateTime::from_timestamp(created.seconds, created.nanos as u32)
             .expect("a valid create time");
         let completed = store::timestamp_field(&done, "completed_at").expect("completed_at");
@@ -271,4 +271,32 @@ async fn retention_stamps_an_expiry_on_finished_documents_only_when_set() {
         }
         worker.stop().await;
     }
+}
+
+/// What a start costs with history, measured (not asserted: timings belong in the bench
+/// cell `cargo bench --bench ffpush -- start`): `HISTORY` finished documents, `ffpush run`
+/// (this test binary's build) start → `/readyz`, then a notification written once ready →
+/// finished. `cargo test --test it rollout::start_cost -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement; run by hand"]
+async fn start_cost() {
+    let n: usize = std::env::var("HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let app = TestApp::new().await;
+    app.add_token("u1", "a", &format!("{}-ok", app.project), "iOS")
+        .await;
+    seed_finished(&app.store, "ff_push_notifications", n).await;
+    let started = Instant::now();
+    let b = Instance::start(&app);
+    let ready = b.wait_ready(Duration::from_secs(600)).await;
+    let written = Instant::now();
+    let doc = app.notify("after start", "users/u1").await;
+    assert_succeeded(&app.finished(&doc).await);
+    eprintln!(
+        "{n} finished documents: ready {ready:?} after start ({:?} incl. spawn), then sent in {:?}",
+        started.elapsed() - written.elapsed(),
+        written.elapsed()
+    );
 }
