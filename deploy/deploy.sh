@@ -48,6 +48,13 @@ Options:
                            alert fires; repeat for more. Without it the alerts only open
                            incidents in the console. List channels with
                            gcloud beta monitoring channels list --project PROJECT_ID
+  --retention HOURS        opt-in: delete finished notifications HOURS after they finished
+                           (e.g. 2160h, 90 days; at least 24h). Sets FFPUSH_RETENTION on the
+                           service (finished documents get ffpush_expires_at) and creates a
+                           Firestore TTL policy on that field for ff_push_notifications and
+                           ff_user_push_notifications. The FlutterFlow console lists past
+                           notifications from these collections: they go too. Without it
+                           nothing is deleted and each start replays the whole history
   --dry-run                print the commands instead of running them
   -h, --help               this text
 
@@ -72,6 +79,7 @@ DRY_RUN=false
 DELETE_FUNCTIONS=false
 FUNCTIONS_REGION=us-central1
 TAG=""
+RETENTION=""
 CHANNELS=()
 positional=()
 while (($#)); do
@@ -80,6 +88,7 @@ while (($#)); do
     --delete-functions) DELETE_FUNCTIONS=true; shift ;;
     --functions-region) FUNCTIONS_REGION="${2:?--functions-region needs a value}"; shift 2 ;;
     --alert-channel) CHANNELS+=("${2:?--alert-channel needs a value}"); shift 2 ;;
+    --retention) RETENTION="${2:?--retention needs a value}"; shift 2 ;;
     --dry-run) DRY_RUN=true; shift ;;
     -h | --help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option $1" ;;
@@ -102,6 +111,10 @@ check_project
 check_tag
 alert_channels
 need_alpha
+if [[ -n "$RETENTION" ]]; then
+  [[ "$RETENTION" =~ ^[0-9]+h$ ]] && ((${RETENTION%h} >= 24)) ||
+    die "--retention $RETENTION: give hours, at least 24h (e.g. 2160h for 90 days)"
+fi
 
 SA="$SERVICE@$PROJECT_ID.iam.gserviceaccount.com"
 IMAGE="$REGION-docker.pkg.dev/$PROJECT_ID/$REPOSITORY/$SERVICE:$TAG"
@@ -141,11 +154,30 @@ step "Deploying service $SERVICE (with its metrics collector)"
 manifest="$RENDERED/service.yaml"
 sed -e "s/PROJECT_ID/$PROJECT_ID/g" -e "s/REGION/$REGION/g" -e "s/TAG/$TAG/g" \
   deploy/service.yaml >"$manifest"
+if [[ -n "$RETENTION" ]]; then
+  # The one env list in the manifest is ffpush's (the collector has none).
+  awk -v retention="$RETENTION" '{ print }
+    /^          env:$/ { print "            - name: FFPUSH_RETENTION"; print "              value: " retention }' \
+    "$manifest" >"$manifest.retention"
+  mv "$manifest.retention" "$manifest"
+fi
 if $DRY_RUN; then
   echo "# rendered deploy/service.yaml:"
   sed 's/^/#   /' "$manifest"
 fi
 run gcloud run services replace "$manifest" --project "$PROJECT_ID" --region "$REGION"
+
+if [[ -n "$RETENTION" ]]; then
+  step "Retention: Firestore TTL on ffpush_expires_at ($RETENTION after completed_at)"
+  # https://cloud.google.com/sdk/gcloud/reference/firestore/fields/ttls/update; Firestore
+  # deletes an expired document typically within 24 h of its expiry, not at once
+  # (https://firebase.google.com/docs/firestore/ttl). Documents finished before ffpush had
+  # the setting carry no ffpush_expires_at and stay.
+  for group in ff_push_notifications ff_user_push_notifications; do
+    run gcloud firestore fields ttls update ffpush_expires_at --collection-group "$group" \
+      --enable-ttl --async --project "$PROJECT_ID"
+  done
+fi
 
 dashboard
 alert_policies

@@ -299,6 +299,12 @@ settings_table! {
         kind: Kind::Duration { min_ms: 2 * SECOND, max_ms: 7 * DAY }, default: "1h",
         help: "timers are kept only for documents due within this window (≈ 1 KiB each); later ones cost no memory and are found by the sweep as they come close; at least twice the sweep interval (2s–168h)",
     }
+    retention: RETENTION {
+        env: "FFPUSH_RETENTION", flag: "retention",
+        kind: Kind::Duration { min_ms: DAY, max_ms: 3650 * DAY },
+        shown_default: Some("off: finished documents are kept"),
+        help: "finished documents get `ffpush_expires_at` = `completed_at` + this, for a Firestore TTL policy (`deploy.sh --retention`) to delete them; bounds what each start replays. Off by default because the FlutterFlow console lists past notifications from these collections (24h–87600h)",
+    }
     log_format: LOG_FORMAT {
         env: "LOG_FORMAT", flag: "log-format",
         shown_default: Some("`json` on Cloud Run (`K_SERVICE` set), else `text`"),
@@ -424,6 +430,9 @@ pub struct Settings {
     pub fcm_rate: u32,
     /// How often the instance's heartbeat is renewed and its share recomputed.
     pub heartbeat_interval: Duration,
+    /// How long a finished document is kept: `ffpush_expires_at` is written this long after
+    /// `completed_at`, for a Firestore TTL policy. `None`: no expiry field, kept for ever.
+    pub retention: Option<Duration>,
 }
 
 /// Root certificate(s) from a PEM file, read once at start so a bad file stops the program
@@ -574,6 +583,10 @@ impl Settings {
             },
             fcm_rate: FCM_RATE.number(args)? as u32,
             heartbeat_interval: HEARTBEAT_INTERVAL.duration(args)?,
+            retention: match RETENTION.raw(args) {
+                Some(_) => Some(RETENTION.duration(args)?),
+                None => None,
+            },
         };
         if settings.schedule_window < settings.sweep_interval * 2 {
             return Err(SCHEDULE_WINDOW.error(

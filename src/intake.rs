@@ -3,7 +3,7 @@
 //! for documents that no listener event or timer holds (abandoned leases, due schedules).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use backoff::backoff::Backoff as _;
@@ -18,17 +18,29 @@ use crate::errors::Chain;
 use crate::store;
 use crate::worker::Worker;
 
-/// Whether each listen stream is up (for `/readyz`).
+/// Whether each listen stream has caught up (for `/readyz`).
 #[derive(Default)]
 pub struct ListenState {
+    /// The stream is open and has handed its whole initial snapshot to the worker: Firestore
+    /// marked the target `CURRENT` and then sent a consistent snapshot point (a `NO_CHANGE`
+    /// for all targets with a `read_time`). Cleared when the stream ends, set again once the
+    /// reopened stream's snapshot is through.
     pub up: [AtomicBool; 2],
     /// Both streams have replayed their collection once: the start-up catch-up is done.
     caught_up: AtomicBool,
+    /// Documents the streams handed to the worker (replays included).
+    received: AtomicU64,
 }
 
 impl ListenState {
+    /// Both streams have handed over a consistent snapshot of their collection.
     pub fn all_up(&self) -> bool {
         self.up.iter().all(|u| u.load(Ordering::Relaxed))
+    }
+
+    /// Documents the listen streams have handed to the worker so far, replays included.
+    pub fn documents_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 }
 
@@ -105,6 +117,8 @@ async fn listen_once(
     // The request stream must stay open for as long as we listen.
     let requests = futures::stream::iter([request]).chain(futures::stream::pending());
     let mut responses = store.client().listen(requests).await?.into_inner();
+    // Our target has received all its documents (`CURRENT`) and no `RESET` came since.
+    let mut current = false;
     loop {
         let next = tokio::select! {
             _ = worker.stop.cancelled() => return Ok(()),
@@ -129,9 +143,20 @@ async fn listen_once(
                     return Err(store::Error::Unavailable(store::Grpc(status)));
                 }
                 if change.target_change_type == TargetChangeType::Current as i32 {
-                    state.up[slot].store(true, Ordering::Relaxed);
+                    current = true;
+                } else if change.target_change_type == TargetChangeType::Reset as i32 {
+                    // Firestore sends the target's documents again; it is current once more
+                    // at its next `CURRENT`. Readiness, once reached, stays: a reset resends
+                    // what the worker has seen, plus the changes.
+                    current = false;
+                } else if is_snapshot_point(&change)
+                    && current
+                    && !state.up[slot].swap(true, Ordering::Relaxed)
+                {
+                    // Every document of the initial snapshot came before this event, and
+                    // `offer` takes each synchronously: the replay is handed over.
                     backoff.reset();
-                    tracing::debug!(collection, "listening");
+                    tracing::debug!(collection, "listening, caught up");
                     if state.all_up() && !state.caught_up.swap(true, Ordering::Relaxed) {
                         caught_up_at_start(worker);
                     }
@@ -142,6 +167,7 @@ async fn listen_once(
             }
             listen_response::ResponseType::DocumentChange(change) => {
                 if let Some(doc) = change.document {
+                    state.received.fetch_add(1, Ordering::Relaxed);
                     worker.offer(doc);
                 }
             }
@@ -154,6 +180,16 @@ async fn listen_once(
             listen_response::ResponseType::Filter(_) => {}
         }
     }
+}
+
+/// A consistent snapshot point: `NO_CHANGE` for all targets (no target ids) with a read time.
+/// Everything sent before it is consistent as of that time
+/// (<https://github.com/googleapis/googleapis/blob/master/google/firestore/v1/firestore.proto>,
+/// `TargetChange.target_ids`).
+fn is_snapshot_point(change: &firestore::gcloud_sdk::google::firestore::v1::TargetChange) -> bool {
+    change.target_change_type == TargetChangeType::NoChange as i32
+        && change.target_ids.is_empty()
+        && change.read_time.is_some()
 }
 
 /// The one line at start saying how many documents the replay found too old to send.

@@ -8,6 +8,12 @@ use std::collections::HashMap;
 use chrono::Utc;
 
 use crate::audience;
+
+/// With `FFPUSH_RETENTION`, the time at which a finished document may be deleted:
+/// `completed_at` + the retention, for a Firestore TTL policy on this field (`deploy.sh
+/// --retention`). Set by [`crate::store::Store`] on every write that sets `completed_at`, so
+/// both a report and a failure of a document never claimed carry it.
+pub(crate) const EXPIRES_AT: &str = "ffpush_expires_at";
 use crate::claim::fields;
 use crate::fanout::{Abort, Tally, Validated};
 use crate::model::{Audience, Notification, Status, pb};

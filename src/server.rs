@@ -1,5 +1,5 @@
-//! The operator's HTTP port: `/healthz` (alive), `/readyz` (listening and able to get an FCM
-//! token), `/metrics` (Prometheus text, with the readiness as `ffpush_ready`).
+//! The operator's HTTP port: `/healthz` (alive), `/readyz` (caught up with both collections
+//! and able to get an FCM token), `/metrics` (Prometheus text, with the readiness as `ffpush_ready`).
 
 use std::sync::Arc;
 
@@ -29,10 +29,16 @@ pub fn router(health: Health) -> Router {
         .with_state(health)
 }
 
-/// What `/readyz` checks: both listen streams up, and an FCM access token obtainable.
+/// What `/readyz` checks: both listen streams have handed their collection's current documents
+/// to the worker (at start: the whole replay), and an FCM access token is obtainable. The
+/// startup probe in `deploy/service.yaml` asks this, so a rollout retires the old revision
+/// only once the new one is caught up.
 async fn readiness(h: &Health) -> Result<(), String> {
     if !h.listen.all_up() {
-        return Err("the Firestore listen stream is not up yet".to_string());
+        return Err(
+            "the Firestore listen streams have not caught up yet (replaying the collections)"
+                .to_string(),
+        );
     }
     h.sender
         .access_token()

@@ -224,6 +224,9 @@ pub struct Store {
     /// The project's users collection (`FFPUSH_USERS_COLLECTION`): batch bounds, and where
     /// a bare user id is looked for.
     users_collection: String,
+    /// `FFPUSH_RETENTION`: finishing writes also set `ffpush_expires_at` (see
+    /// [`Store::update_fields`]).
+    retention: Option<Duration>,
 }
 
 /// The Firestore emulator accepts any bearer token; this is the one its docs use.
@@ -274,6 +277,7 @@ impl Store {
         let store = Store {
             db,
             users_collection: settings.users_collection.clone(),
+            retention: settings.retention,
         };
         // Construction may succeed lazily; one cheap read proves the channel works.
         store
@@ -354,6 +358,8 @@ impl Store {
     /// [`Error::Conflict`]. Fields named in `remove` are deleted. Returns the new update time.
     /// Every write that claims, holds or finishes a notification goes through here: the
     /// precondition is what makes a claim exclusive, so there is no way to leave it out.
+    /// With `FFPUSH_RETENTION`, a write that sets `completed_at` also sets
+    /// `ffpush_expires_at` = `completed_at` + the retention.
     pub async fn update_fields(
         &self,
         name: &str,
@@ -394,6 +400,10 @@ impl Store {
         remove: &[&str],
         condition: precondition::ConditionType,
     ) -> Result<prost_types_timestamp::Timestamp, Error> {
+        let mut fields = fields;
+        if let Some(expires_at) = self.expiry(&fields) {
+            fields.insert(crate::report::EXPIRES_AT.to_string(), expires_at);
+        }
         let mut mask: Vec<String> = fields.keys().cloned().collect();
         mask.extend(remove.iter().map(|f| f.to_string()));
         let request = pb::UpdateDocumentRequest {
@@ -413,6 +423,21 @@ impl Store {
         };
         let doc = self.client().update_document(request).await?.into_inner();
         doc.update_time.ok_or(Error::Incomplete("update_time"))
+    }
+
+    /// For a write that finishes a document (it sets `completed_at`) with `FFPUSH_RETENTION`
+    /// set: when the document expires, `completed_at` + the retention.
+    fn expiry(&self, fields: &HashMap<String, Value>) -> Option<Value> {
+        let retention = chrono::Duration::from_std(self.retention?).ok()?;
+        let completed_at = fields
+            .get("completed_at")
+            .and_then(|v| match &v.value_type {
+                Some(pb::value::ValueType::TimestampValue(t)) => {
+                    DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                }
+                _ => None,
+            })?;
+        Some(timestamp(completed_at + retention))
     }
 
     /// Creates a document with an automatic id; returns its full name.

@@ -1146,3 +1146,94 @@ pub async fn backlog(bench: &crate::Bench) {
     }
     println!();
 }
+
+/// Writes `ff_push_notifications/old{i}` for `range`: console notifications as ffpush leaves
+/// them, finished. Returns documents per second.
+async fn seed_finished(store: &Store, range: std::ops::Range<usize>) -> f64 {
+    let documents = store.documents_path().to_string();
+    let collection = ffpush::config::DEFAULT_COLLECTION;
+    let now = store::timestamp(Utc::now());
+    write_all(store, range, "notification", |i| {
+        let mut fields = HashMap::new();
+        fields.insert("notification_title".to_string(), store::string("Old news"));
+        fields.insert(
+            "notification_text".to_string(),
+            store::string("Sent long ago"),
+        );
+        fields.insert("user_refs".to_string(), store::string(&user_path(i)));
+        fields.insert("timestamp".to_string(), now.clone());
+        fields.insert("status".to_string(), store::string("succeeded"));
+        fields.insert("num_sent".to_string(), store::integer(1));
+        fields.insert("completed_at".to_string(), now.clone());
+        (format!("{documents}/{collection}/old{i:08}"), fields)
+    })
+    .await
+}
+
+/// What a start costs with history: `ffpush run` start → `/readyz` 200 (both collections
+/// replayed and handed over), then a notification written once ready → `succeeded`; on an
+/// empty project and with `--history` finished console notifications.
+pub async fn start_with_history(bench: &crate::Bench) {
+    let o = &bench.options;
+    let project = "bench-start";
+    let n = if o.quick { 10_000 } else { o.history };
+    let fcm = FcmProcess::start(bench.dir.path(), project, None, false);
+    let target = Target::new(fcm, &bench.firestore_host, project, None);
+    let store = connect(&target).await;
+    seed(&store, 0..1).await;
+    let start = || {
+        WorkerProcess::start_within(
+            bench.dir.path(),
+            &WorkerEnv {
+                project,
+                firestore_host: &bench.firestore_host,
+                fcm: &target.fcm,
+                ca: None,
+                extra: vec![],
+            },
+            Duration::from_secs(1800),
+        )
+    };
+    let once = |history: usize| {
+        let store = &store;
+        async move {
+            let started = Instant::now();
+            let worker = start();
+            let ready = started.elapsed().as_secs_f64();
+            let cpu = procs::cpu_seconds(worker.pid());
+            let written = Instant::now();
+            let doc = create(store, To::User(0)).await;
+            finished(
+                store,
+                &doc,
+                Duration::from_millis(20),
+                Duration::from_secs(600),
+            )
+            .await;
+            let sent = written.elapsed().as_secs_f64();
+            drop(worker);
+            eprintln!(
+                "start with {history} finished documents: ready in {ready:.1}s, then sent in {sent:.1}s"
+            );
+            (history, ready, cpu, sent)
+        }
+    };
+    let empty = once(0).await;
+    let rate = seed_finished(&store, 0..n).await;
+    tokio::task::block_in_place(procs::settle);
+    let loaded = once(n).await;
+    println!("## A start with history (worker as a child process)\n");
+    println!(
+        "`ff_push_notifications` holding finished console notifications (written with BatchWrite, {rate:.0} documents/s, \
+         while no worker runs). *ready*: `ffpush run` started → `/readyz` 200, i.e. both listen streams have handed their \
+         replay to the worker. *then sent*: a notification written once ready → `status: succeeded`; on the Firestore \
+         emulator this includes the emulator resending the whole collection after the write (real Firestore sends \
+         the one change).\n"
+    );
+    println!("| finished documents | ready s | worker CPU-s to ready | then sent s |");
+    println!("|---:|---:|---:|---:|");
+    for (history, ready, cpu, sent) in [empty, loaded] {
+        println!("| {history} | {ready:.1} | {cpu:.1} | {sent:.1} |");
+    }
+    println!();
+}

@@ -76,6 +76,8 @@ pub struct Options {
     pub backlog_sizes: Vec<usize>,
     /// Seconds an idle worker is watched (`idle`).
     pub idle_secs: u64,
+    /// Finished documents of the `start` scenario.
+    pub history: usize,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -96,7 +98,7 @@ pub struct Options {
     pub scenarios: Vec<String>,
 }
 
-const SCENARIOS: [&str; 13] = [
+const SCENARIOS: [&str; 14] = [
     "realistic",
     "quota",
     "instances",
@@ -110,6 +112,7 @@ const SCENARIOS: [&str; 13] = [
     "far-future",
     "backlog",
     "idle",
+    "start",
 ];
 
 impl Options {
@@ -122,6 +125,7 @@ impl Options {
             far_future: 200_000,
             backlog_sizes: vec![10_000, 100_000],
             idle_secs: 60,
+            history: 100_000,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -155,6 +159,7 @@ impl Options {
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
                 "--backlog-sizes" => o.backlog_sizes = list(args.next(), "--backlog-sizes"),
                 "--idle-secs" => o.idle_secs = number(args.next(), "--idle-secs") as u64,
+                "--history" => o.history = number(args.next(), "--history"),
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -298,6 +303,9 @@ fn main() {
         }
         if bench.options.wants("idle") {
             idle::idle(&bench).await;
+        }
+        if bench.options.wants("start") {
+            firestore::start_with_history(&bench).await;
         }
     });
     if let Err(e) = runtime.block_on(work) {

@@ -218,10 +218,22 @@ fn service_runs_always_on_with_probes_and_its_own_account() {
         annotations["run.googleapis.com/startup-cpu-boost"], "true",
         "the start (TLS, listen replay) gets more than the steady share"
     );
-    for probe in ["startupProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+    // Traffic moves (and the old revision goes) once the startup probe passes: only once
+    // caught up. Alive is all the liveness probe asks.
+    for (probe, path) in [("startupProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], 8080, "{probe}");
     }
+    let startup = &c["startupProbe"];
+    let budget = startup["failureThreshold"]
+        .as_u64()
+        .expect("failureThreshold")
+        * startup["periodSeconds"].as_u64().expect("periodSeconds");
+    // Cloud Run's limit is 240 s; a replay of a million documents takes about 80 s.
+    assert!(
+        (160..=240).contains(&budget),
+        "startup budget {budget} s: room for a million-document replay, within Cloud Run's 240 s"
+    );
     let command = &c["command"];
     assert!(
         command.is_null() || *command == serde_yaml_ng::from_str::<Value>("[ffpush, run]").unwrap(),
@@ -314,7 +326,7 @@ fn the_metrics_collector_scrapes_what_ffpush_serves() {
     assert_eq!(dependencies, serde_json::json!({"collector": ["ffpush"]}));
     let ffpush = &all["ffpush"];
     assert_eq!(
-        ffpush["startupProbe"]["httpGet"]["path"], "/healthz",
+        ffpush["startupProbe"]["httpGet"]["path"], "/readyz",
         "the dependency waits for this probe"
     );
 
@@ -596,6 +608,70 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
         .expect("running deploy.sh");
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--alert-channel my-email"));
+}
+
+/// `--retention` is opt-in: without it nothing about expiry is printed; with it the service
+/// gets `FFPUSH_RETENTION` and both collection groups a TTL policy on `ffpush_expires_at`.
+#[test]
+fn deploy_sh_retention_sets_the_setting_and_the_ttl_policies_only_when_given() {
+    let dry_run = |extra: &[&str]| {
+        let out = Command::new("bash")
+            .arg(path("deploy/deploy.sh"))
+            .args(["--dry-run", "--tag", "t1"])
+            .args(extra)
+            .args(["demo-project", "europe-west1"])
+            .output()
+            .expect("running deploy.sh --dry-run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = dry_run(&[]);
+    assert_eq!(code, Some(0));
+    assert!(
+        !stdout.contains("ttls") && !stdout.contains("value: 2160h"),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) = dry_run(&["--retention", "2160h"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for group in ["ff_push_notifications", "ff_user_push_notifications"] {
+        let command = format!(
+            "gcloud firestore fields ttls update ffpush_expires_at --collection-group {group} --enable-ttl --async --project demo-project"
+        );
+        assert!(
+            stdout.lines().any(|l| l == command),
+            "{command} not in\n{stdout}"
+        );
+    }
+    let rendered: String = stdout
+        .lines()
+        .skip_while(|l| *l != "# rendered deploy/service.yaml:")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("#   "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let manifest: Value =
+        serde_yaml_ng::from_str(&rendered).expect("the rendered manifest is YAML");
+    let env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("ffpush's env");
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "FFPUSH_RETENTION" && e["value"] == "2160h"),
+        "{rendered}"
+    );
+    // What ffpush itself accepts.
+    assert_eq!(
+        ffpush::config::parse_duration("2160h"),
+        Some(std::time::Duration::from_secs(2160 * 3600))
+    );
+
+    let (code, _, stderr) = dry_run(&["--retention", "90d"]);
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("--retention 90d"), "{stderr}");
 }
 
 #[test]

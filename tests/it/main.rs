@@ -24,6 +24,7 @@ mod options;
 mod proxy;
 mod reliability;
 mod resilience;
+mod rollout;
 mod rules;
 mod status;
 
