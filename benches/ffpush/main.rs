@@ -40,7 +40,9 @@
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
 //! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
-//! scenario, default 200000), `--backlog-sizes 10000,…` (the `backlog` cells), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! scenario, default 200000), `--backlog-sizes 10000,…` and `--backlog-secs S` (the `backlog`
+//! cells and the longest drain of one, default 3600), `--backlog-max-documents N` (the worker's
+//! `FFPUSH_MAX_DOCUMENTS` there; default: its own), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
 //! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
@@ -65,6 +67,10 @@ pub struct Options {
     pub far_future: usize,
     /// Documents present at start in the `backlog` cells.
     pub backlog_sizes: Vec<usize>,
+    /// Longest drain of a `backlog` cell, seconds.
+    pub backlog_secs: u64,
+    /// `FFPUSH_MAX_DOCUMENTS` of the `backlog` worker (`None`: its default).
+    pub backlog_max_documents: Option<usize>,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -108,6 +114,8 @@ impl Options {
             rss_sizes: vec![10_000, 25_000, 50_000, 100_000],
             far_future: 200_000,
             backlog_sizes: vec![10_000, 100_000],
+            backlog_secs: 3600,
+            backlog_max_documents: None,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -140,6 +148,10 @@ impl Options {
                 "--rss-sizes" => o.rss_sizes = list(args.next(), "--rss-sizes"),
                 "--far-future" => o.far_future = number(args.next(), "--far-future"),
                 "--backlog-sizes" => o.backlog_sizes = list(args.next(), "--backlog-sizes"),
+                "--backlog-secs" => o.backlog_secs = number(args.next(), "--backlog-secs") as u64,
+                "--backlog-max-documents" => {
+                    o.backlog_max_documents = Some(number(args.next(), "--backlog-max-documents"))
+                }
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -162,7 +174,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B --backlog-secs S --backlog-max-documents N",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);
