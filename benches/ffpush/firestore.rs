@@ -973,30 +973,26 @@ async fn seed_backlog(store: &Store, range: std::ops::Range<usize>) -> f64 {
     .await
 }
 
-/// Single-document updates per second the emulator takes, `in_flight` at a time, for 20 s
-/// at most: each a field-masked update of one of `collection`'s documents `c{i}` (written
-/// first), as a claim or a report is.
+/// Single-document updates per second the emulator takes, `in_flight` at a time, started for
+/// 20 s (those in flight then are waited for): each a field-masked update of one of
+/// `collection`'s documents `c{i}` (written first), as a claim or a report is.
 async fn update_ceiling(store: &Store, collection: &str, n: usize, in_flight: usize) -> f64 {
-    let done = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    let updates = futures::stream::iter(0..n)
-        .map(|i| {
-            let done = &done;
-            async move {
-                let mut f = HashMap::new();
-                f.insert("touched".to_string(), store::integer(i as i64));
-                let name = store.doc_name(&format!("{collection}/c{i:08}"));
-                store
-                    .update_fields(&name, f, &[], None)
-                    .await
-                    .expect("updating a document");
-                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+    let done = futures::stream::iter(0..n)
+        .take_while(|_| futures::future::ready(started.elapsed() < Duration::from_secs(20)))
+        .map(|i| async move {
+            let mut f = HashMap::new();
+            f.insert("touched".to_string(), store::integer(i as i64));
+            let name = store.doc_name(&format!("{collection}/c{i:08}"));
+            store
+                .update_fields(&name, f, &[], None)
+                .await
+                .expect("updating a document");
         })
         .buffer_unordered(in_flight)
-        .collect::<Vec<()>>();
-    let _ = tokio::time::timeout(Duration::from_secs(20), updates).await;
-    done.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+        .count()
+        .await;
+    done as f64 / started.elapsed().as_secs_f64()
 }
 
 /// A Listen stream on `collection` whose answers are read and dropped, as a worker's listener
@@ -1083,7 +1079,8 @@ pub async fn backlog(bench: &crate::Bench) {
         .await;
         tokio::task::block_in_place(procs::settle);
         let alone = update_ceiling(&store, ceiling, n, 100).await;
-        let listener = listen_to(&store, ceiling);
+        // On a connection of its own, as the worker's listener is.
+        let listener = listen_to(&connect(&target).await, ceiling);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let listened = update_ceiling(&store, ceiling, n, 100).await;
         listener.abort();
