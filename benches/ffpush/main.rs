@@ -46,8 +46,10 @@
 //! tens of ms; default 0), `--rss-sizes 10000,…`,
 //! `--pin` (this process and its children on CPU 0, the FCM emulator on CPU 1: steadier
 //! numbers for comparing two builds), `--far-future N` (documents of the `far-future`
-//! scenario, default 200000), `--backlog-sizes 10000,…` (the `backlog` cells), `--idle-secs S`
-//! (the `idle` window, default 60), `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
+//! scenario, default 200000), `--backlog-sizes 10000,…` and `--backlog-secs S` (the `backlog`
+//! cells and the longest drain of one, default 3600), `--backlog-max-documents N` (the worker's
+//! `FFPUSH_MAX_DOCUMENTS` there; default: its own), `--idle-secs S` (the `idle` window, default 60),
+//! `--latencies 0,30,60` and `--realistic-sizes 10000,…` (the
 //! realistic cells), `--read-sizes 20000,100000` (the broadcast's read comparison).
 //! `FFPUSH_BENCH_WORKER=path` runs another `ffpush` binary as the worker (e.g. an earlier
 //! build, for a before/after comparison).
@@ -78,6 +80,10 @@ pub struct Options {
     pub idle_secs: u64,
     /// Finished documents of the `start` scenario.
     pub history: usize,
+    /// Longest drain of a `backlog` cell, seconds.
+    pub backlog_secs: u64,
+    /// `FFPUSH_MAX_DOCUMENTS` of the `backlog` worker (`None`: its default).
+    pub backlog_max_documents: Option<usize>,
     /// Fan-out matrix rows and columns.
     pub sizes: Vec<usize>,
     pub concurrencies: Vec<usize>,
@@ -126,6 +132,8 @@ impl Options {
             backlog_sizes: vec![10_000, 100_000],
             idle_secs: 60,
             history: 100_000,
+            backlog_secs: 3600,
+            backlog_max_documents: None,
             sizes: vec![10_000, 100_000, 1_000_000],
             concurrencies: vec![1, 64, 256, 1024],
             transports: vec!["h2c".into(), "tls".into()],
@@ -160,6 +168,10 @@ impl Options {
                 "--backlog-sizes" => o.backlog_sizes = list(args.next(), "--backlog-sizes"),
                 "--idle-secs" => o.idle_secs = number(args.next(), "--idle-secs") as u64,
                 "--history" => o.history = number(args.next(), "--history"),
+                "--backlog-secs" => o.backlog_secs = number(args.next(), "--backlog-secs") as u64,
+                "--backlog-max-documents" => {
+                    o.backlog_max_documents = Some(number(args.next(), "--backlog-max-documents"))
+                }
                 "--sizes" => o.sizes = list(args.next(), "--sizes"),
                 "--concurrency" => o.concurrencies = list(args.next(), "--concurrency"),
                 "--latencies" => {
@@ -182,7 +194,7 @@ impl Options {
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_string()),
                 other => {
                     eprintln!(
-                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B --idle-secs S",
+                        "unknown argument {other:?}; scenarios: {}; options: --quick --repeat N --cell-secs S --sizes A,B --concurrency A,B --transport h2c,tls --rate N --latency MS --pin --rss-sizes A,B --latencies A,B --realistic-sizes A,B --read-sizes A,B --far-future N --backlog-sizes A,B --idle-secs S --backlog-secs S --backlog-max-documents N",
                         SCENARIOS.join(" ")
                     );
                     std::process::exit(64);

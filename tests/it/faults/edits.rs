@@ -148,7 +148,7 @@ async fn start_far_worker(app: &TestApp) -> Daemon {
 }
 
 /// One-way delay between the worker and Firestore in these tests.
-const LAG_MS: u64 = 20;
+const LAG_MS: u64 = 50;
 
 /// How often FCM accepted each token of this project, and the titles it carried.
 fn sent_per_token(app: &TestApp) -> HashMap<String, Vec<String>> {
@@ -187,7 +187,7 @@ async fn finished(app: &TestApp, name: &str, what: &str) -> pb::Document {
 /// read of the first version and its claim, the claim's precondition fails. That must not be
 /// the end of it: the document is read again and sent once, with what it holds when claimed.
 ///
-/// The worker is 20 ms from Firestore and the app next to it, so the update usually lands
+/// The worker is 50 ms from Firestore and the app next to it, so the update usually lands
 /// first. It is conditioned on the first version, so the test knows which came first: when it
 /// succeeds, no claim preceded it (a claim is a write) and the message must carry the new
 /// title; when it fails, the claim came first and the first title is what must be sent. (An
@@ -222,7 +222,7 @@ async fn a_document_edited_right_after_it_was_written_is_sent_once_with_what_it_
             Err(store::Error::Conflict) => format!("first {i}"),
             Err(e) => panic!("updating {name}: {e:?}"),
         };
-        let what = format!("the {}th, titled {title:?} when claimed", i + 1);
+        let what = format!("document {} of {N}, titled {title:?} when claimed", i + 1);
         crate::assert_succeeded(&finished(&app, name, &what).await);
         assert_eq!(
             sent_per_token(&app).get(&format!("{p}-u{i}")),
@@ -238,7 +238,7 @@ async fn a_document_edited_right_after_it_was_written_is_sent_once_with_what_it_
 }
 
 /// Documents deleted right after they were written, by a worker next to Firestore (its claim
-/// usually lands first: it sends, then meets a deleted document) and by one 20 ms away (the
+/// usually lands first: it sends, then meets a deleted document) and by one 50 ms away (the
 /// deletion lands first). Each is sent at most once, nothing writes it back into existence
 /// (every write is conditioned), and the worker is left with nothing in progress and sends
 /// what comes next.
