@@ -40,7 +40,7 @@ deploy/alerts/*.json (Cloud Monitoring bills each policy's condition, so the fre
 leaves them out unless asked). PROJECT_ID and ZONE come
 from the arguments or from the environment variables of the same names (ZONE default:
 us-central1-a). Safe to run again: a VM that exists gets the new image and is restarted
-(ffpush is down for the reboot and its start; nothing is lost, see the README).
+(ffpush is down for the reboot and its start; nothing is lost, see docs/operations.md).
 
 Options:
   --tag TAG                image tag (default: git commit and UTC time)
@@ -66,7 +66,7 @@ Verify:
   gcloud compute ssh ffpush --zone ZONE --project PROJECT_ID -- curl -s localhost:8080/readyz
   Metrics: Cloud Monitoring → Dashboards → ffpush (a minute after the first scrape)
 
-Restart without a reboot (about a second of downtime, see the README):
+Restart without a reboot (about a second of downtime, see docs/operations.md):
   gcloud compute ssh ffpush --zone ZONE --project PROJECT_ID -- sudo systemctl restart ffpush
 USAGE
 }
@@ -185,7 +185,7 @@ if $ALERTS; then
   alert_policies
 else
   step "Alert policies: not created"
-  echo "Cloud Monitoring bills each alert condition (\$1.50 a month each, README \"What it costs\");"
+  echo "Cloud Monitoring bills each alert condition (\$1.50 a month each, docs/operations.md, \"What it costs\");"
   echo "run again with --alerts, or --alert-channel to be notified, to create deploy/alerts/*.json."
 fi
 

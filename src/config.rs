@@ -220,7 +220,7 @@ settings_table! {
         env: "FFPUSH_FCM_RATE", flag: "fcm-rate", kind: Kind::Number { min: 0, max: 1_000_000 },
         // 95 % of FCM's default project quota (600 000 a minute): see the help.
         default: "9500",
-        help: "messages per second all instances of the project send together at most: each paces at its share, agreed through `ffpush_instances` (see Pacing); 0: unpaced. The default is 95 % of FCM's default project quota (600 000 per minute = 10 000/s): the 5 % left is for sends the pacer does not see (another sender in the project, `ffpush doctor`, requests on the wire while shares change, the pacer's 55 ms burst). After a quota increase, set 95 % of the new quota per second (0–1000000)",
+        help: "messages per second all instances of the project send together at most: each paces at its share, agreed through `ffpush_instances` (ARCHITECTURE.md, Pacing); 0: unpaced. The default is 95 % of FCM's default project quota (600 000 per minute = 10 000/s): the 5 % left is for sends the pacer does not see (another sender in the project, `ffpush doctor`, requests on the wire while shares change, the pacer's 55 ms burst). After a quota increase, set 95 % of the new quota per second (0–1000000)",
     }
     heartbeat_interval: HEARTBEAT_INTERVAL {
         env: "FFPUSH_HEARTBEAT_INTERVAL", flag: "heartbeat-interval",

@@ -1,8 +1,8 @@
 //! How errors are shown. Every error type keeps what caused it as its `source()` (a typed
 //! value, never a string made from it), and its own message says only what failed at its level;
 //! [`Chain`] puts the whole story on one line for a log field, a document's `error` or the
-//! prompt. What each error leads to (fail the document, retry, stop the process) is in the
-//! README, "Errors".
+//! prompt. What each error leads to (fail the document, retry, stop the process) is in
+//! docs/contract.md, "Errors".
 
 use std::error::Error;
 use std::fmt;

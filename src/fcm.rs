@@ -1,5 +1,5 @@
 //! FCM HTTP v1: OAuth2 access tokens, the message each token gets, one send, and what FCM's
-//! answer means (README, "How FCM's answers are handled"; FCM's error codes:
+//! answer means (docs/contract.md, "How FCM's answers are handled"; FCM's error codes:
 //! <https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode>). The connections
 //! (HTTP/2, or HTTP/1.1 through `http1`) are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`,
 //! quota pauses) is `pace`'s.
@@ -206,7 +206,7 @@ impl From<AuthError> for Error {
     }
 }
 
-/// What the fan-out does about an [`Error`] (README, "Errors").
+/// What the fan-out does about an [`Error`] (docs/contract.md, "Errors").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send to the token again after a backoff of at least `retry_after` (and at least the
@@ -862,7 +862,7 @@ fn retry_after_ceiling(retry_after: Option<Duration>, ceiling: Duration) -> Opti
     Some(retry_after.min(ceiling))
 }
 
-/// What an FCM answer means (README, "How FCM's answers are handled").
+/// What an FCM answer means (docs/contract.md, "How FCM's answers are handled").
 pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Result<Outcome, Error> {
     if status == 200 {
         return Ok(Outcome::Sent);

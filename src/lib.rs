@@ -24,7 +24,8 @@
 //!   `FFPUSH_SCHEDULE_WINDOW`) or for another worker's lease.
 //! - `limits`: what an app user's document may cost: its size, its recipients, its sender's
 //!   documents per minute; checked before anything is read.
-//! - `errors`: how an error and its causes are shown (README, "Errors": what each leads to).
+//! - `errors`: how an error and its causes are shown (docs/contract.md, "Errors": what each
+//!   leads to).
 //! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`,
 //!   `Status`, batch slices).
 //! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).

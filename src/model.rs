@@ -167,8 +167,8 @@ pub enum Priority {
     Normal,
 }
 
-/// The optional message fields ffpush reads beyond FlutterFlow's (README, "The document
-/// contract"). A document without them has them all unset, and its message is FlutterFlow's.
+/// The optional message fields ffpush reads beyond FlutterFlow's (docs/contract.md, "The
+/// document contract"). A document without them has them all unset, and its message is FlutterFlow's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MessageOptions {
     /// `notification_badge`: the app icon's badge count.

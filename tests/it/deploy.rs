@@ -577,15 +577,15 @@ fn deploy_scripts_parse_and_dry_run_renders_the_manifest() {
         .output()
         .expect("running deploy.sh --help");
     assert!(String::from_utf8_lossy(&help.stdout).contains("addFcmToken"));
-    let readme = read("README.md");
-    let step = readme
+    let guide = read("docs/operations.md");
+    let step = guide
         .split("**Switch off FlutterFlow's send functions.**")
         .nth(1)
         .and_then(|rest| rest.split("4. **").next())
         .unwrap_or_default();
     assert!(
         step.contains("addFcmToken") && step.to_lowercase().contains("keep"),
-        "the README step that deletes the send functions says addFcmToken stays: {step}"
+        "the docs/operations.md step that deletes the send functions says addFcmToken stays: {step}"
     );
     let rendered: String = stdout
         .lines()

@@ -236,8 +236,8 @@ async fn a_worker_killed_mid_send_is_taken_over_and_resumed_within_the_bound() {
         );
     }
     let duplicates: usize = c.values().map(|n| n - 1).sum();
-    // The README's bound: in flight (≤ concurrency) plus what finished since the last progress
-    // write — at most concurrency/latency per second over one interval plus the write itself
+    // The bound in docs/contract.md, "Guarantees": in flight (≤ concurrency) plus what
+    // finished since the last progress write — at most concurrency/latency per second over one interval plus the write itself
     // (allowed 250 ms here).
     let rate = concurrency as f64 / latency.as_secs_f64();
     let bound = concurrency + (rate * (interval.as_secs_f64() + 0.25)).ceil() as usize;

@@ -440,7 +440,7 @@ fn the_alert_policies_query_only_what_ffpush_exports_read_as_its_kind() {
             );
         }
     }
-    // The README's "worth an alert" list, each one a policy.
+    // The "worth an alert" list in docs/operations.md, each one a policy.
     for wanted in [
         ("ffpush_notifications_total", "status=failed"),
         (
@@ -459,14 +459,15 @@ fn the_alert_policies_query_only_what_ffpush_exports_read_as_its_kind() {
 }
 
 #[test]
-fn the_readme_lists_every_alert_policy() {
-    let readme =
-        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
+fn the_operations_guide_lists_every_alert_policy() {
+    let guide = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+    )
+    .unwrap();
     for (file, _) in alert_files() {
         assert!(
-            readme.contains(&format!("deploy/alerts/{file}")),
-            "README.md does not mention deploy/alerts/{file}"
+            guide.contains(&format!("deploy/alerts/{file}")),
+            "docs/operations.md does not mention deploy/alerts/{file}"
         );
     }
 }

@@ -1,7 +1,7 @@
-//! The message options (README, "The document contract"): each field of a notification
-//! document reaches FCM exactly where the contract maps it, read back from what the FCM
-//! emulator (which validates them as FCM and APNs do) accepted; each bad value fails the
-//! document with one line naming the field, and nothing is sent.
+//! The message options (docs/contract.md, "The document contract"): each field of a
+//! notification document reaches FCM exactly where the contract maps it, read back from what
+//! the FCM emulator (which validates them as FCM and APNs do) accepted; each bad value fails
+//! the document with one line naming the field, and nothing is sent.
 
 use std::collections::HashMap;
 use std::process::Command;
