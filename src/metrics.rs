@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::fcm::{self, Outcome};
-
 #[derive(Default)]
 pub struct Counter(AtomicU64);
 
@@ -47,7 +45,8 @@ const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// FCM outcome classes, the `outcome` label of `ffpush_fcm_messages_total`.
+/// FCM outcome classes, the `outcome` label of `ffpush_fcm_messages_total`, in
+/// [`OutcomeClass`]'s order.
 pub const OUTCOMES: [&str; 9] = [
     "sent",
     "dead_token",
@@ -59,6 +58,32 @@ pub const OUTCOMES: [&str; 9] = [
     "fatal",
     "auth",
 ];
+
+/// The class of one FCM answer, as `fcm` sorts its answers (`fcm::Outcome::class`,
+/// `fcm::Error::class`): which series of `ffpush_fcm_messages_total` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutcomeClass {
+    Sent,
+    /// The token is dead (unregistered or invalid): its documents are removed.
+    DeadToken,
+    SenderIdMismatch,
+    ThirdPartyAuth,
+    /// Unavailable or no answer: sent again after a backoff.
+    Retryable,
+    Unauthenticated,
+    Payload,
+    /// Refused for good (permissions, project), or the client could not be set up.
+    Fatal,
+    /// No access token could be obtained.
+    Auth,
+}
+
+impl OutcomeClass {
+    /// The value of the `outcome` label.
+    pub fn label(self) -> &'static str {
+        OUTCOMES[self as usize]
+    }
+}
 
 /// What the FCM sender's connection pool reports. The sender owns it (it exists before the
 /// rest of the metrics); [`Metrics::fcm`] shares it for rendering.
@@ -126,19 +151,9 @@ impl Metrics {
         }
     }
 
-    pub fn observe_fcm(&self, answer: &Result<Outcome, fcm::Error>, elapsed: Duration) {
-        let class = match answer {
-            Ok(Outcome::Sent) => 0,
-            Ok(Outcome::Dead | Outcome::InvalidToken) => 1,
-            Ok(Outcome::SenderIdMismatch) => 2,
-            Ok(Outcome::ThirdPartyAuth) => 3,
-            Err(fcm::Error::Retryable { .. } | fcm::Error::Transport(_)) => 4,
-            Err(fcm::Error::Unauthenticated(_)) => 5,
-            Err(fcm::Error::Payload(_)) => 6,
-            Err(fcm::Error::Refused { .. } | fcm::Error::Setup { .. }) => 7,
-            Err(fcm::Error::Auth(_)) => 8,
-        };
-        self.fcm_outcomes[class].inc();
+    /// Counts one FCM request: its answer's class and how long it took.
+    pub fn observe_fcm(&self, class: OutcomeClass, elapsed: Duration) {
+        self.fcm_outcomes[class as usize].inc();
         // One increment per observation (the first bucket that holds it); the cumulative
         // counts Prometheus wants are summed when rendering, not paid for on every send.
         let secs = elapsed.as_secs_f64();
@@ -388,8 +403,8 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative() {
         let m = Metrics::default();
-        m.observe_fcm(&Ok(Outcome::Sent), Duration::from_millis(20));
-        m.observe_fcm(&Ok(Outcome::Dead), Duration::from_secs(3));
+        m.observe_fcm(OutcomeClass::Sent, Duration::from_millis(20));
+        m.observe_fcm(OutcomeClass::DeadToken, Duration::from_secs(3));
         let text = m.render();
         assert!(text.contains("ffpush_fcm_request_duration_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("ffpush_fcm_request_duration_seconds_bucket{le=\"5\"} 2"));
