@@ -400,6 +400,138 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Every series set to a value of its own, so that a value read from the wrong series shows.
+    fn populated() -> Metrics {
+        let fcm = Arc::new(FcmMetrics::default());
+        fcm.connections.set(3);
+        fcm.connections_opened.inc_by(5);
+        fcm.connect_errors.inc_by(2);
+        fcm.streams_refused.inc_by(7);
+        fcm.requests_in_flight.set(9);
+        fcm.pace_rate.set(450);
+        fcm.pace_wait_micros.inc_by(2_250_000);
+        fcm.quota_pauses.inc_by(1);
+        let m = Metrics::with_fcm(fcm);
+        m.notifications_succeeded.inc_by(41);
+        m.notifications_failed.inc_by(6);
+        m.notifications_expired.inc_by(4);
+        m.tokens_removed.inc_by(13);
+        m.retries.inc_by(17);
+        m.listener_reconnects.inc_by(8);
+        m.documents_scheduled.set(21);
+        m.documents_in_progress.set(22);
+        m.documents_queued.set(23);
+        m.ready.set(1);
+        m.token_wait_micros.inc_by(1_500_000);
+        m.instances.set(2);
+        m.rate_share.set(225);
+        for (i, counter) in m.fcm_outcomes.iter().enumerate() {
+            counter.inc_by(100 + 10 * i as u64);
+        }
+        for ms in [3, 20, 20, 300, 3_000, 60_000] {
+            m.observe_fcm(OutcomeClass::Sent, Duration::from_millis(ms));
+        }
+        m
+    }
+
+    /// `/metrics` as Prometheus scrapes it: every family in its order, with its HELP and TYPE
+    /// lines, to the byte (dashboards, alerts and the collector's config name these series).
+    const POPULATED: &str = r#"# HELP ffpush_notifications_total Notifications finished, by final status.
+# TYPE ffpush_notifications_total counter
+ffpush_notifications_total{status="succeeded"} 41
+ffpush_notifications_total{status="failed"} 6
+# HELP ffpush_notifications_expired_total Notifications failed as expired: due longer ago than FFPUSH_MAX_LATENESS.
+# TYPE ffpush_notifications_expired_total counter
+ffpush_notifications_expired_total 4
+# HELP ffpush_fcm_messages_total FCM send requests, by outcome class.
+# TYPE ffpush_fcm_messages_total counter
+ffpush_fcm_messages_total{outcome="sent"} 106
+ffpush_fcm_messages_total{outcome="dead_token"} 110
+ffpush_fcm_messages_total{outcome="sender_id_mismatch"} 120
+ffpush_fcm_messages_total{outcome="third_party_auth"} 130
+ffpush_fcm_messages_total{outcome="retryable"} 140
+ffpush_fcm_messages_total{outcome="unauthenticated"} 150
+ffpush_fcm_messages_total{outcome="payload"} 160
+ffpush_fcm_messages_total{outcome="fatal"} 170
+ffpush_fcm_messages_total{outcome="auth"} 180
+# HELP ffpush_tokens_removed_total Token documents deleted because FCM said the token is dead.
+# TYPE ffpush_tokens_removed_total counter
+ffpush_tokens_removed_total 13
+# HELP ffpush_fcm_retries_total FCM requests retried after a transient answer.
+# TYPE ffpush_fcm_retries_total counter
+ffpush_fcm_retries_total 17
+# HELP ffpush_listener_reconnects_total Firestore listen streams reopened after an error.
+# TYPE ffpush_listener_reconnects_total counter
+ffpush_listener_reconnects_total 8
+# HELP ffpush_documents_waiting Documents waiting: timers for those due within FFPUSH_SCHEDULE_WINDOW, in progress here, or due and queued for a slot (FFPUSH_MAX_DOCUMENTS).
+# TYPE ffpush_documents_waiting gauge
+ffpush_documents_waiting{state="scheduled"} 21
+ffpush_documents_waiting{state="in_progress"} 22
+ffpush_documents_waiting{state="queued"} 23
+# HELP ffpush_ready 1 when this instance is ready (listening, FCM token obtainable: what /readyz says), else 0.
+# TYPE ffpush_ready gauge
+ffpush_ready 1
+# HELP ffpush_fanout_token_wait_seconds_total Time fan-outs had free send slots but no token: waiting on Firestore reads.
+# TYPE ffpush_fanout_token_wait_seconds_total counter
+ffpush_fanout_token_wait_seconds_total 1.5
+# HELP ffpush_fcm_connections Connections to FCM open in the pool (HTTP/2, or HTTP/1.1).
+# TYPE ffpush_fcm_connections gauge
+ffpush_fcm_connections 3
+# HELP ffpush_fcm_connections_opened_total Connections to FCM opened (replacements included).
+# TYPE ffpush_fcm_connections_opened_total counter
+ffpush_fcm_connections_opened_total 5
+# HELP ffpush_fcm_connect_errors_total Failed attempts to open a connection to FCM.
+# TYPE ffpush_fcm_connect_errors_total counter
+ffpush_fcm_connect_errors_total 2
+# HELP ffpush_fcm_streams_refused_total Requests FCM refused unprocessed (REFUSED_STREAM or GOAWAY; on HTTP/1.1, a connection closed before the request was written) and that were sent again.
+# TYPE ffpush_fcm_streams_refused_total counter
+ffpush_fcm_streams_refused_total 7
+# HELP ffpush_fcm_requests_in_flight FCM requests sent and not yet answered.
+# TYPE ffpush_fcm_requests_in_flight gauge
+ffpush_fcm_requests_in_flight 9
+# HELP ffpush_fcm_pace_rate FCM sends allowed per second now (this instance's share of FFPUSH_FCM_RATE, lower while recovering from a quota pause; 0: unpaced).
+# TYPE ffpush_fcm_pace_rate gauge
+ffpush_fcm_pace_rate 450
+# HELP ffpush_fcm_pace_wait_seconds_total Time sends waited for the instance's pacer, summed over sends.
+# TYPE ffpush_fcm_pace_wait_seconds_total counter
+ffpush_fcm_pace_wait_seconds_total 2.25
+# HELP ffpush_fcm_quota_pauses_total Times FCM's 429 QUOTA_EXCEEDED paused every send of this instance.
+# TYPE ffpush_fcm_quota_pauses_total counter
+ffpush_fcm_quota_pauses_total 1
+# HELP ffpush_instances Instances of this project alive by their heartbeats in ffpush_instances, this one included, as it last read them.
+# TYPE ffpush_instances gauge
+ffpush_instances 2
+# HELP ffpush_fcm_rate_share This instance's share of FFPUSH_FCM_RATE, messages per second (0: unpaced, or holding its sends).
+# TYPE ffpush_fcm_rate_share gauge
+ffpush_fcm_rate_share 225
+# HELP ffpush_fcm_request_duration_seconds Latency of one FCM send request.
+# TYPE ffpush_fcm_request_duration_seconds histogram
+ffpush_fcm_request_duration_seconds_bucket{le="0.005"} 1
+ffpush_fcm_request_duration_seconds_bucket{le="0.01"} 1
+ffpush_fcm_request_duration_seconds_bucket{le="0.025"} 3
+ffpush_fcm_request_duration_seconds_bucket{le="0.05"} 3
+ffpush_fcm_request_duration_seconds_bucket{le="0.1"} 3
+ffpush_fcm_request_duration_seconds_bucket{le="0.25"} 3
+ffpush_fcm_request_duration_seconds_bucket{le="0.5"} 4
+ffpush_fcm_request_duration_seconds_bucket{le="1"} 4
+ffpush_fcm_request_duration_seconds_bucket{le="2.5"} 4
+ffpush_fcm_request_duration_seconds_bucket{le="5"} 5
+ffpush_fcm_request_duration_seconds_bucket{le="10"} 5
+ffpush_fcm_request_duration_seconds_bucket{le="30"} 5
+ffpush_fcm_request_duration_seconds_bucket{le="+Inf"} 6
+ffpush_fcm_request_duration_seconds_sum 63.343
+ffpush_fcm_request_duration_seconds_count 6
+"#;
+
+    #[test]
+    fn the_exposition_is_every_family_in_order_to_the_byte() {
+        let text = populated().render();
+        for (want, got) in POPULATED.lines().zip(text.lines()) {
+            assert_eq!(got, want);
+        }
+        assert_eq!(text, POPULATED);
+    }
+
     #[test]
     fn histogram_buckets_are_cumulative() {
         let m = Metrics::default();
