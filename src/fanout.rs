@@ -719,7 +719,11 @@ async fn send_one(
         cleared_to_send(ctx, &stop).await?;
         let started = std::time::Instant::now();
         let answer = ctx.sender.send_now(body.clone()).await;
-        ctx.metrics.observe_fcm(&answer, started.elapsed());
+        let class = match &answer {
+            Ok(outcome) => outcome.class(),
+            Err(e) => e.class(),
+        };
+        ctx.metrics.observe_fcm(class, started.elapsed());
         let (retry_after, quota, fatal_when_exhausted, error) = match answer {
             Ok(outcome @ (Outcome::Dead | Outcome::InvalidToken)) => {
                 let removed = remove_dead(ctx.store, &token, no_index).await;

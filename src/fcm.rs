@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use yup_oauth2::authenticator::DefaultAuthenticator;
 
 use crate::config::Settings;
-use crate::metrics::FcmMetrics;
+use crate::metrics::{FcmMetrics, OutcomeClass};
 use crate::model::{Audience, Invalid, Notification, Priority};
 
 pub use pace::Load as PaceLoad;
@@ -41,6 +41,18 @@ pub enum Outcome {
     SenderIdMismatch,
     /// THIRD_PARTY_AUTH_ERROR: APNs or web-push credentials in Firebase are wrong.
     ThirdPartyAuth,
+}
+
+impl Outcome {
+    /// The `outcome` label this answer is counted under in `ffpush_fcm_messages_total`.
+    pub fn class(self) -> OutcomeClass {
+        match self {
+            Outcome::Sent => OutcomeClass::Sent,
+            Outcome::Dead | Outcome::InvalidToken => OutcomeClass::DeadToken,
+            Outcome::SenderIdMismatch => OutcomeClass::SenderIdMismatch,
+            Outcome::ThirdPartyAuth => OutcomeClass::ThirdPartyAuth,
+        }
+    }
 }
 
 /// FCM's error codes, as a token's final answer is counted in a notification's
@@ -225,6 +237,17 @@ pub enum Action {
 }
 
 impl Error {
+    /// The `outcome` label this error is counted under in `ffpush_fcm_messages_total`.
+    pub fn class(&self) -> OutcomeClass {
+        match self {
+            Error::Retryable { .. } | Error::Transport(_) => OutcomeClass::Retryable,
+            Error::Unauthenticated(_) => OutcomeClass::Unauthenticated,
+            Error::Payload(_) => OutcomeClass::Payload,
+            Error::Refused { .. } | Error::Setup { .. } => OutcomeClass::Fatal,
+            Error::Auth(_) => OutcomeClass::Auth,
+        }
+    }
+
     pub fn action(&self) -> Action {
         match self {
             Error::Retryable {
