@@ -111,8 +111,10 @@ async fn dispatch(cli: Cli) -> i32 {
     }
 }
 
-fn invalid(e: crate::config::ConfigError) -> i32 {
-    eprintln!("ffpush: {e}");
+fn invalid(errors: crate::config::ConfigErrors) -> i32 {
+    for e in errors.iter() {
+        eprintln!("ffpush: {e}");
+    }
     EXIT_INVALID_SETTINGS
 }
 
