@@ -1,8 +1,8 @@
 //! Settings: environment first (Cloud Run is configured by env vars), each also a flag.
 //!
-//! Clap only collects raw strings; [`Settings::from_args`] validates them, so a bad value
-//! becomes one [`ConfigError`] line naming the setting and the fix (exit code 64), never a
-//! clap usage dump or a panic.
+//! Clap only collects raw strings; [`Settings::from_args`] validates them, so each bad value
+//! becomes one [`ConfigError`] line naming the setting and the fix, all of them reported
+//! together (exit code 64), never a clap usage dump or a panic.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -495,55 +495,137 @@ impl ConfigError {
     }
 }
 
+/// Every invalid setting of one start (at least one), in the order of [`SETTINGS`]: shown one
+/// line each.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl std::ops::Deref for ConfigErrors {
+    type Target = [ConfigError];
+
+    fn deref(&self) -> &[ConfigError] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The invalid settings found so far while [`Settings::from_args`] reads them all. A value
+/// that failed stands in as its type's default, never used: [`Problems::finish`] then returns
+/// the errors instead of the settings.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, error: ConfigError) {
+        self.0.push(error);
+    }
+
+    fn check<T: Default>(&mut self, result: Result<T, ConfigError>) -> T {
+        result.unwrap_or_else(|error| {
+            self.push(error);
+            T::default()
+        })
+    }
+
+    /// Whether one of `specs` was found invalid already.
+    fn any(&self, specs: &[&Spec]) -> bool {
+        self.0
+            .iter()
+            .any(|e| specs.iter().any(|spec| spec.env == e.setting))
+    }
+
+    fn finish<T>(mut self, value: T) -> Result<T, ConfigErrors> {
+        if self.0.is_empty() {
+            return Ok(value);
+        }
+        self.0.sort_by_key(|e| {
+            SETTINGS
+                .iter()
+                .position(|spec| spec.env == e.setting)
+                .unwrap_or(SETTINGS.len())
+        });
+        Err(ConfigErrors(self.0))
+    }
+}
+
 impl Settings {
-    pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
+    /// Validates every setting; all the invalid ones are reported together, so a deployment
+    /// with several mistakes is fixed in one round instead of one start per mistake.
+    pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigErrors> {
+        let mut problems = Problems::default();
         let credentials = CREDENTIALS.raw(args).map(PathBuf::from);
-        let key = credentials.as_deref().map(read_key).transpose()?;
+        let key = problems.check(credentials.as_deref().map(read_key).transpose());
         let project = match (PROJECT.raw(args), &key) {
             (Some(p), _) => p.to_string(),
-            (None, Some(key)) => key
-                .get("project_id")
-                .and_then(|p| p.as_str())
-                .filter(|p| !p.is_empty())
-                .map(str::to_string)
-                .ok_or_else(missing_project)?,
-            (None, None) => return Err(missing_project()),
+            (None, Some(key)) => problems.check(
+                key.get("project_id")
+                    .and_then(|p| p.as_str())
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(missing_project),
+            ),
+            // The project would have come from the key, whose problem is reported already.
+            (None, None) if problems.any(&[&CREDENTIALS]) => String::new(),
+            (None, None) => {
+                problems.push(missing_project());
+                String::new()
+            }
         };
         if !project
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || c == ':')
         {
-            return Err(PROJECT.error(
+            problems.push(PROJECT.error(
                 &project,
                 "a project id has only letters, digits, '-', '.', ':' (see Firebase console → Project settings)",
             ));
         }
         let fcm_endpoint = FCM_ENDPOINT.raw_or_default(args);
         if !(fcm_endpoint.starts_with("https://") || fcm_endpoint.starts_with("http://")) {
-            return Err(
-                FCM_ENDPOINT.error(fcm_endpoint, "use a URL such as https://fcm.googleapis.com")
+            problems.push(
+                FCM_ENDPOINT.error(fcm_endpoint, "use a URL such as https://fcm.googleapis.com"),
             );
         }
-        let fcm_ca_cert = match FCM_CA_CERT.raw(args) {
-            Some(raw) => Some(
-                CaCert::read(std::path::Path::new(raw))
-                    .map_err(|fix| FCM_CA_CERT.error(raw, fix))?,
-            ),
-            None => None,
-        };
+        let fcm_ca_cert = problems.check(
+            FCM_CA_CERT
+                .raw(args)
+                .map(|raw| {
+                    CaCert::read(std::path::Path::new(raw))
+                        .map_err(|fix| FCM_CA_CERT.error(raw, fix))
+                })
+                .transpose(),
+        );
         let emulator = FIRESTORE_EMULATOR_HOST.raw(args).map(str::to_string);
         if let Some(host) = &emulator
             && (host.contains('/') || !host.contains(':'))
         {
-            return Err(FIRESTORE_EMULATOR_HOST.error(host, "use host:port, e.g. 127.0.0.1:8681"));
+            problems
+                .push(FIRESTORE_EMULATOR_HOST.error(host, "use host:port, e.g. 127.0.0.1:8681"));
         }
         let log_format = match LOG_FORMAT.raw(args) {
             None if args.k_service.is_some() => LogFormat::Json,
             None => LogFormat::Text,
             Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(LOG_FORMAT.error(other, "use `text` or `json`")),
+            Some(other) => {
+                problems.push(LOG_FORMAT.error(other, "use `text` or `json`"));
+                LogFormat::Text
+            }
         };
+        let concurrency = problems.check(CONCURRENCY.number(args)) as usize;
         let settings = Settings {
             project,
             database: DATABASE.raw_or_default(args).to_string(),
@@ -551,45 +633,52 @@ impl Settings {
             credentials,
             fcm_endpoint: fcm_endpoint.trim_end_matches('/').to_string(),
             fcm_ca_cert,
-            port: PORT.number(args)? as u16,
-            collection: collection_name(&COLLECTION, args)?,
-            user_collection: collection_name(&USER_COLLECTION, args)?,
-            users_collection: collection_name(&USERS_COLLECTION, args)?,
-            concurrency: CONCURRENCY.number(args)? as usize,
+            port: problems.check(PORT.number(args)) as u16,
+            collection: problems.check(collection_name(&COLLECTION, args)),
+            user_collection: problems.check(collection_name(&USER_COLLECTION, args)),
+            users_collection: problems.check(collection_name(&USERS_COLLECTION, args)),
+            concurrency,
             max_documents: match MAX_DOCUMENTS.raw(args) {
-                Some(_) => MAX_DOCUMENTS.number(args)? as usize,
-                None => {
-                    default_max_documents(CONCURRENCY.number(args)? as usize, memory_limit_bytes())
-                }
+                Some(_) => problems.check(MAX_DOCUMENTS.number(args)) as usize,
+                None => default_max_documents(concurrency, memory_limit_bytes()),
             },
-            max_attempts: MAX_ATTEMPTS.number(args)? as u32,
-            max_backoff: MAX_BACKOFF.duration(args)?,
-            retry_budget: RETRY_BUDGET.duration(args)?,
-            progress_interval: PROGRESS_INTERVAL.duration(args)?,
-            fcm_timeout: FCM_TIMEOUT.duration(args)?,
-            lease: LEASE.duration(args)?,
-            max_lateness: MAX_LATENESS.duration(args)?,
-            quota_floor: QUOTA_BACKOFF.duration(args)?,
-            shutdown_grace: SHUTDOWN_GRACE.duration(args)?,
-            sweep_interval: SWEEP_INTERVAL.duration(args)?,
-            max_app_recipients: MAX_APP_RECIPIENTS.number(args)? as usize,
-            sender_rate: SENDER_RATE.number(args)? as u32,
-            schedule_window: SCHEDULE_WINDOW.duration(args)?,
+            max_attempts: problems.check(MAX_ATTEMPTS.number(args)) as u32,
+            max_backoff: problems.check(MAX_BACKOFF.duration(args)),
+            retry_budget: problems.check(RETRY_BUDGET.duration(args)),
+            progress_interval: problems.check(PROGRESS_INTERVAL.duration(args)),
+            fcm_timeout: problems.check(FCM_TIMEOUT.duration(args)),
+            lease: problems.check(LEASE.duration(args)),
+            max_lateness: problems.check(MAX_LATENESS.duration(args)),
+            quota_floor: problems.check(QUOTA_BACKOFF.duration(args)),
+            shutdown_grace: problems.check(SHUTDOWN_GRACE.duration(args)),
+            sweep_interval: problems.check(SWEEP_INTERVAL.duration(args)),
+            max_app_recipients: problems.check(MAX_APP_RECIPIENTS.number(args)) as usize,
+            sender_rate: problems.check(SENDER_RATE.number(args)) as u32,
+            schedule_window: problems.check(SCHEDULE_WINDOW.duration(args)),
             log_format,
             worker_id: default_worker_id(),
-            fcm_connections: match FCM_CONNECTIONS.raw(args) {
-                Some(_) => Some(FCM_CONNECTIONS.number(args)? as usize),
-                None => None,
-            },
-            fcm_rate: FCM_RATE.number(args)? as u32,
-            heartbeat_interval: HEARTBEAT_INTERVAL.duration(args)?,
-            retention: match RETENTION.raw(args) {
-                Some(_) => Some(RETENTION.duration(args)?),
-                None => None,
-            },
+            fcm_connections: problems
+                .check(
+                    FCM_CONNECTIONS
+                        .raw(args)
+                        .map(|_| FCM_CONNECTIONS.number(args))
+                        .transpose(),
+                )
+                .map(|n| n as usize),
+            fcm_rate: problems.check(FCM_RATE.number(args)) as u32,
+            heartbeat_interval: problems.check(HEARTBEAT_INTERVAL.duration(args)),
+            retention: problems.check(
+                RETENTION
+                    .raw(args)
+                    .map(|_| RETENTION.duration(args))
+                    .transpose(),
+            ),
         };
-        if settings.schedule_window < settings.sweep_interval * 2 {
-            return Err(SCHEDULE_WINDOW.error(
+        // Rules between two settings are checked only when both are valid on their own.
+        if !problems.any(&[&SCHEDULE_WINDOW, &SWEEP_INTERVAL])
+            && settings.schedule_window < settings.sweep_interval * 2
+        {
+            problems.push(SCHEDULE_WINDOW.error(
                 &format!("{:?}", settings.schedule_window),
                 format!(
                     "must be at least twice FFPUSH_SWEEP_INTERVAL ({:?}): the sweep finds documents as they enter the window",
@@ -597,8 +686,10 @@ impl Settings {
                 ),
             ));
         }
-        if settings.progress_interval * 2 > settings.lease {
-            return Err(PROGRESS_INTERVAL.error(
+        if !problems.any(&[&PROGRESS_INTERVAL, &LEASE])
+            && settings.progress_interval * 2 > settings.lease
+        {
+            problems.push(PROGRESS_INTERVAL.error(
                 &format!("{:?}", settings.progress_interval),
                 format!(
                     "must be at most half of FFPUSH_LEASE ({:?}) so the lease is extended in time",
@@ -606,7 +697,7 @@ impl Settings {
                 ),
             ));
         }
-        Ok(settings)
+        problems.finish(settings)
     }
 
     /// Settings for a local stack or a test: the production defaults, pointed at the
@@ -616,7 +707,7 @@ impl Settings {
         firestore_emulator_host: &str,
         fcm_endpoint: &str,
         credentials: PathBuf,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, ConfigErrors> {
         let mut settings = Settings::from_args(&SettingsArgs {
             project: Some(project.to_string()),
             firestore_emulator_host: Some(firestore_emulator_host.to_string()),
@@ -761,6 +852,15 @@ mod tests {
         }
     }
 
+    /// The one error these settings have.
+    #[track_caller]
+    fn the_error(a: &SettingsArgs) -> ConfigError {
+        let errors = Settings::from_args(a).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors}");
+        let ConfigErrors(mut all) = errors;
+        all.remove(0)
+    }
+
     #[test]
     fn defaults_follow_the_design() {
         let s = Settings::from_args(&args()).unwrap();
@@ -783,11 +883,10 @@ mod tests {
 
     #[test]
     fn a_bad_port_names_the_setting_and_the_fix() {
-        let err = Settings::from_args(&SettingsArgs {
+        let err = the_error(&SettingsArgs {
             port: Some("eighty".into()),
             ..args()
-        })
-        .unwrap_err();
+        });
         assert_eq!(err.setting, "PORT");
         let line = err.to_string();
         assert!(
@@ -799,7 +898,7 @@ mod tests {
 
     #[test]
     fn missing_project_says_how_to_set_it() {
-        let err = Settings::from_args(&SettingsArgs::default()).unwrap_err();
+        let err = the_error(&SettingsArgs::default());
         assert_eq!(err.setting, "GOOGLE_CLOUD_PROJECT");
         assert!(err.to_string().contains("--project"));
     }
@@ -826,22 +925,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key.json");
         std::fs::write(&key, r#"{"type":"authorized_user","client_id":"x"}"#).unwrap();
-        let err = Settings::from_args(&SettingsArgs {
+        let err = the_error(&SettingsArgs {
             credentials: Some(key.display().to_string()),
             ..args()
-        })
-        .unwrap_err();
+        });
         assert_eq!(err.setting, "GOOGLE_APPLICATION_CREDENTIALS");
         assert!(err.fix.contains("service-account key"));
     }
 
     #[test]
     fn unreadable_key_file_is_named() {
-        let err = Settings::from_args(&SettingsArgs {
+        let err = the_error(&SettingsArgs {
             credentials: Some("/nonexistent/key.json".into()),
             ..Default::default()
-        })
-        .unwrap_err();
+        });
         assert_eq!(err.setting, "GOOGLE_APPLICATION_CREDENTIALS");
     }
 
@@ -935,7 +1032,7 @@ mod tests {
             ),
         ];
         for (a, setting) in cases {
-            assert_eq!(Settings::from_args(&a).unwrap_err().setting, setting);
+            assert_eq!(the_error(&a).setting, setting);
         }
     }
 
@@ -964,11 +1061,10 @@ mod tests {
             ("/nonexistent/ca.pem".to_string(), "cannot read"),
             (not_pem.display().to_string(), "PEM"),
         ] {
-            let err = Settings::from_args(&SettingsArgs {
+            let err = the_error(&SettingsArgs {
                 fcm_ca_cert: Some(path),
                 ..args()
-            })
-            .unwrap_err();
+            });
             assert_eq!(err.setting, "FFPUSH_FCM_CA_CERT");
             let line = err.to_string();
             assert!(
@@ -1055,11 +1151,57 @@ mod tests {
         ] {
             let mut a = args();
             *(spec.slot_mut)(&mut a) = Some(value.to_string());
-            let err = Settings::from_args(&a).unwrap_err();
+            let err = the_error(&a);
             assert_eq!(err.setting, spec.env, "{value}");
             let line = err.to_string();
             assert!(line.contains(spec.env) && !line.contains('\n'), "{line}");
         }
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once_in_the_table_order() {
+        let errors = Settings::from_args(&SettingsArgs {
+            log_format: Some("xml".into()),
+            port: Some("http".into()),
+            lease: Some("soon".into()),
+            collection: Some("a/b".into()),
+            ..args()
+        })
+        .unwrap_err();
+        let named: Vec<&str> = errors.iter().map(|e| e.setting).collect();
+        assert_eq!(
+            named,
+            ["PORT", "FFPUSH_COLLECTION", "FFPUSH_LEASE", "LOG_FORMAT"]
+        );
+        let text = errors.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for (line, error) in lines.iter().zip(errors.iter()) {
+            assert_eq!(*line, error.to_string());
+        }
+    }
+
+    #[test]
+    fn a_rule_between_two_settings_waits_for_both_to_be_valid() {
+        // An invalid lease is not also a lease too short for the progress interval.
+        let err = the_error(&SettingsArgs {
+            lease: Some("soon".into()),
+            ..args()
+        });
+        assert_eq!(err.setting, "FFPUSH_LEASE");
+        // An invalid window is reported once, not again as shorter than two sweeps.
+        let err = the_error(&SettingsArgs {
+            schedule_window: Some("soon".into()),
+            ..args()
+        });
+        assert!(err.fix.contains("such as"), "{err}");
+        // Both valid: the rule holds.
+        let err = the_error(&SettingsArgs {
+            progress_interval: Some("40s".into()),
+            ..args()
+        });
+        assert_eq!(err.setting, "FFPUSH_PROGRESS_INTERVAL");
+        assert!(err.fix.contains("half of FFPUSH_LEASE"), "{err}");
     }
 
     #[test]

@@ -72,8 +72,10 @@ pub async fn run(args: &SettingsArgs, user: Option<&str>) -> Vec<Check> {
             ));
             s
         }
-        Err(e) => {
-            checks.push(Check::fail("settings", e.to_string(), e.fix.clone()));
+        Err(errors) => {
+            for e in errors.iter() {
+                checks.push(Check::fail("settings", e.to_string(), e.fix.clone()));
+            }
             return checks;
         }
     };

@@ -49,6 +49,30 @@ fn invalid_settings_exit_64_with_one_line_naming_the_setting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FFPUSH_CONCURRENCY"));
 }
 
+#[test]
+fn every_invalid_setting_is_named_at_once_one_line_each() {
+    let out = ffpush()
+        .args(["run", "--project", "p"])
+        .env("FFPUSH_CONCURRENCY", "lots")
+        .env("FFPUSH_LEASE", "soon")
+        .env("LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    for (line, setting) in lines
+        .iter()
+        .zip(["FFPUSH_CONCURRENCY", "FFPUSH_LEASE", "LOG_FORMAT"])
+    {
+        assert!(
+            line.starts_with("ffpush: ") && line.contains(setting),
+            "{setting} in {stderr}"
+        );
+    }
+}
+
 struct Child(std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {

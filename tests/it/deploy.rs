@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::builder::Resettable;
 use clap::{Args as _, FromArgMatches as _};
-use ffpush::config::{ConfigError, LogFormat, Settings, SettingsArgs};
+use ffpush::config::{ConfigErrors, LogFormat, Settings, SettingsArgs};
 use serde_yaml_ng::Value;
 
 fn path(relative: &str) -> PathBuf {
@@ -49,7 +49,7 @@ fn known_env() -> BTreeMap<String, String> {
 }
 
 /// What `ffpush run` makes of exactly these env vars on Cloud Run (`K_SERVICE` set).
-fn settings_from(env: &[(String, String)]) -> Result<Settings, ConfigError> {
+fn settings_from(env: &[(String, String)]) -> Result<Settings, ConfigErrors> {
     let flags = known_env();
     let argv = std::iter::once("ffpush-run".to_string()).chain(
         env.iter()
@@ -144,7 +144,7 @@ fn the_harness_sees_the_settings() {
         ("GOOGLE_CLOUD_PROJECT".into(), "demo-project".into()),
         ("FFPUSH_CONCURRENCY".into(), "0".into()),
     ]);
-    assert_eq!(bad.unwrap_err().setting, "FFPUSH_CONCURRENCY");
+    assert_eq!(bad.unwrap_err()[0].setting, "FFPUSH_CONCURRENCY");
 }
 
 #[test]

@@ -1,0 +1,13 @@
+//! What the integration tests share, re-exported at the test binary's root (`crate::TestApp`,
+//! `crate::s`, `crate::proxy::Proxy`, …).
+
+mod app;
+mod document;
+mod emulators;
+pub mod proxy;
+mod wait;
+
+pub use app::TestApp;
+pub use document::{assert_succeeded, int, num, s, text};
+pub use emulators::{Shared, shared};
+pub use wait::wait_until;
