@@ -104,6 +104,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
+    /// User documents read for their language field (notifications with translations only).
+    pub user_documents_read: Counter,
     /// Instances of the project alive by their heartbeats, this one included, as it last
     /// read them (see [`crate::instances`]).
     pub instances: Gauge,
@@ -263,6 +265,16 @@ impl Metrics {
             out,
             "ffpush_fanout_token_wait_seconds_total {}",
             self.token_wait_micros.get() as f64 / 1e6
+        )?;
+        writeln!(
+            out,
+            "# HELP ffpush_user_documents_read_total User documents read for their language field (notifications with notification_title_i18n / notification_text_i18n only)."
+        )?;
+        writeln!(out, "# TYPE ffpush_user_documents_read_total counter")?;
+        writeln!(
+            out,
+            "ffpush_user_documents_read_total {}",
+            self.user_documents_read.get()
         )?;
         let fcm = &self.fcm;
         writeln!(
