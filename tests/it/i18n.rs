@@ -251,6 +251,15 @@ async fn bad_translations_and_a_language_over_the_size_limit_fail_before_any_sen
             "notification_title_i18n.de is empty",
         ),
         (
+            pb::Value {
+                value_type: Some(ValueType::MapValue(pb::MapValue {
+                    fields: [("de".to_string(), crate::int(1))].into(),
+                })),
+            },
+            map(&[("de", "x")]),
+            "notification_title_i18n.de must be a string, not an integer",
+        ),
+        (
             map(&[("de", "Hallo")]),
             map(&[("de", &long)]),
             "in notification_title_i18n.de with notification_text_i18n.de: the message is",
