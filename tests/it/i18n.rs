@@ -417,3 +417,77 @@ async fn a_send_resumed_after_a_takeover_picks_the_same_languages() {
     rest.remove(&token(&app, "ana", 1));
     assert_eq!(shown(&app, 0, false), rest);
 }
+
+fn ffpush_send(app: &TestApp, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ffpush"))
+        .arg("send")
+        .args(args)
+        .env("GOOGLE_CLOUD_PROJECT", &app.project)
+        .env("FIRESTORE_EMULATOR_HOST", &crate::shared().firestore_host)
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("FCM_ENDPOINT")
+        .output()
+        .expect("running ffpush send")
+}
+
+#[tokio::test]
+async fn ffpush_send_takes_the_translations_as_flags() {
+    let app = TestApp::new().await;
+    users(&app).await;
+    let (_worker, _) = app.start_worker().await;
+    let app = std::sync::Arc::new(app);
+    let run = |args: &'static [&'static str]| {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || ffpush_send(&app, args))
+    };
+    let out = run(&[
+        "--title",
+        "Hello",
+        "--text",
+        "x",
+        "--user",
+        "ana",
+        "--user",
+        "bruno",
+        "--user",
+        "chloe",
+        "--title-i18n",
+        "de=Hallo",
+        "--title-i18n",
+        "pt=Olá",
+        "--text-i18n",
+        "de=Neue Nachricht",
+        "--text-i18n",
+        "pt=Nova mensagem",
+        "--wait",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = expected(&app, "Hello");
+    want.remove(&token(&app, "dan", 1));
+    want.remove(&token(&app, "eve", 1));
+    assert_eq!(shown(&app, 0, false), want);
+    let out = run(&[
+        "--title",
+        "t",
+        "--text",
+        "x",
+        "--user",
+        "ana",
+        "--text-i18n",
+        "Hallo",
+    ])
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--text-i18n \"Hallo\": use KEY=VALUE, e.g. --text-i18n pt-BR=Olá"),
+        "{stderr}"
+    );
+}
