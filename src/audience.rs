@@ -163,10 +163,12 @@ async fn read_users(
                 ..Default::default()
             };
             let first = page_with_retry(store, &query, None).await;
-            // Read beside the tokens, as many users at a time.
-            let language = match &tx.languages {
-                Some(reader) => reader.language_of(&user).await.map(Some),
-                None => Ok(None),
+            // Read beside the tokens, as many users at a time; not for a user without any.
+            let language = match (&tx.languages, &first) {
+                (Some(reader), Ok(tokens)) if !tokens.is_empty() => {
+                    reader.language_of(&user).await.map(Some)
+                }
+                _ => Ok(None),
             };
             (user, query, first, language)
         })

@@ -161,6 +161,15 @@ async fn each_user_gets_the_text_of_their_language_else_of_its_primary_subtag_el
     assert_eq!(user_reads(&worker).await, 0.0);
     let from = app.fcm().messages(&app.project).len();
 
+    // fay speaks German but has no device: her document is not read.
+    let mut fay = HashMap::new();
+    fay.insert("language".to_string(), s("de"));
+    app.store
+        .set("users/fay", fay)
+        .await
+        .expect("writing a user");
+    let mut with_fay = USERS.map(|(u, _)| format!("users/{u}")).to_vec();
+    with_fay.push("users/fay".into());
     let doc = app
         .write(
             CONSOLE,
@@ -168,7 +177,7 @@ async fn each_user_gets_the_text_of_their_language_else_of_its_primary_subtag_el
                 vec![
                     ("notification_title", s("Hello")),
                     ("notification_text", s("x")),
-                    ("user_refs", refs()),
+                    ("user_refs", s(&with_fay.join(","))),
                 ],
                 translations(),
             ]
@@ -179,7 +188,7 @@ async fn each_user_gets_the_text_of_their_language_else_of_its_primary_subtag_el
     assert_succeeded(&done);
     assert_eq!(num(&done, "num_sent"), Some(6));
     assert_eq!(shown(&app, from, false), expected(&app, "Hello"));
-    // Each listed user's document once (eve's, missing, too).
+    // Each listed user's document with a device once (eve's, missing, too).
     assert_eq!(user_reads(&worker).await, 5.0);
 }
 
