@@ -500,3 +500,50 @@ async fn ffpush_send_takes_the_translations_as_flags() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_user_whose_tokens_span_two_pages_is_read_once() {
+    let app = TestApp::new().await;
+    users(&app).await;
+    let metrics = std::sync::Arc::new(ffpush::metrics::Metrics::default());
+    let reader = ffpush::language::LanguageReader::new(
+        app.store.clone(),
+        "language".into(),
+        metrics.clone(),
+    );
+    let page = |entries: &[(&str, u32)]| -> Vec<store::DeviceToken> {
+        entries
+            .iter()
+            .map(|(user, n)| store::DeviceToken {
+                doc_name: app.store.doc_name(&format!("users/{user}/fcm_tokens/t{n}")),
+                token: token(&app, user, *n),
+            })
+            .collect()
+    };
+    let first = reader
+        .languages(&page(&[("ana", 1), ("bruno", 1)]))
+        .await
+        .unwrap();
+    let second = reader
+        .languages(&page(&[("bruno", 2), ("chloe", 1), ("dan", 1), ("eve", 1)]))
+        .await
+        .unwrap();
+    let codes = |l: Vec<ffpush::language::Language>| -> Vec<Option<String>> {
+        l.into_iter().map(|c| c.map(|c| c.to_string())).collect()
+    };
+    assert_eq!(
+        codes(first),
+        vec![Some("de".to_string()), Some("pt-BR".to_string())]
+    );
+    assert_eq!(
+        codes(second),
+        vec![
+            Some("pt-BR".to_string()),
+            Some("fr".to_string()),
+            None,
+            None
+        ]
+    );
+    // bruno, on both pages, once: five users, five documents.
+    assert_eq!(metrics.user_documents_read.get(), 5);
+}
