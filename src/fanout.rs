@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audience::TokenPages;
 use crate::errors::Chain;
 use crate::fcm::{self, Action, ErrorCode, Outcome, Sender, redact};
-use crate::language::{Language, Messages};
+use crate::language::{Language, LanguageReader, Messages};
 use crate::metrics::Metrics;
 use crate::store::{DeviceToken, Store};
 
@@ -570,15 +570,19 @@ const VALIDATION_TRIES: usize = 5;
 /// A dry run: reads the recipients exactly as [`fan_out`] does (unique, non-empty tokens),
 /// counts them, and has FCM validate the message (`validate_only`) on one. Nothing is
 /// delivered and no token is removed.
+///
+/// With `languages` (a notification with translations), only the users of the tokens tried
+/// have their language read, not every recipient's.
 pub async fn validate(
     ctx: &Context<'_>,
     messages: &Messages,
     mut pages: TokenPages,
+    languages: Option<&LanguageReader>,
     stop: CancellationToken,
 ) -> Result<Validated, Abort> {
     let hasher = RandomState::new();
     let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
-    let mut candidates: Vec<(String, Language)> = Vec::new();
+    let mut candidates: Vec<DeviceToken> = Vec::new();
     let mut found = Validated::default();
     loop {
         let page = tokio::select! {
@@ -588,13 +592,13 @@ pub async fn validate(
         };
         match page {
             Some(Ok(page)) => {
-                for (DeviceToken { token, .. }, language) in page.into_entries() {
-                    if token.is_empty() || !seen.insert(hasher.hash_one(&token)) {
+                for token in page.tokens {
+                    if token.token.is_empty() || !seen.insert(hasher.hash_one(&token.token)) {
                         continue;
                     }
                     found.tokens += 1;
                     if candidates.len() < VALIDATION_TRIES {
-                        candidates.push((token, language));
+                        candidates.push(token);
                     }
                 }
             }
@@ -602,8 +606,13 @@ pub async fn validate(
             None => break,
         }
     }
+    let languages: Vec<Language> = match languages {
+        Some(reader) => reader.languages(&candidates).await.map_err(Abort::Store)?,
+        None => Vec::new(),
+    };
     let mut picker = messages.picker();
-    for (token, language) in candidates {
+    let languages = languages.into_iter().chain(std::iter::repeat(None));
+    for (DeviceToken { token, .. }, language) in candidates.into_iter().zip(languages) {
         // In the candidate's language: the message validated is one a real send would send.
         let message = picker.template(&language).message_for(&token)["message"].take();
         match validate_once(ctx, message, &stop).await? {

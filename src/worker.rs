@@ -564,6 +564,12 @@ impl Worker {
                 self.metrics.clone(),
             )
         });
+        // A dry run reads the languages of the few tokens it tries only.
+        let (languages, dry_run_languages) = if n.options.dry_run {
+            (None, languages)
+        } else {
+            (languages, None)
+        };
         let pages =
             audience::read_with_languages(self.store.clone(), n.audience.clone(), languages);
         let without_tokens = pages.without_tokens.clone();
@@ -576,7 +582,7 @@ impl Worker {
             gate: Some(claim.gate()),
         };
         let result = if n.options.dry_run {
-            fanout::validate(&ctx, &template, pages, fan_stop)
+            fanout::validate(&ctx, &template, pages, dry_run_languages.as_ref(), fan_stop)
                 .await
                 .map(Finished::Validated)
         } else {

@@ -308,7 +308,7 @@ async fn bad_translations_and_a_language_over_the_size_limit_fail_before_any_sen
 async fn silent_scheduled_and_dry_run_documents_are_localized_too() {
     let app = TestApp::new().await;
     users(&app).await;
-    let (_worker, _) = app.start_worker().await;
+    let (worker, _) = app.start_worker().await;
     // Silent, from the app: the text goes to data.title / data.body, in the user's language.
     let silent = app
         .write(
@@ -353,7 +353,9 @@ async fn silent_scheduled_and_dry_run_documents_are_localized_too() {
     assert_eq!(shown(&app, from, false), expected(&app, "Later"));
     let from = app.fcm().messages(&app.project).len();
 
-    // A dry run validates the message its first recipient (ana) would get.
+    // A dry run validates the message its first recipient (ana) would get, reading the
+    // language of the users it tries only: the first five tokens' (not eve's).
+    let reads = user_reads(&worker).await;
     let dry = app
         .write(
             CONSOLE,
@@ -361,7 +363,7 @@ async fn silent_scheduled_and_dry_run_documents_are_localized_too() {
                 vec![
                     ("notification_title", s("Check")),
                     ("notification_text", s("x")),
-                    ("user_refs", s("users/ana")),
+                    ("user_refs", refs()),
                     ("dry_run", boolean(true)),
                 ],
                 translations(),
@@ -379,6 +381,8 @@ async fn silent_scheduled_and_dry_run_documents_are_localized_too() {
         .map(|m| (m.validate_only, m.message["notification"]["title"].clone()))
         .collect();
     assert_eq!(validated, vec![(true, serde_json::json!("Hallo"))]);
+    assert_eq!(num(&done, "num_tokens"), Some(6));
+    assert_eq!(user_reads(&worker).await - reads, 4.0);
 }
 
 #[tokio::test]
