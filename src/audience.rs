@@ -9,6 +9,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::language::{Language, LanguageReader};
 use crate::model::Audience;
 use crate::store::{self, DeviceToken, Store, TokenQuery};
 
@@ -35,18 +36,57 @@ pub struct UsersWithoutTokens {
 }
 
 pub struct TokenPages {
-    pub pages: mpsc::Receiver<Result<Vec<DeviceToken>, store::Error>>,
+    pub pages: mpsc::Receiver<Result<Page, store::Error>>,
     pub without_tokens: Arc<Mutex<UsersWithoutTokens>>,
+}
+
+/// Token documents in path order, with their users' languages when the notification has
+/// translations.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub tokens: Vec<DeviceToken>,
+    /// One per token, or empty: no language needed.
+    pub languages: Vec<Language>,
+}
+
+impl From<Vec<DeviceToken>> for Page {
+    fn from(tokens: Vec<DeviceToken>) -> Page {
+        Page {
+            tokens,
+            languages: Vec::new(),
+        }
+    }
+}
+
+impl Page {
+    /// Each token with its user's language (`None` when none was read).
+    pub fn into_entries(self) -> impl Iterator<Item = (DeviceToken, Language)> {
+        let languages = self.languages.into_iter().chain(std::iter::repeat(None));
+        self.tokens.into_iter().zip(languages)
+    }
 }
 
 /// Starts reading `audience`; the reader stops when the receiver is dropped.
 pub fn read(store: Store, audience: Audience) -> TokenPages {
-    let (tx, pages) = mpsc::channel(4);
+    read_with_languages(store, audience, None)
+}
+
+/// [`read`], and with `languages` each token's user's language, each user read once.
+pub fn read_with_languages(
+    store: Store,
+    audience: Audience,
+    languages: Option<LanguageReader>,
+) -> TokenPages {
+    let (pages_tx, pages) = mpsc::channel(4);
     let without_tokens = Arc::new(Mutex::new(UsersWithoutTokens::default()));
     let missing = without_tokens.clone();
     let reader = async move {
+        let tx = &Out {
+            tx: pages_tx,
+            languages,
+        };
         let result = match audience {
-            Audience::Users(ids) => read_users(&store, ids, &tx, &missing).await,
+            Audience::Users(ids) => read_users(&store, ids, tx, &missing).await,
             Audience::Broadcast { device_type, slice } => {
                 let (start, end) = slice.map(|s| s.user_id_range()).unwrap_or_default();
                 let query = TokenQuery {
@@ -60,7 +100,7 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
                 // A batch covers the users collection only, as FlutterFlow's bounds do; its
                 // first and last slices are open-ended, so tokens elsewhere are skipped.
                 let users = slice.map(|_| format!("{}/", store.users_collection()));
-                read_query(&store, &query, users.as_deref(), &tx).await
+                read_query(&store, &query, users.as_deref(), tx).await
             }
             // One request to FCM's own fan-out: a single entry whose "token" is the topic or
             // condition (the template puts it under `message.topic` / `message.condition`).
@@ -70,12 +110,12 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
                     doc_name: TARGET_REQUEST.to_string(),
                     token: target,
                 };
-                let _ = tx.send(Ok(vec![request])).await;
+                let _ = tx.tx.send(Ok(vec![request].into())).await;
                 Ok(())
             }
         };
         if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
+            let _ = tx.tx.send(Err(e)).await;
         }
     };
     // In the notification's span: its page reads and retries are logged as its own.
@@ -86,12 +126,33 @@ pub fn read(store: Store, audience: Audience) -> TokenPages {
     }
 }
 
-type Pages = mpsc::Sender<Result<Vec<DeviceToken>, store::Error>>;
+/// Where pages go: the fan-out's channel, through the language reads when there are any.
+struct Out {
+    tx: mpsc::Sender<Result<Page, store::Error>>,
+    languages: Option<LanguageReader>,
+}
+
+impl Out {
+    /// Hands a page on, with its users' languages (`user`: every token is that user's, its
+    /// language already read). `Ok(false)`: the fan-out is gone.
+    async fn send(
+        &self,
+        tokens: Vec<DeviceToken>,
+        user: Option<Language>,
+    ) -> Result<bool, store::Error> {
+        let languages = match (&self.languages, user) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(language)) => vec![language; tokens.len()],
+            (Some(reader), None) => reader.languages(&tokens).await?,
+        };
+        Ok(self.tx.send(Ok(Page { tokens, languages })).await.is_ok())
+    }
+}
 
 async fn read_users(
     store: &Store,
     paths: Vec<String>,
-    tx: &Pages,
+    tx: &Out,
     missing: &Mutex<UsersWithoutTokens>,
 ) -> Result<(), store::Error> {
     let mut users = futures::stream::iter(paths)
@@ -102,11 +163,19 @@ async fn read_users(
                 ..Default::default()
             };
             let first = page_with_retry(store, &query, None).await;
-            (user, query, first)
+            // Read beside the tokens, as many users at a time; not for a user without any.
+            let language = match (&tx.languages, &first) {
+                (Some(reader), Ok(tokens)) if !tokens.is_empty() => {
+                    reader.language_of(&user).await.map(Some)
+                }
+                _ => Ok(None),
+            };
+            (user, query, first, language)
         })
         .buffered(USER_READ_AHEAD);
-    while let Some((user, query, first)) = users.next().await {
+    while let Some((user, query, first, language)) = users.next().await {
         let first = first?;
+        let language = language?;
         if first.is_empty()
             && let Ok(mut m) = missing.lock()
         {
@@ -117,7 +186,7 @@ async fn read_users(
         }
         let mut last = first.last().map(|t| t.doc_name.clone());
         let full = first.len() == USER_FIRST_PAGE;
-        if tx.send(Ok(first)).await.is_err() {
+        if !tx.send(first, language.clone()).await? {
             return Ok(());
         }
         if full {
@@ -131,7 +200,7 @@ async fn read_users(
                 last = (page.len() == PAGE_SIZE)
                     .then(|| page.last().map(|t| t.doc_name.clone()))
                     .flatten();
-                if tx.send(Ok(page)).await.is_err() {
+                if !tx.send(page, language.clone()).await? {
                     return Ok(());
                 }
             }
@@ -148,7 +217,7 @@ async fn read_query(
     store: &Store,
     query: &TokenQuery,
     under: Option<&str>,
-    tx: &Pages,
+    tx: &Out,
 ) -> Result<(), store::Error> {
     let mut after: Option<String> = None;
     // The same budget as a page read; it starts anew whenever the stream made progress.
@@ -183,7 +252,7 @@ async fn stream_pages(
     query: &TokenQuery,
     under: Option<&str>,
     after: &mut Option<String>,
-    tx: &Pages,
+    tx: &Out,
 ) -> Result<(), store::Error> {
     let tokens = store.token_stream(query, after.as_deref()).await?;
     futures::pin_mut!(tokens);
@@ -198,9 +267,13 @@ async fn stream_pages(
             under.is_none_or(|prefix| store.relative(&t.doc_name).starts_with(prefix))
         }));
         if page.len() == PAGE_SIZE || (end.is_some() && !page.is_empty()) {
-            *after = page.last().map(|t| t.doc_name.clone());
+            let last = page.last().map(|t| t.doc_name.clone());
             let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE_SIZE));
-            if tx.send(Ok(full)).await.is_err() {
+            // Moved on only once the page is handed on: a failed language read resumes the
+            // query before it.
+            let open = tx.send(full, None).await?;
+            *after = last;
+            if !open {
                 return Ok(());
             }
         }

@@ -15,6 +15,8 @@ pub const DEFAULT_FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_COLLECTION: &str = "ff_push_notifications";
 pub const DEFAULT_USER_COLLECTION: &str = "ff_user_push_notifications";
 pub const DEFAULT_USERS_COLLECTION: &str = "users";
+/// The user document field with the user's language code, as apps commonly name it.
+pub const DEFAULT_LANGUAGE_FIELD: &str = "language";
 
 /// What a setting's value is, and the values it may take. Bounds keep absurd values (a zero
 /// sweep interval, a one-millisecond lease) from starting the program.
@@ -198,6 +200,10 @@ settings_table! {
     users_collection: USERS_COLLECTION {
         env: "FFPUSH_USERS_COLLECTION", flag: "users-collection", default: DEFAULT_USERS_COLLECTION,
         help: "the project's users collection (`users`, `Users`, `user_data`, …): FlutterFlow's batch bounds, and where `send`, `doctor --user` and `dev --seed` look for a bare user id",
+    }
+    language_field: LANGUAGE_FIELD {
+        env: "FFPUSH_LANGUAGE_FIELD", flag: "language-field", default: DEFAULT_LANGUAGE_FIELD,
+        help: "field of a user document holding the user's language code (`de`, `pt-BR`; a dotted path reaches into a map): it picks the text of `notification_title_i18n` / `notification_text_i18n`. Read only for documents that carry those maps",
     }
     concurrency: CONCURRENCY {
         env: "FFPUSH_CONCURRENCY", flag: "concurrency", kind: Kind::Number { min: 1, max: 10_000 },
@@ -400,6 +406,8 @@ pub struct Settings {
     pub user_collection: String,
     /// The project's users collection (`FFPUSH_USERS_COLLECTION`, default `users`).
     pub users_collection: String,
+    /// The user document's field with the user's language (`FFPUSH_LANGUAGE_FIELD`).
+    pub language_field: String,
     pub concurrency: usize,
     /// Documents claimed and sent at once (`FFPUSH_MAX_DOCUMENTS`); due ones beyond wait.
     pub max_documents: usize,
@@ -637,6 +645,7 @@ impl Settings {
             collection: problems.check(collection_name(&COLLECTION, args)),
             user_collection: problems.check(collection_name(&USER_COLLECTION, args)),
             users_collection: problems.check(collection_name(&USERS_COLLECTION, args)),
+            language_field: problems.check(field_path(&LANGUAGE_FIELD, args)),
             concurrency,
             max_documents: match MAX_DOCUMENTS.raw(args) {
                 Some(_) => problems.check(MAX_DOCUMENTS.number(args)) as usize,
@@ -825,6 +834,29 @@ pub(crate) fn collection_name(spec: &Spec, args: &SettingsArgs) -> Result<String
     Ok(name.to_string())
 }
 
+/// A field of a document, or a dotted path into its maps, in the plain form a field mask
+/// takes without quoting: letters, digits and `_`, not starting with a digit.
+fn field_path(spec: &Spec, args: &SettingsArgs) -> Result<String, ConfigError> {
+    let path = spec.raw_or_default(args);
+    let plain = |segment: &str| {
+        segment
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !segment.starts_with("__")
+    };
+    if !path.split('.').all(plain) {
+        return Err(spec.error(
+            path,
+            "use a field name of letters, digits and _ (e.g. language), or a dotted path into a map (e.g. settings.language)",
+        ));
+    }
+    Ok(path.to_string())
+}
+
 /// `500ms`, `30s`, `5m`, `24h`; a bare number means seconds.
 pub fn parse_duration(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
@@ -870,6 +902,7 @@ mod tests {
         assert_eq!(s.collection, "ff_push_notifications");
         assert_eq!(s.user_collection, "ff_user_push_notifications");
         assert_eq!(s.users_collection, "users");
+        assert_eq!(s.language_field, "language");
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.firestore_emulator_host.is_none());
         assert_eq!(s.concurrency, 1000);
@@ -993,6 +1026,13 @@ mod tests {
                     ..args()
                 },
                 "FFPUSH_USERS_COLLECTION",
+            ),
+            (
+                SettingsArgs {
+                    language_field: Some("settings.`lang`".into()),
+                    ..args()
+                },
+                "FFPUSH_LANGUAGE_FIELD",
             ),
             (
                 SettingsArgs {

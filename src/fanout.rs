@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audience::TokenPages;
 use crate::errors::Chain;
-use crate::fcm::{self, Action, ErrorCode, MessageTemplate, Outcome, Sender, redact};
+use crate::fcm::{self, Action, ErrorCode, Outcome, Sender, redact};
+use crate::language::{Language, LanguageReader, Messages};
 use crate::metrics::Metrics;
 use crate::store::{DeviceToken, Store};
 
@@ -420,13 +421,13 @@ struct TokenResult {
     dead_kept: bool,
 }
 
-/// Sends the template to every unique token of `pages`. Tokens the `ledger` says an earlier
+/// Sends the message to every unique token of `pages`, each in its user's language. Tokens the `ledger` says an earlier
 /// run finished are only remembered (for de-duplication), not sent. The ledger is kept current
 /// for whoever persists it. However it ends, it returns only when no send is in flight: a send
 /// FCM may have delivered is always in the ledger, so a resumed run never repeats it.
 pub async fn fan_out(
     ctx: &Context<'_>,
-    template: &MessageTemplate,
+    messages: &Messages,
     mut pages: TokenPages,
     ledger: Arc<Mutex<Ledger>>,
     stop: CancellationToken,
@@ -434,7 +435,9 @@ pub async fn fan_out(
     let hasher = RandomState::new();
     // Keys are already keyed hashes: the set stores them as they are.
     let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
-    let mut buffer: VecDeque<DeviceToken> = VecDeque::new();
+    let mut buffer: VecDeque<(DeviceToken, Language)> = VecDeque::new();
+    // One template per language variant, built as users of that language come.
+    let mut picker = messages.picker();
     // Set at the first missing-index answer to a dead-token lookup: later dead tokens are
     // kept without asking again, and sending goes on.
     let no_index = AtomicBool::new(false);
@@ -461,7 +464,7 @@ pub async fn fan_out(
                 ledger.finish(&result);
             }
             while !stopping && in_flight.len() < ctx.concurrency {
-                let Some(DeviceToken { doc_name, token }) = buffer.pop_front() else {
+                let Some((DeviceToken { doc_name, token }, language)) = buffer.pop_front() else {
                     break;
                 };
                 // Asked of every token document, in order, before anything is skipped.
@@ -472,14 +475,8 @@ pub async fn fan_out(
                 let seq = next_seq;
                 next_seq += 1;
                 ledger.start(seq, doc_name);
-                in_flight.push(send_one(
-                    ctx,
-                    template,
-                    token,
-                    seq,
-                    &no_index,
-                    drain.clone(),
-                ));
+                let body = picker.body_for(&language, &token);
+                in_flight.push(send_one(ctx, body, token, seq, &no_index, drain.clone()));
             }
         }
         let want_page =
@@ -514,8 +511,8 @@ pub async fn fan_out(
                 }
                 match page {
                     Some(Ok(page)) => {
-                        tracing::debug!(tokens = page.len(), "token page read");
-                        buffer.extend(page);
+                        tracing::debug!(tokens = page.tokens.len(), "token page read");
+                        buffer.extend(page.into_entries());
                     }
                     Some(Err(e)) => {
                         failure.get_or_insert(Abort::Store(e));
@@ -573,15 +570,19 @@ const VALIDATION_TRIES: usize = 5;
 /// A dry run: reads the recipients exactly as [`fan_out`] does (unique, non-empty tokens),
 /// counts them, and has FCM validate the message (`validate_only`) on one. Nothing is
 /// delivered and no token is removed.
+///
+/// With `languages` (a notification with translations), only the users of the tokens tried
+/// have their language read, not every recipient's.
 pub async fn validate(
     ctx: &Context<'_>,
-    template: &MessageTemplate,
+    messages: &Messages,
     mut pages: TokenPages,
+    languages: Option<&LanguageReader>,
     stop: CancellationToken,
 ) -> Result<Validated, Abort> {
     let hasher = RandomState::new();
     let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
-    let mut candidates: Vec<String> = Vec::new();
+    let mut candidates: Vec<DeviceToken> = Vec::new();
     let mut found = Validated::default();
     loop {
         let page = tokio::select! {
@@ -591,8 +592,8 @@ pub async fn validate(
         };
         match page {
             Some(Ok(page)) => {
-                for DeviceToken { token, .. } in page {
-                    if token.is_empty() || !seen.insert(hasher.hash_one(&token)) {
+                for token in page.tokens {
+                    if token.token.is_empty() || !seen.insert(hasher.hash_one(&token.token)) {
                         continue;
                     }
                     found.tokens += 1;
@@ -605,8 +606,15 @@ pub async fn validate(
             None => break,
         }
     }
-    for token in candidates {
-        let message = template.message_for(&token)["message"].take();
+    let languages: Vec<Language> = match languages {
+        Some(reader) => reader.languages(&candidates).await.map_err(Abort::Store)?,
+        None => Vec::new(),
+    };
+    let mut picker = messages.picker();
+    let languages = languages.into_iter().chain(std::iter::repeat(None));
+    for (DeviceToken { token, .. }, language) in candidates.into_iter().zip(languages) {
+        // In the candidate's language: the message validated is one a real send would send.
+        let message = picker.template(&language).message_for(&token)["message"].take();
         match validate_once(ctx, message, &stop).await? {
             Outcome::Sent => {
                 found.accepted = true;
@@ -704,15 +712,15 @@ async fn cleared_to_send(ctx: &Context<'_>, stop: &CancellationToken) -> Result<
     }
 }
 
+/// Sends `body`, the message for `token`, until FCM gives a final answer about it.
 async fn send_one(
     ctx: &Context<'_>,
-    template: &MessageTemplate,
+    body: bytes::Bytes,
     token: String,
     seq: u64,
     no_index: &AtomicBool,
     stop: CancellationToken,
 ) -> Result<TokenResult, Abort> {
-    let body = template.body_for(&token);
     let first_try = std::time::Instant::now();
     let mut attempt = 1;
     loop {

@@ -337,7 +337,18 @@ pub struct MessageTemplate {
 }
 
 impl MessageTemplate {
+    /// The message with the notification's plain title and text.
     pub fn new(n: &Notification) -> Result<MessageTemplate, Invalid> {
+        MessageTemplate::with_text(n, &n.title, &n.body)
+    }
+
+    /// The message with `title` and `body` in place of the notification's own (a language's
+    /// translations): where they go, and the size check, are the same.
+    pub fn with_text(
+        n: &Notification,
+        title: &str,
+        body: &str,
+    ) -> Result<MessageTemplate, Invalid> {
         let o = &n.options;
         let mut message = Map::new();
         let mut data = Map::new();
@@ -355,15 +366,15 @@ impl MessageTemplate {
         }
         if o.silent {
             // No notification block: the app gets the text as data, and shows what it likes.
-            for (key, text) in [("title", &n.title), ("body", &n.body)] {
+            for (key, text) in [("title", title), ("body", body)] {
                 if !text.is_empty() {
                     data.insert(key.into(), json!(text));
                 }
             }
         } else {
             let mut notification = Map::new();
-            notification.insert("title".into(), json!(n.title));
-            notification.insert("body".into(), json!(n.body));
+            notification.insert("title".into(), json!(title));
+            notification.insert("body".into(), json!(body));
             if let Some(image) = &n.image {
                 notification.insert("image".into(), json!(image));
             }
@@ -1257,6 +1268,7 @@ mod tests {
             data: [("kind".to_string(), "chat".to_string())].into(),
             analytics_label: Some("spring-sale".into()),
             dry_run: false,
+            translations: Default::default(),
         }
     }
 

@@ -12,6 +12,8 @@
 //! - [`claim`]: the precondition write that makes a document ours, the lease renewed with
 //!   progress while sending, and its release.
 //! - [`audience`]: user refs or broadcast slices → a bounded stream of token pages.
+//! - [`language`]: for a notification with translations, each recipient user's language
+//!   (read once per user) picks its message variant.
 //! - [`fanout`]: concurrent sends, retries with backoff, dead-token pruning, progress ledger.
 //! - `report`: the outcome fields written back, and what counts as succeeded.
 //!
@@ -57,6 +59,7 @@ pub mod fanout;
 pub mod fcm;
 pub mod instances;
 pub(crate) mod intake;
+pub mod language;
 pub(crate) mod limits;
 pub(crate) mod logging;
 pub mod metrics;

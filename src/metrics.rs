@@ -129,6 +129,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Time fan-outs had free send slots but no token to send: waiting for Firestore pages.
     pub token_wait_micros: Counter,
+    /// User documents read for their language field (notifications with translations only).
+    pub user_documents_read: Counter,
     /// Instances of the project alive by their heartbeats, this one included, as it last
     /// read them (see [`crate::instances`]).
     pub instances: Gauge,
@@ -320,6 +322,12 @@ static FAMILIES: &[Family] = &[
         series: Series::Seconds(|m| m.token_wait_micros.get()),
     },
     Family {
+        name: "ffpush_user_documents_read_total",
+        kind: "counter",
+        help: "User documents read for their language field (notifications with notification_title_i18n / notification_text_i18n only).",
+        series: Series::Value(|m| m.user_documents_read.get()),
+    },
+    Family {
         name: "ffpush_fcm_connections",
         kind: "gauge",
         help: "Connections to FCM open in the pool (HTTP/2, or HTTP/1.1).",
@@ -414,6 +422,7 @@ mod tests {
         m.documents_queued.set(23);
         m.ready.set(1);
         m.token_wait_micros.inc_by(1_500_000);
+        m.user_documents_read.inc_by(21);
         m.instances.set(2);
         m.rate_share.set(225);
         for (i, counter) in m.fcm_outcomes.iter().enumerate() {
@@ -465,6 +474,9 @@ ffpush_ready 1
 # HELP ffpush_fanout_token_wait_seconds_total Time fan-outs had free send slots but no token: waiting on Firestore reads.
 # TYPE ffpush_fanout_token_wait_seconds_total counter
 ffpush_fanout_token_wait_seconds_total 1.5
+# HELP ffpush_user_documents_read_total User documents read for their language field (notifications with notification_title_i18n / notification_text_i18n only).
+# TYPE ffpush_user_documents_read_total counter
+ffpush_user_documents_read_total 21
 # HELP ffpush_fcm_connections Connections to FCM open in the pool (HTTP/2, or HTTP/1.1).
 # TYPE ffpush_fcm_connections gauge
 ffpush_fcm_connections 3

@@ -189,6 +189,141 @@ pub struct MessageOptions {
     /// `dry_run`: count the recipients and have FCM validate the message on one token
     /// (`validate_only`), delivering nothing.
     pub dry_run: bool,
+    /// `notification_title_i18n` / `notification_text_i18n`: the text in other languages,
+    /// picked per recipient by the user document's language field.
+    pub translations: Translations,
+}
+
+/// Most languages one `notification_title_i18n` or `notification_text_i18n` map may hold:
+/// more than an app ships, few enough that checking each language's payload stays cheap.
+pub const MAX_LANGUAGES: usize = 100;
+
+/// `notification_title_i18n` and `notification_text_i18n`: language code → text. Keys are
+/// kept normalized (lower case, `-` between subtags), so that a user's `pt_BR`, `pt-br` or
+/// `PT-BR` all find `pt-BR`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translations {
+    pub title: BTreeMap<String, String>,
+    pub text: BTreeMap<String, String>,
+}
+
+/// Which translations one recipient gets: the key of the title map and of the text map used,
+/// `None` for the plain `notification_title` / `notification_text`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub title: Option<String>,
+    pub text: Option<String>,
+}
+
+impl Translations {
+    pub fn is_empty(&self) -> bool {
+        self.title.is_empty() && self.text.is_empty()
+    }
+
+    /// What a user whose language field holds `language` gets, map by map: the exact code,
+    /// else its primary subtag (`pt-BR` → `pt`), else the plain text. Codes are compared
+    /// case-insensitively, `_` read as `-` (Flutter's `Locale.toString()` writes `pt_BR`).
+    pub fn pick(&self, language: Option<&str>) -> Variant {
+        let Some(code) = language.map(normalize_language).filter(|c| !c.is_empty()) else {
+            return Variant::default();
+        };
+        let primary = code.split('-').next().unwrap_or_default();
+        let find = |map: &BTreeMap<String, String>| {
+            [code.as_str(), primary]
+                .into_iter()
+                .find(|k| map.contains_key(*k))
+                .map(str::to_string)
+        };
+        Variant {
+            title: find(&self.title),
+            text: find(&self.text),
+        }
+    }
+
+    /// Every variant some user can get, the plain one first: a user's language picks what
+    /// one of the maps' keys picks, or the plain text.
+    pub fn variants(&self) -> Vec<Variant> {
+        let mut all = vec![Variant::default()];
+        for code in self.title.keys().chain(self.text.keys()) {
+            let variant = self.pick(Some(code));
+            if !all.contains(&variant) {
+                all.push(variant);
+            }
+        }
+        all
+    }
+}
+
+/// A language code as it is compared: trimmed, lower case, `_` read as `-`.
+pub fn normalize_language(code: &str) -> String {
+    code.trim().to_ascii_lowercase().replace('_', "-")
+}
+
+/// Whether `code` looks like a BCP 47 language tag (`de`, `pt-BR`, `zh-Hant-TW`, `es-419`):
+/// a primary subtag of 2–3 letters, then subtags of 1–8 letters or digits, at most 35 bytes
+/// in all (<https://www.rfc-editor.org/rfc/rfc5646#section-2.1>). `_` separates too.
+pub fn is_language_code(code: &str) -> bool {
+    let mut subtags = code.split(['-', '_']);
+    let primary = subtags.next().unwrap_or_default();
+    code.len() <= 35
+        && (2..=3).contains(&primary.len())
+        && primary.bytes().all(|b| b.is_ascii_alphabetic())
+        && subtags
+            .all(|s| (1..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// One of the two maps: language code → non-empty text, at most [`MAX_LANGUAGES`] codes.
+fn parse_translations(
+    fields: &HashMap<String, Value>,
+    name: &str,
+) -> Result<BTreeMap<String, String>, Invalid> {
+    let map = match fields.get(name).and_then(|v| v.value_type.as_ref()) {
+        None | Some(value::ValueType::NullValue(_)) => return Ok(BTreeMap::new()),
+        Some(value::ValueType::MapValue(map)) => map,
+        Some(other) => {
+            return Err(invalid(format!(
+                "{name} must be a map from language code to text (e.g. {{\"de\": \"…\", \"pt-BR\": \"…\"}}), not {}",
+                type_name(other)
+            )));
+        }
+    };
+    if map.fields.len() > MAX_LANGUAGES {
+        return Err(invalid(format!(
+            "{name} has {} languages, at most {MAX_LANGUAGES} are allowed",
+            map.fields.len()
+        )));
+    }
+    let mut out = BTreeMap::new();
+    // In key order, so that the first bad key named is the same every time.
+    let sorted: BTreeMap<&String, &Value> = map.fields.iter().collect();
+    for (code, v) in sorted {
+        if !is_language_code(code) {
+            return Err(invalid(format!(
+                "{name} key {code:?} is not a language code: use one like de, pt-BR or zh-Hant (the value of the users' language field)"
+            )));
+        }
+        let text = match v.value_type.as_ref() {
+            Some(value::ValueType::StringValue(s)) if !s.is_empty() => s,
+            Some(value::ValueType::StringValue(_)) => {
+                return Err(invalid(format!(
+                    "{name}.{code} is empty: leave the language out, and its users get the plain text"
+                )));
+            }
+            other => {
+                return Err(invalid(format!(
+                    "{name}.{code} must be a string, not {}",
+                    other.map(type_name).unwrap_or("nothing")
+                )));
+            }
+        };
+        let key = normalize_language(code);
+        if out.insert(key.clone(), text.clone()).is_some() {
+            return Err(invalid(format!(
+                "{name} has {key:?} twice (language codes are compared ignoring case, and _ as -): keep one"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// FCM's longest time to live, 28 days ("ttl", maximum four weeks:
@@ -298,6 +433,13 @@ impl Notification {
             };
             Audience::Broadcast { device_type, slice }
         };
+        if let Audience::Topic(_) | Audience::Condition(_) = audience
+            && !options.translations.is_empty()
+        {
+            return Err(invalid(
+                "notification_title_i18n and notification_text_i18n cannot be used with target_topic or target_condition: FCM sends one message to a topic's subscribers, whose languages ffpush does not know; send one notification per language topic instead",
+            ));
+        }
         Ok(Notification {
             title,
             body,
@@ -361,6 +503,10 @@ impl MessageOptions {
                 "analytics_label must be 1 to 50 letters, digits or - _ . ~ % (FCM's ^[a-zA-Z0-9-_.~%]{{1,50}}$), not {label:?}"
             )));
         }
+        let translations = Translations {
+            title: parse_translations(fields, "notification_title_i18n")?,
+            text: parse_translations(fields, "notification_text_i18n")?,
+        };
         Ok(MessageOptions {
             badge,
             channel_id,
@@ -371,6 +517,7 @@ impl MessageOptions {
             data,
             analytics_label,
             dry_run,
+            translations,
         })
     }
 
@@ -1177,6 +1324,7 @@ mod tests {
                 .into(),
                 analytics_label: Some("Spring-sale_2.0~%".into()),
                 dry_run: false,
+                translations: Translations::default(),
             }
         );
         let plain = Notification::parse(Source::App, &targeted(vec![])).unwrap();
@@ -1281,6 +1429,112 @@ mod tests {
                 err.starts_with(&format!("data key {key:?} cannot be used: ")),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn translations_are_read_normalized_and_bad_ones_name_the_field() {
+        let f = targeted(vec![
+            (
+                "notification_title_i18n",
+                map(&[("de", s("Hallo")), ("pt_BR", s("Oi"))]),
+            ),
+            ("notification_text_i18n", map(&[("zh-Hant-TW", s("文"))])),
+        ]);
+        let t = Notification::parse(Source::App, &f)
+            .unwrap()
+            .options
+            .translations;
+        assert_eq!(
+            t.title,
+            [("de".into(), "Hallo".into()), ("pt-br".into(), "Oi".into())].into()
+        );
+        assert_eq!(t.text, [("zh-hant-tw".into(), "文".into())].into());
+        let too_many: Vec<(String, Value)> = (0..=MAX_LANGUAGES)
+            .map(|i| {
+                (
+                    format!(
+                        "l{}{}",
+                        (b'a' + (i / 26) as u8) as char,
+                        (b'a' + (i % 26) as u8) as char
+                    ),
+                    s("x"),
+                )
+            })
+            .collect();
+        let too_many: Vec<(&str, Value)> = too_many
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "notification_title_i18n",
+                s("Hallo"),
+                "notification_title_i18n must be a map from language code to text",
+            ),
+            (
+                "notification_text_i18n",
+                map(&[("german", s("x"))]),
+                "notification_text_i18n key \"german\" is not a language code",
+            ),
+            (
+                "notification_text_i18n",
+                map(&[("de-", s("x"))]),
+                "notification_text_i18n key \"de-\" is not a language code",
+            ),
+            (
+                "notification_title_i18n",
+                map(&[("de", s(""))]),
+                "notification_title_i18n.de is empty",
+            ),
+            (
+                "notification_title_i18n",
+                map(&[("de", int(1))]),
+                "notification_title_i18n.de must be a string, not an integer",
+            ),
+            (
+                "notification_title_i18n",
+                map(&[("pt-BR", s("a")), ("pt_br", s("b"))]),
+                "notification_title_i18n has \"pt-br\" twice",
+            ),
+            (
+                "notification_text_i18n",
+                map(&too_many),
+                "notification_text_i18n has 101 languages, at most 100",
+            ),
+        ];
+        for (field, value, expected) in cases {
+            let err = parse_error(Source::Console, &targeted(vec![(field, value)]));
+            assert!(err.starts_with(expected), "{field}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        let err = parse_error(
+            Source::Console,
+            &fields(
+                &[
+                    base(),
+                    vec![
+                        ("target_topic", s("news")),
+                        ("notification_title_i18n", map(&[("de", s("Hallo"))])),
+                    ],
+                ]
+                .concat(),
+            ),
+        );
+        assert!(err.starts_with("notification_title_i18n and notification_text_i18n cannot be used with target_topic"), "{err}");
+        for good in ["de", "pt-BR", "zh-Hant-TW", "es-419", "fil", "pt_BR"] {
+            assert!(is_language_code(good), "{good}");
+        }
+        for bad in [
+            "",
+            "d",
+            "deutsch",
+            "1a",
+            "de--at",
+            "de-verylongsubtag",
+            "de at",
+        ] {
+            assert!(!is_language_code(bad), "{bad}");
         }
     }
 

@@ -18,7 +18,8 @@ use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
-use crate::fcm::{MessageTemplate, Sender};
+use crate::fcm::Sender;
+use crate::language::{LanguageReader, Messages};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
@@ -92,7 +93,7 @@ enum Decision {
     /// Fail it without sending, for this reason.
     Fail(String),
     /// Claim and send it (boxed: a message with its options is far larger than the others).
-    Send(Box<(Notification, MessageTemplate)>),
+    Send(Box<(Notification, Messages)>),
 }
 
 impl Worker {
@@ -278,7 +279,7 @@ impl Worker {
         let parsed = limits::check_document(source, &self.settings, &doc.fields)
             .and_then(|()| Notification::parse(source, &doc.fields))
             .and_then(|n| limits::check_audience(source, &self.settings, &n).map(|()| n))
-            .and_then(|n| MessageTemplate::new(&n).map(|t| (n, t)));
+            .and_then(|n| Messages::new(&n).map(|t| (n, t)));
         let (n, template) = match parsed {
             Ok(parsed) => parsed,
             Err(invalid) => {
@@ -543,7 +544,7 @@ impl Worker {
         self: &Arc<Self>,
         doc: pb::Document,
         n: Notification,
-        template: MessageTemplate,
+        template: Messages,
     ) -> Result<Outcome, store::Error> {
         let terms = LeaseTerms::new(self.settings.lease, self.settings.progress_interval);
         let Some(claim) = Claim::take(&self.store, terms, &self.settings.worker_id, &doc).await?
@@ -555,7 +556,22 @@ impl Worker {
         let ledger = Arc::new(Mutex::new(Ledger::resume(&claim.resume)));
         let fan_stop = self.stop.child_token();
         let renewal = claim.renew(ledger.clone(), fan_stop.clone());
-        let pages = audience::read(self.store.clone(), n.audience.clone());
+        // Users' languages are read only for a notification with translations.
+        let languages = template.is_localized().then(|| {
+            LanguageReader::new(
+                self.store.clone(),
+                self.settings.language_field.clone(),
+                self.metrics.clone(),
+            )
+        });
+        // A dry run reads the languages of the few tokens it tries only.
+        let (languages, dry_run_languages) = if n.options.dry_run {
+            (None, languages)
+        } else {
+            (languages, None)
+        };
+        let pages =
+            audience::read_with_languages(self.store.clone(), n.audience.clone(), languages);
         let without_tokens = pages.without_tokens.clone();
         let ctx = Context {
             sender: &self.sender,
@@ -566,7 +582,7 @@ impl Worker {
             gate: Some(claim.gate()),
         };
         let result = if n.options.dry_run {
-            fanout::validate(&ctx, &template, pages, fan_stop)
+            fanout::validate(&ctx, &template, pages, dry_run_languages.as_ref(), fan_stop)
                 .await
                 .map(Finished::Validated)
         } else {

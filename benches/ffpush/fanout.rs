@@ -221,7 +221,7 @@ pub async fn drive(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let feeder = tokio::spawn(async move {
         for page in pages {
-            if tx.send(Ok(page)).await.is_err() {
+            if tx.send(Ok(page.into())).await.is_err() {
                 break;
             }
         }
@@ -256,7 +256,14 @@ pub async fn drive(
         })
     };
     let started = Instant::now();
-    let result = fanout::fan_out(ctx, &template, token_pages, ledger.clone(), stop.clone()).await;
+    let result = fanout::fan_out(
+        ctx,
+        &template.into(),
+        token_pages,
+        ledger.clone(),
+        stop.clone(),
+    )
+    .await;
     let secs = started.elapsed().as_secs_f64();
     let capped = stop.is_cancelled();
     stop.cancel();

@@ -384,7 +384,7 @@ async fn read_production(store: &Store, audience: Audience, tokens: usize) -> f6
     let mut pages = ffpush::audience::read(store.clone(), audience);
     let mut n = 0;
     while let Some(page) = pages.pages.recv().await {
-        n += page.expect("a token page").len();
+        n += page.expect("a token page").tokens.len();
     }
     assert_eq!(n, tokens);
     started.elapsed().as_secs_f64()

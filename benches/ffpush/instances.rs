@@ -222,7 +222,7 @@ async fn broadcast(bench: &crate::Bench, cell: Cell) -> (Vec<WorkerProcess>, Tar
         };
         let mut pages = ffpush::audience::read(store.clone(), slice);
         while let Some(page) = pages.pages.recv().await {
-            read += page.expect("a token page").len();
+            read += page.expect("a token page").tokens.len();
         }
     }
     assert_eq!(read, tokens, "the slices cover every user once");

@@ -70,6 +70,12 @@ pub(super) struct SendArgs {
     /// analytics_label: FCM's label for delivery reports (^[a-zA-Z0-9-_.~%]{1,50}$).
     #[arg(long)]
     analytics_label: Option<String>,
+    /// The title in a language, LANG=TEXT (notification_title_i18n); repeat for more.
+    #[arg(long = "title-i18n")]
+    title_i18n: Vec<String>,
+    /// The text in a language, LANG=TEXT (notification_text_i18n); repeat for more.
+    #[arg(long = "text-i18n")]
+    text_i18n: Vec<String>,
     /// dry_run: count the recipients and have FCM validate the message; deliver nothing.
     #[arg(long)]
     dry_run: bool,
@@ -332,18 +338,44 @@ fn message_options(
     if args.silent {
         f.insert("silent".into(), pb_value(ValueType::BooleanValue(true)));
     }
-    if !args.data.is_empty() {
-        let mut data = HashMap::new();
-        for entry in &args.data {
-            let (key, value) = entry.split_once('=').ok_or_else(|| {
-                Usage(format!(
-                    "--data {entry:?}: use KEY=VALUE, e.g. --data kind=chat"
-                ))
-            })?;
-            data.insert(key.to_string(), store::string(value));
+    for (field, flag, entries, example) in [
+        ("data", "data", &args.data, "kind=chat"),
+        (
+            "notification_title_i18n",
+            "title-i18n",
+            &args.title_i18n,
+            "de=Hallo",
+        ),
+        (
+            "notification_text_i18n",
+            "text-i18n",
+            &args.text_i18n,
+            "pt-BR=Olá",
+        ),
+    ] {
+        if !entries.is_empty() {
+            f.insert(field.into(), string_map(flag, entries, example)?);
         }
-        let map = crate::model::pb::MapValue { fields: data };
-        f.insert("data".into(), pb_value(ValueType::MapValue(map)));
     }
     Ok(())
+}
+
+/// A map field from repeated `--flag KEY=VALUE` entries.
+fn string_map(
+    flag: &str,
+    entries: &[String],
+    example: &str,
+) -> Result<crate::model::pb::Value, Usage> {
+    let mut map = HashMap::new();
+    for entry in entries {
+        let (key, value) = entry.split_once('=').ok_or_else(|| {
+            Usage(format!(
+                "--{flag} {entry:?}: use KEY=VALUE, e.g. --{flag} {example}"
+            ))
+        })?;
+        map.insert(key.to_string(), store::string(value));
+    }
+    Ok(pb_value(ValueType::MapValue(crate::model::pb::MapValue {
+        fields: map,
+    })))
 }

@@ -13,6 +13,7 @@ mod fcm_http1;
 mod fcm_pool;
 mod fcm_quota;
 mod fidelity;
+mod i18n;
 mod instances;
 mod lifecycle;
 mod limits;

@@ -10,6 +10,7 @@ use ffpush::audience::TokenPages;
 use ffpush::dev::fcm_emulator::Script;
 use ffpush::fanout::{self, Abort, Context, Ledger, RetryPolicy};
 use ffpush::fcm::{MessageTemplate, Sender};
+use ffpush::language::Messages;
 use ffpush::metrics::Metrics;
 use ffpush::model::{Audience, Notification};
 use ffpush::store::{self, DeviceToken};
@@ -50,7 +51,7 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
         },
         gate: None,
     };
-    let template = MessageTemplate::new(&Notification {
+    let template: Messages = MessageTemplate::new(&Notification {
         title: "Resumed".into(),
         body: "x".into(),
         image: None,
@@ -61,7 +62,8 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
         scheduled_time: None,
         options: Default::default(),
     })
-    .expect("a valid message");
+    .expect("a valid message")
+    .into();
     let tokens: Vec<DeviceToken> = (0..4)
         .map(|i| DeviceToken {
             doc_name: app.store.doc_name(&format!("users/u/fcm_tokens/{i}")),
@@ -82,7 +84,9 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
         without_tokens: Default::default(),
     };
     let feed = async {
-        tx.send(Ok(tokens.clone())).await.expect("the first page");
+        tx.send(Ok(tokens.clone().into()))
+            .await
+            .expect("the first page");
         // Every send has reached FCM (which may deliver it) before the next page read fails.
         wait_until(Duration::from_secs(30), || {
             app.fcm().messages(&p).len() == 4
@@ -108,7 +112,7 @@ async fn a_page_read_error_waits_for_the_sends_in_flight_so_a_resume_repeats_non
     // The next claim resumes from that progress: FCM gets nothing twice.
     let ledger = Arc::new(Mutex::new(Ledger::resume(&progress)));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(Ok(tokens.clone())).await.expect("the page");
+    tx.send(Ok(tokens.clone().into())).await.expect("the page");
     drop(tx);
     let pages = TokenPages {
         pages: rx,

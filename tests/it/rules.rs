@@ -29,6 +29,8 @@ const MAX_TOKEN: usize = 4096;
 const MAX_CLOCK_SKEW_MINUTES: i64 = 5;
 const MAX_DATA_ENTRIES: usize = 16;
 const MAX_DATA_LENGTH: usize = 2048;
+const MAX_TRANSLATIONS: usize = 16;
+const MAX_TRANSLATIONS_LENGTH: usize = 2048;
 
 fn migrations_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")
@@ -1017,6 +1019,106 @@ async fn the_users_collection_and_anonymous_senders_are_set_at_the_top_of_the_ru
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `n` languages (`la`, `lb`, … `lz`, `ma`, …) whose codes and texts come to `length`
+/// characters together. (A number as a text passes the rules, which cannot afford a type
+/// check per entry beside `data`'s within their 1 000 expressions; the worker fails it,
+/// naming the entry: tests/it/i18n.rs.)
+fn translations_of(n: usize, length: usize) -> Value {
+    let codes: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{}{}",
+                (b'l' + (i / 26) as u8) as char,
+                (b'a' + (i % 26) as u8) as char
+            )
+        })
+        .collect();
+    let mut left = length - codes.iter().map(String::len).sum::<usize>();
+    let pairs: Vec<(String, Value)> = codes
+        .into_iter()
+        .enumerate()
+        .map(|(i, code)| {
+            let size = if i + 1 == n { left } else { left / (n - i) };
+            left -= size;
+            (code, s(&"t".repeat(size)))
+        })
+        .collect();
+    data_map(&pairs)
+}
+
+#[tokio::test]
+async fn app_documents_may_carry_translations_within_their_bounds() {
+    let c = Client::new();
+    let texts = |pairs: &[(&str, Value)]| {
+        data_map(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let fine = [
+        (
+            "German and Brazilian Portuguese",
+            json!({
+                "notification_title_i18n": texts(&[("de", s("Hallo")), ("pt-BR", s("Oi")), ("zh_Hant", s("你好"))]),
+                "notification_text_i18n": texts(&[("de", s("Neu"))]),
+            }),
+        ),
+        (
+            "both maps at their most",
+            json!({
+                "notification_title_i18n": translations_of(MAX_TRANSLATIONS, MAX_TRANSLATIONS_LENGTH),
+                "notification_text_i18n": translations_of(MAX_TRANSLATIONS, MAX_TRANSLATIONS_LENGTH),
+            }),
+        ),
+        (
+            "an empty map",
+            json!({"notification_text_i18n": texts(&[])}),
+        ),
+    ];
+    for (i, (what, extra)) in fine.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "users/bob", extra);
+        let path = format!("ff_user_push_notifications/i18n_ok{i}");
+        allowed(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+    let refused = [
+        (
+            "a map as text",
+            json!({"notification_title_i18n": s("Hallo")}),
+        ),
+        (
+            "a name, not a code",
+            json!({"notification_title_i18n": texts(&[("german", s("Hallo"))])}),
+        ),
+        (
+            "a code with a space",
+            json!({"notification_text_i18n": texts(&[("de", s("a")), ("pt BR", s("b"))])}),
+        ),
+        (
+            "an empty text",
+            json!({"notification_text_i18n": texts(&[("de", s(""))])}),
+        ),
+        (
+            "a map as text",
+            json!({"notification_title_i18n": texts(&[("de", texts(&[("a", s("b"))]))])}),
+        ),
+        (
+            "too many languages",
+            json!({"notification_title_i18n": translations_of(MAX_TRANSLATIONS + 1, 100)}),
+        ),
+        (
+            "over the length",
+            json!({"notification_text_i18n": translations_of(4, MAX_TRANSLATIONS_LENGTH + 1)}),
+        ),
+    ];
+    for (i, (what, extra)) in refused.into_iter().enumerate() {
+        let fields = c.flutterflow_action("users/alice", "users/bob", extra);
+        let path = format!("ff_user_push_notifications/i18n_bad{i}");
+        denied(&c.create(As::User("alice"), &path, fields).await, what);
+    }
+}
+
 #[test]
 fn the_limits_these_tests_assume_are_the_rules_files() {
     let rules = std::fs::read_to_string(rules_file()).expect("migrations/firestore.rules");
@@ -1032,6 +1134,8 @@ fn the_limits_these_tests_assume_are_the_rules_files() {
         ("maxTokenLength", MAX_TOKEN.to_string()),
         ("maxDataEntries", MAX_DATA_ENTRIES.to_string()),
         ("maxDataLength", MAX_DATA_LENGTH.to_string()),
+        ("maxTranslations", MAX_TRANSLATIONS.to_string()),
+        ("maxTranslationsLength", MAX_TRANSLATIONS_LENGTH.to_string()),
         (
             "maxClockSkew",
             format!("duration.value({MAX_CLOCK_SKEW_MINUTES}, 'm')"),

@@ -10,6 +10,7 @@ use ffpush::claim::{Claim, LeaseTerms};
 use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
 use ffpush::fanout::{self, Context, Ledger, RetryPolicy};
 use ffpush::fcm::{MessageTemplate, Sender};
+use ffpush::language::Messages;
 use ffpush::metrics::Metrics;
 use ffpush::model::{Audience, Notification};
 use ffpush::store::{self, DeviceToken};
@@ -113,7 +114,7 @@ async fn one_stalled_token_among(n: usize) {
         },
         gate: None,
     };
-    let template = MessageTemplate::new(&Notification {
+    let template: Messages = MessageTemplate::new(&Notification {
         title: "Stalled".into(),
         body: "x".into(),
         image: None,
@@ -124,7 +125,8 @@ async fn one_stalled_token_among(n: usize) {
         scheduled_time: None,
         options: Default::default(),
     })
-    .expect("a valid message");
+    .expect("a valid message")
+    .into();
     let stalled = format!("{p}-000000");
     fcm.script(&stalled, Script::Latency(Duration::from_secs(600)));
 
@@ -153,7 +155,7 @@ async fn one_stalled_token_among(n: usize) {
                     token: format!("{p}-{i:06}"),
                 })
                 .collect();
-            if tx.send(Ok(page)).await.is_err() {
+            if tx.send(Ok(page.into())).await.is_err() {
                 return;
             }
         }
