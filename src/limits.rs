@@ -15,6 +15,10 @@ use crate::model::{Audience, Invalid, Notification, Source, pb, string_value};
 /// Room for everything but `user_refs`: FCM's 4096-byte message (title, text, image, sound,
 /// page, parameters) twice over, plus `sender`, `timestamp` and `scheduled_time`.
 const BASE_BYTES: usize = 8 * 1024;
+/// Room for the fields the rules cap by characters beside the message: `data`,
+/// `notification_title_i18n` and `notification_text_i18n`, 2048 characters each
+/// (migrations/firestore.rules), at up to 4 bytes a character in UTF-8.
+const OPTION_BYTES: usize = 3 * 2048 * 4;
 /// `user_refs` room per allowed recipient: a full reference name
 /// (`projects/{p}/databases/(default)/documents/users/{uid}`) and its separator.
 const BYTES_PER_RECIPIENT: usize = 128;
@@ -23,7 +27,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// The largest app document accepted, in bytes as [`document_bytes`] counts them.
 pub fn max_app_document_bytes(max_recipients: usize) -> usize {
-    BASE_BYTES + BYTES_PER_RECIPIENT * max_recipients
+    BASE_BYTES + OPTION_BYTES + BYTES_PER_RECIPIENT * max_recipients
 }
 
 /// A document's size: field names and values, strings by their UTF-8 bytes, other scalars as
@@ -61,7 +65,8 @@ pub fn check_document(
     if size > max {
         return Err(Invalid(format!(
             "the document is {size} bytes; notifications from the app may be at most {max} bytes \
-             (FCM's 4096-byte message and user_refs for FFPUSH_MAX_APP_RECIPIENTS = {} users); not sent",
+             (FCM's 4096-byte message, data and translations, and user_refs for \
+             FFPUSH_MAX_APP_RECIPIENTS = {} users); not sent",
             settings.max_app_recipients
         )));
     }
@@ -263,5 +268,40 @@ mod tests {
             crate::store::array(vec![s("users/a"), s("users/b")]),
         );
         assert_eq!(document_bytes(&f), 36 + 9 + 14);
+    }
+
+    /// What the security rules let an app write (migrations/firestore.rules: `data` and each
+    /// translation map up to 2048 characters) fits the worker's limit, in non-ASCII text too.
+    #[test]
+    fn a_document_the_rules_allow_fits_the_size_limit() {
+        let map = |prefix: &str| {
+            // 16 entries of 2-letter keys and 126 two-byte characters: 2048 characters.
+            let fields = (0..16)
+                .map(|i| (format!("{prefix}{i:x}"), s(&"é".repeat(126))))
+                .collect();
+            pb::Value {
+                value_type: Some(pb::value::ValueType::MapValue(pb::MapValue { fields })),
+            }
+        };
+        let mut f = HashMap::new();
+        f.insert("notification_title".to_string(), s(&"T".repeat(200)));
+        f.insert("notification_text".to_string(), s(&"x".repeat(3000)));
+        f.insert("data".to_string(), map("k"));
+        f.insert("notification_title_i18n".to_string(), map("d"));
+        f.insert("notification_text_i18n".to_string(), map("p"));
+        let refs = (0..100)
+            .map(|i| {
+                s(&format!(
+                    "projects/p/databases/(default)/documents/users/{i:0>28}"
+                ))
+            })
+            .collect();
+        f.insert("user_refs".to_string(), crate::store::array(refs));
+        assert!(
+            document_bytes(&f) <= max_app_document_bytes(100),
+            "{} > {}",
+            document_bytes(&f),
+            max_app_document_bytes(100)
+        );
     }
 }
