@@ -196,63 +196,80 @@ impl Report {
         }
     }
 
-    pub fn into_fields(self) -> (Status, HashMap<String, pb::Value>, Vec<&'static str>) {
+    /// What [`Report::into_fields`] writes as `status`.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// The fields this outcome writes: FlutterFlow's and ffpush's, those without a value
+    /// removed.
+    pub fn into_fields(self) -> Fields {
         let t = self.tally;
-        let mut f = HashMap::new();
-        let mut remove = vec![fields::LEASE, fields::PROGRESS];
-        f.insert("status".to_string(), store::string(self.status.as_str()));
-        f.insert("num_sent".to_string(), store::integer(t.sent as i64));
-        f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
         // A dry run sends nothing, and fails nothing.
         let failed = if self.status == Status::Validated {
             0
         } else {
             t.failed()
         };
-        f.insert("num_failed".to_string(), store::integer(failed as i64));
-        f.insert(
-            "num_tokens_removed".to_string(),
-            store::integer(t.removed as i64),
-        );
-        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
-        match self.error {
-            Some(e) => {
-                f.insert("error".to_string(), store::string(&e));
-            }
-            None => remove.push("error"),
-        }
-        match self.warning {
-            Some(w) => {
-                f.insert("warning".to_string(), store::string(&w));
-            }
-            None => remove.push("warning"),
-        }
+        let mut f = Fields::outcome(self.status)
+            .count("num_sent", t.sent)
+            .count("num_tokens", t.tokens)
+            .count("num_failed", failed)
+            .count("num_tokens_removed", t.removed)
+            .text("error", self.error.as_deref())
+            .text("warning", self.warning.as_deref());
         if !t.errors.is_empty() {
-            f.insert(
-                "error_counts".to_string(),
-                crate::claim::error_counts_value(&t.errors),
-            );
+            f = f.value("error_counts", crate::claim::error_counts_value(&t.errors));
         }
         if self.without.count > 0 {
-            f.insert(
-                "num_users_without_tokens".to_string(),
-                store::integer(self.without.count as i64),
-            );
+            f = f.count("num_users_without_tokens", self.without.count);
         }
         // Empty for app documents: their senders get the count, never whose devices are missing.
         if !self.without.listed.is_empty() {
-            f.insert(
-                "users_without_tokens".to_string(),
-                store::array(
-                    self.without
-                        .listed
-                        .iter()
-                        .map(|u| store::string(u))
-                        .collect(),
-                ),
-            );
+            let listed = self.without.listed.iter().map(|u| store::string(u));
+            f = f.value("users_without_tokens", store::array(listed.collect()));
         }
-        (self.status, f, remove)
+        f
+    }
+}
+
+/// The fields of a write that finishes a document, and those it removes: built here for a
+/// report and for the failure of a document never claimed alike.
+#[derive(Debug)]
+pub struct Fields {
+    pub set: HashMap<String, pb::Value>,
+    pub remove: Vec<&'static str>,
+}
+
+impl Fields {
+    /// `status` and `completed_at`, the lease and the progress removed.
+    pub fn outcome(status: Status) -> Fields {
+        let mut set = HashMap::new();
+        set.insert("status".to_string(), store::string(status.as_str()));
+        set.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        Fields {
+            set,
+            remove: vec![fields::LEASE, fields::PROGRESS],
+        }
+    }
+
+    /// `key` set to the count `n`.
+    pub fn count(self, key: &str, n: u64) -> Fields {
+        self.value(key, store::integer(n as i64))
+    }
+
+    /// `key` set to `text`, or removed when there is none (so no earlier write's stays).
+    pub fn text(mut self, key: &'static str, text: Option<&str>) -> Fields {
+        match text {
+            Some(text) => return self.value(key, store::string(text)),
+            None => self.remove.push(key),
+        }
+        self
+    }
+
+    fn value(mut self, key: &str, value: pb::Value) -> Fields {
+        self.set.insert(key.to_string(), value);
+        self
     }
 }
 
@@ -280,8 +297,11 @@ mod tests {
             count: without,
             listed: (0..without).map(|i| format!("users/x{i}")).collect(),
         };
-        let (status, fields, _) = Report::finished(&n, &t, &w).into_fields();
-        (status, fields)
+        written(Report::finished(&n, &t, &w))
+    }
+
+    fn written(report: Report) -> (Status, HashMap<String, pb::Value>) {
+        (report.status().clone(), report.into_fields().set)
     }
 
     fn text(f: &HashMap<String, pb::Value>, k: &str) -> String {
@@ -318,7 +338,7 @@ mod tests {
             count: 2,
             listed: Vec::new(),
         };
-        let (status, f, _) = Report::finished(&n, &Tally::default(), &w).into_fields();
+        let (status, f) = written(Report::finished(&n, &Tally::default(), &w));
         assert_eq!(status, Status::Failed);
         assert_eq!(
             text(&f, "error"),
@@ -395,7 +415,7 @@ mod tests {
                 device_type: device_type.map(String::from),
                 slice: Some(crate::model::Slice { index: 2, count: 5 }),
             });
-            let (status, f, _) = Report::finished(&n, &Tally::default(), &none).into_fields();
+            let (status, f) = written(Report::finished(&n, &Tally::default(), &none));
             assert_eq!(status, Status::Failed);
             text(&f, "error")
         };
@@ -416,8 +436,7 @@ mod tests {
                 "The query requires a COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type. You can create it here: {link}"
             )),
         );
-        let (status, f, _) =
-            Report::aborted(&Abort::Store(missing), &Tally::default()).into_fields();
+        let (status, f) = written(Report::aborted(&Abort::Store(missing), &Tally::default()));
         assert_eq!(status, Status::Failed);
         let error = text(&f, "error");
         assert!(

@@ -22,7 +22,7 @@ use crate::fcm::{MessageTemplate, Sender};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
-use crate::report::Report;
+use crate::report::{Fields, Report};
 use crate::schedule::{Timers, Wait};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
@@ -502,18 +502,14 @@ impl Worker {
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile. A
     /// dead worker's lease and progress go; what it had sent stays counted.
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
-        let mut f = HashMap::new();
-        f.insert("status".to_string(), store::string(Status::Failed.as_str()));
-        f.insert("error".to_string(), store::string(reason));
-        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
-        let sent = crate::claim::sent_before(doc);
-        f.insert("num_sent".to_string(), store::integer(sent as i64));
-        let remove = [fields::LEASE, fields::PROGRESS];
+        let failure = Fields::outcome(Status::Failed)
+            .text("error", Some(reason))
+            .count("num_sent", crate::claim::sent_before(doc));
         // Conditioned on the version read: a document someone changed since is not failed.
         let written = match doc.update_time {
             Some(read_at) => {
                 self.store
-                    .update_fields(&doc.name, f, &remove, read_at)
+                    .update_fields(&doc.name, failure.set, &failure.remove, read_at)
                     .await
             }
             None => Err(store::Error::Incomplete("update_time")),
@@ -599,8 +595,9 @@ impl Worker {
             }
             Err(e) => Report::aborted(&e, &done.tally),
         };
-        let (status, f, remove) = report.into_fields();
-        if let Err(lost_or_failed) = claim.report(f, &remove).await {
+        let status = report.status().clone();
+        let f = report.into_fields();
+        if let Err(lost_or_failed) = claim.report(f.set, &f.remove).await {
             if let ClaimError::Lost(Lost::Cancelled) = lost_or_failed {
                 return self.stopped(&claim, &ledger).await;
             }
@@ -638,13 +635,13 @@ impl Worker {
         ledger: &Mutex<Ledger>,
     ) -> Result<Outcome, store::Error> {
         let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-        let (_, f, remove) = Report::cancelled(&done.tally).into_fields();
+        let f = Report::cancelled(&done.tally).into_fields();
         tracing::info!(
             sent = done.tally.sent,
             tokens = done.tally.tokens,
             "cancelled while it was sent; stopped"
         );
-        match claim.report(f, &remove).await {
+        match claim.report(f.set, &f.remove).await {
             Ok(()) => Ok(Outcome::Reported(Status::Cancelled, claim.version())),
             Err(e) => settled(Err(e), Outcome::Cancelled),
         }
