@@ -14,8 +14,7 @@ use crate::audience;
 /// --retention`). Set by [`crate::store::Store`] on every write that sets `completed_at`, so
 /// both a report and a failure of a document never claimed carry it.
 pub(crate) const EXPIRES_AT: &str = "ffpush_expires_at";
-use crate::claim::fields;
-use crate::fanout::{Abort, Tally, Validated};
+use crate::fanout::{Abort, ErrorCounts, Tally, Validated};
 use crate::model::{Audience, Notification, Status, pb};
 use crate::store;
 
@@ -219,7 +218,7 @@ impl Report {
             .text("error", self.error.as_deref())
             .text("warning", self.warning.as_deref());
         if !t.errors.is_empty() {
-            f = f.value("error_counts", crate::claim::error_counts_value(&t.errors));
+            f = f.value("error_counts", error_counts_value(&t.errors));
         }
         if self.without.count > 0 {
             f = f.count("num_users_without_tokens", self.without.count);
@@ -234,7 +233,8 @@ impl Report {
 }
 
 /// The fields of a write that finishes a document, and those it removes: built here for a
-/// report and for the failure of a document never claimed alike.
+/// report and for the failure of a document never claimed alike, and written by
+/// [`crate::claim::Claim::complete`] or [`crate::claim::complete_unclaimed`].
 #[derive(Debug)]
 pub struct Fields {
     pub set: HashMap<String, pb::Value>,
@@ -242,14 +242,14 @@ pub struct Fields {
 }
 
 impl Fields {
-    /// `status` and `completed_at`, the lease and the progress removed.
+    /// `status` and `completed_at` (the claim's own fields go when [`crate::claim`] writes it).
     pub fn outcome(status: Status) -> Fields {
         let mut set = HashMap::new();
         set.insert("status".to_string(), store::string(status.as_str()));
         set.insert("completed_at".to_string(), store::timestamp(Utc::now()));
         Fields {
             set,
-            remove: vec![fields::LEASE, fields::PROGRESS],
+            remove: Vec::new(),
         }
     }
 
@@ -270,6 +270,18 @@ impl Fields {
     fn value(mut self, key: &str, value: pb::Value) -> Fields {
         self.set.insert(key.to_string(), value);
         self
+    }
+}
+
+/// The `error_counts` map: each of FCM's error codes some token got, with how many did.
+pub(crate) fn error_counts_value(counts: &ErrorCounts) -> pb::Value {
+    pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: counts
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), store::integer(n as i64)))
+                .collect(),
+        })),
     }
 }
 

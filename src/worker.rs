@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 
 use crate::admit::{Admission, Admitted, Slot};
 use crate::audience;
-use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
+use crate::claim::{self, Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
@@ -504,16 +504,9 @@ impl Worker {
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
         let failure = Fields::outcome(Status::Failed)
             .text("error", Some(reason))
-            .count("num_sent", crate::claim::sent_before(doc));
+            .count("num_sent", claim::sent_before(doc));
         // Conditioned on the version read: a document someone changed since is not failed.
-        let written = match doc.update_time {
-            Some(read_at) => {
-                self.store
-                    .update_fields(&doc.name, failure.set, &failure.remove, read_at)
-                    .await
-            }
-            None => Err(store::Error::Incomplete("update_time")),
-        };
+        let written = claim::complete_unclaimed(&self.store, doc, failure).await;
         match written {
             Ok(written) => {
                 self.metrics.notifications_failed.inc();
@@ -596,14 +589,11 @@ impl Worker {
             Err(e) => Report::aborted(&e, &done.tally),
         };
         let status = report.status().clone();
-        let f = report.into_fields();
-        if let Err(lost_or_failed) = claim.report(f.set, &f.remove).await {
-            if let ClaimError::Lost(Lost::Cancelled) = lost_or_failed {
-                return self.stopped(&claim, &ledger).await;
-            }
-            return settled(Err(lost_or_failed), Outcome::Interrupted);
-        }
-        let written = claim.version();
+        let written = match claim.complete(report).await {
+            Ok(written) => written,
+            Err(ClaimError::Lost(Lost::Cancelled)) => return self.stopped(&claim, &ledger).await,
+            Err(lost_or_failed) => return settled(Err(lost_or_failed), Outcome::Interrupted),
+        };
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(Outcome::Reported(status, written))
     }
@@ -635,14 +625,13 @@ impl Worker {
         ledger: &Mutex<Ledger>,
     ) -> Result<Outcome, store::Error> {
         let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-        let f = Report::cancelled(&done.tally).into_fields();
         tracing::info!(
             sent = done.tally.sent,
             tokens = done.tally.tokens,
             "cancelled while it was sent; stopped"
         );
-        match claim.report(f.set, &f.remove).await {
-            Ok(()) => Ok(Outcome::Reported(Status::Cancelled, claim.version())),
+        match claim.complete(Report::cancelled(&done.tally)).await {
+            Ok(written) => Ok(Outcome::Reported(Status::Cancelled, written)),
             Err(e) => settled(Err(e), Outcome::Cancelled),
         }
     }
