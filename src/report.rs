@@ -4,6 +4,7 @@
 //! as succeeded and phrasing each problem as something a person can act on.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use chrono::Utc;
 
@@ -15,117 +16,231 @@ use crate::audience;
 /// both a report and a failure of a document never claimed carry it.
 pub(crate) const EXPIRES_AT: &str = "ffpush_expires_at";
 use crate::fanout::{Abort, ErrorCounts, Tally, Validated};
-use crate::model::{Audience, Notification, Status, pb};
+use crate::model::{Audience, Notification, Slice, Status, pb};
 use crate::store;
 
 /// The outcome fields written back.
 pub struct Report {
     status: Status,
-    error: Option<String>,
-    warning: Option<String>,
+    error: Option<Failure>,
+    /// Said beside a success (or a dry run), in this order.
+    warnings: Vec<Problem>,
     tally: Tally,
     without: audience::UsersWithoutTokens,
 }
 
+/// Why a notification failed; phrased only when written.
+enum Failure {
+    /// No token to send to.
+    NoTokens(NoTokens),
+    /// Sent to `sent` of `tokens`, with these problems.
+    Partial {
+        sent: u64,
+        tokens: u64,
+        problems: Vec<Problem>,
+    },
+    /// A dry run: FCM refused every token the message was tried on, by code.
+    NotValidated(ErrorCounts),
+    /// Stopped by an error (its chain of causes, as phrased).
+    Aborted(String),
+}
+
+/// What a notification that found no token was addressed to.
+enum NoTokens {
+    /// Users, none of whom has a token; `listed` names them (console documents only).
+    Users { count: usize, listed: Vec<String> },
+    /// A topic or condition: always one request, so never without one.
+    Request,
+    /// A broadcast, or a batch of one, to `device_type` (none: everyone).
+    Broadcast {
+        device_type: Option<String>,
+        slice: Option<Slice>,
+    },
+}
+
+/// Some tokens' (or users') trouble, counted; phrased only when written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Problem {
+    /// Dead tokens, removed: routine, said only beside a failure.
+    Dead(u64),
+    SenderIdMismatch(u64),
+    ThirdPartyAuth(u64),
+    Undelivered(u64),
+    TimedOut(u64),
+    /// Dead tokens kept for want of an index: the operator's to fix, said whatever the status.
+    DeadKept(u64),
+    /// Users without a device token: said beside a success.
+    WithoutTokens(u64),
+}
+
+impl Problem {
+    /// The tokens' problems in `t`, in the order they are said (those that are counted).
+    fn of(t: &Tally) -> Vec<Problem> {
+        [
+            Problem::Dead(t.dead),
+            Problem::SenderIdMismatch(t.sender_id_mismatch),
+            Problem::ThirdPartyAuth(t.third_party_auth),
+            Problem::Undelivered(t.undelivered),
+            Problem::TimedOut(t.timed_out),
+        ]
+        .into_iter()
+        .filter(|p| p.count() > 0)
+        .collect()
+    }
+
+    fn count(&self) -> u64 {
+        match *self {
+            Problem::Dead(n)
+            | Problem::SenderIdMismatch(n)
+            | Problem::ThirdPartyAuth(n)
+            | Problem::Undelivered(n)
+            | Problem::TimedOut(n)
+            | Problem::DeadKept(n)
+            | Problem::WithoutTokens(n) => n,
+        }
+    }
+
+    /// Routine: not a warning beside a success.
+    fn is_routine(&self) -> bool {
+        matches!(self, Problem::Dead(_))
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Dead(n) => write!(f, "{n} dead (removed)"),
+            Problem::SenderIdMismatch(n) => {
+                write!(f, "{n} from another Firebase project (SENDER_ID_MISMATCH)")
+            }
+            Problem::ThirdPartyAuth(n) => write!(
+                f,
+                "{n} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)"
+            ),
+            Problem::Undelivered(n) => write!(
+                f,
+                "{n} undelivered: FCM stayed unavailable through every retry"
+            ),
+            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
+            Problem::TimedOut(n) => write!(
+                f,
+                "{n} timed out; they may have been delivered (FCM did not answer, through every retry)"
+            ),
+            Problem::DeadKept(n) => write!(
+                f,
+                "{n} dead token(s) kept: finding their documents needs a Firestore index that is missing (`ffpush doctor` gives the link that creates it)"
+            ),
+            Problem::WithoutTokens(n) => write!(f, "{n} user(s) have no device token"),
+        }
+    }
+}
+
+/// `problems` as one text, `; ` between them.
+fn joined(problems: &[Problem]) -> String {
+    let texts: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    texts.join("; ")
+}
+
+impl NoTokens {
+    fn of(audience: &Audience, without: &audience::UsersWithoutTokens) -> NoTokens {
+        match audience {
+            Audience::Users(ids) => NoTokens::Users {
+                count: ids.len(),
+                listed: without.listed.clone(),
+            },
+            Audience::Topic(_) | Audience::Condition(_) => NoTokens::Request,
+            Audience::Broadcast { device_type, slice } => NoTokens::Broadcast {
+                device_type: device_type.clone(),
+                slice: *slice,
+            },
+        }
+    }
+}
+
+impl fmt::Display for NoTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoTokens::Users { count, listed } if listed.is_empty() => write!(
+                f,
+                "no device tokens: none of the {count} user(s) has an fcm_tokens document; they must sign in on a device and allow notifications"
+            ),
+            NoTokens::Users { count, listed } => write!(
+                f,
+                "no device tokens: none of the {count} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
+                listed.join(", ")
+            ),
+            NoTokens::Request => f.write_str("no request was made to the topic or condition"),
+            NoTokens::Broadcast { device_type, slice } => {
+                let batch = slice
+                    .map(|s| format!(" in batch {} of {}", s.index, s.count))
+                    .unwrap_or_default();
+                match device_type {
+                    None => write!(
+                        f,
+                        "no device tokens{batch} (target_audience \"All\"): no user has an fcm_tokens document yet"
+                    ),
+                    Some(d) => write!(
+                        f,
+                        "no device tokens match{batch}: target_audience {d:?} reaches only tokens whose device_type is exactly {d:?} (FlutterFlow's values are All, iOS and Android)"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::NoTokens(none) => none.fmt(f),
+            Failure::Partial {
+                sent,
+                tokens,
+                problems,
+            } => write!(f, "sent to {sent} of {tokens} tokens; {}", joined(problems)),
+            Failure::NotValidated(refused) => {
+                let codes: Vec<String> = refused
+                    .iter()
+                    .map(|(code, n)| format!("{n} {code}"))
+                    .collect();
+                write!(
+                    f,
+                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
+                    codes.join(", ")
+                )
+            }
+            Failure::Aborted(error) => f.write_str(error),
+        }
+    }
+}
+
 impl Report {
     pub fn finished(n: &Notification, t: &Tally, without: &audience::UsersWithoutTokens) -> Report {
-        let mut problems = Vec::new();
-        if t.dead > 0 {
-            problems.push(format!("{} dead (removed)", t.dead));
-        }
-        if t.sender_id_mismatch > 0 {
-            problems.push(format!(
-                "{} from another Firebase project (SENDER_ID_MISMATCH)",
-                t.sender_id_mismatch
-            ));
-        }
-        if t.third_party_auth > 0 {
-            problems.push(format!(
-                "{} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)",
-                t.third_party_auth
-            ));
-        }
-        if t.undelivered > 0 {
-            problems.push(format!(
-                "{} undelivered: FCM stayed unavailable through every retry",
-                t.undelivered
-            ));
-        }
-        if t.timed_out > 0 {
-            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
-            problems.push(format!(
-                "{} timed out; they may have been delivered (FCM did not answer, through every retry)",
-                t.timed_out
-            ));
-        }
+        let mut problems = Problem::of(t);
         // Not a delivery problem, but the operator's to fix: said whatever the status.
-        let kept = (t.dead_kept > 0).then(|| {
-            format!(
-                "{} dead token(s) kept: finding their documents needs a Firestore index that is missing (`ffpush doctor` gives the link that creates it)",
-                t.dead_kept
-            )
-        });
-        let (status, error, warning) = if t.tokens == 0 {
-            let error = match &n.audience {
-                Audience::Users(ids) if without.listed.is_empty() => format!(
-                    "no device tokens: none of the {} user(s) has an fcm_tokens document; they must sign in on a device and allow notifications",
-                    ids.len()
-                ),
-                Audience::Users(ids) => format!(
-                    "no device tokens: none of the {} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
-                    ids.len(),
-                    without.listed.join(", ")
-                ),
-                // A topic or condition is always one request: never without one.
-                Audience::Topic(_) | Audience::Condition(_) => {
-                    "no request was made to the topic or condition".to_string()
-                }
-                Audience::Broadcast { device_type, slice } => {
-                    let batch = slice
-                        .map(|s| format!(" in batch {} of {}", s.index, s.count))
-                        .unwrap_or_default();
-                    match device_type {
-                        None => format!(
-                            "no device tokens{batch} (target_audience \"All\"): no user has an fcm_tokens document yet"
-                        ),
-                        Some(d) => format!(
-                            "no device tokens match{batch}: target_audience {d:?} reaches only tokens whose device_type is exactly {d:?} (FlutterFlow's values are All, iOS and Android)"
-                        ),
-                    }
-                }
-            };
-            (Status::Failed, Some(error), None)
+        let kept = (t.dead_kept > 0).then_some(Problem::DeadKept(t.dead_kept));
+        let (status, error, warnings) = if t.tokens == 0 {
+            let none = NoTokens::of(&n.audience, without);
+            (Status::Failed, Some(Failure::NoTokens(none)), Vec::new())
         } else if t.sent == 0 || t.undelivered > 0 || t.timed_out > 0 {
             problems.extend(kept);
-            (
-                Status::Failed,
-                Some(format!(
-                    "sent to {} of {} tokens; {}",
-                    t.sent,
-                    t.tokens,
-                    problems.join("; ")
-                )),
-                None,
-            )
+            let partial = Failure::Partial {
+                sent: t.sent,
+                tokens: t.tokens,
+                problems,
+            };
+            (Status::Failed, Some(partial), Vec::new())
         } else {
-            let mut warnings: Vec<String> = problems
-                .into_iter()
-                .filter(|p| !p.contains("dead"))
-                .collect();
-            if without.count > 0 {
-                warnings.push(format!("{} user(s) have no device token", without.count));
-            }
+            let mut warnings: Vec<Problem> =
+                problems.into_iter().filter(|p| !p.is_routine()).collect();
+            warnings.extend(without_tokens(without));
             warnings.extend(kept);
-            (
-                Status::Succeeded,
-                None,
-                (!warnings.is_empty()).then(|| warnings.join("; ")),
-            )
+            (Status::Succeeded, None, warnings)
         };
         Report {
             status,
             error,
-            warning,
+            warnings,
             tally: *t,
             without: without.clone(),
         }
@@ -147,28 +262,16 @@ impl Report {
             errors: v.refused,
             ..Default::default()
         };
-        if !v.accepted {
-            let codes: Vec<String> = v
-                .refused
-                .iter()
-                .map(|(code, n)| format!("{n} {code}"))
-                .collect();
-            return Report {
-                status: Status::Failed,
-                error: Some(format!(
-                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
-                    codes.join(", ")
-                )),
-                warning: None,
-                tally,
-                without: without.clone(),
-            };
-        }
+        let (status, error, warnings) = if v.accepted {
+            (Status::Validated, None, without_tokens(without).collect())
+        } else {
+            let error = Failure::NotValidated(v.refused);
+            (Status::Failed, Some(error), Vec::new())
+        };
         Report {
-            status: Status::Validated,
-            error: None,
-            warning: (without.count > 0)
-                .then(|| format!("{} user(s) have no device token", without.count)),
+            status,
+            error,
+            warnings,
             tally,
             without: without.clone(),
         }
@@ -179,7 +282,7 @@ impl Report {
         Report {
             status: Status::Cancelled,
             error: None,
-            warning: None,
+            warnings: Vec::new(),
             tally: *t,
             without: Default::default(),
         }
@@ -188,8 +291,8 @@ impl Report {
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,
-            error: Some(crate::errors::Chain(e).to_string()),
-            warning: None,
+            error: Some(Failure::Aborted(crate::errors::Chain(e).to_string())),
+            warnings: Vec::new(),
             tally: *t,
             without: Default::default(),
         }
@@ -215,8 +318,13 @@ impl Report {
             .count("num_tokens", t.tokens)
             .count("num_failed", failed)
             .count("num_tokens_removed", t.removed)
-            .text("error", self.error.as_deref())
-            .text("warning", self.warning.as_deref());
+            .text("error", self.error.map(|e| e.to_string()).as_deref())
+            .text(
+                "warning",
+                (!self.warnings.is_empty())
+                    .then(|| joined(&self.warnings))
+                    .as_deref(),
+            );
         if !t.errors.is_empty() {
             f = f.value("error_counts", error_counts_value(&t.errors));
         }
@@ -271,6 +379,13 @@ impl Fields {
         self.set.insert(key.to_string(), value);
         self
     }
+}
+
+/// The warning for users without a device token, if any.
+fn without_tokens(without: &audience::UsersWithoutTokens) -> impl Iterator<Item = Problem> {
+    (without.count > 0)
+        .then_some(Problem::WithoutTokens(without.count))
+        .into_iter()
 }
 
 /// The `error_counts` map: each of FCM's error codes some token got, with how many did.
