@@ -354,53 +354,60 @@ impl Worker {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            let then = match this.process(doc, n, template).await {
-                Ok(Outcome::ClaimedElsewhere) => {
-                    tracing::debug!("changed or claimed by someone else first; reading it again");
-                    Then::Lost
-                }
-                Ok(Outcome::LeaseLost) => {
-                    tracing::warn!("lost the lease to another worker; stopped");
-                    Then::Changed
-                }
-                Ok(Outcome::Interrupted) => {
-                    tracing::info!("interrupted; progress saved, lease released");
-                    Then::Leave
-                }
-                Ok(Outcome::Released(e)) => {
-                    tracing::warn!(error = %Chain(&e),
-                        "Firestore failed mid-send; progress saved and the lease released, to be resumed");
-                    Then::Leave
-                }
-                Ok(Outcome::Deleted) => {
-                    tracing::info!("the notification was deleted while it was sent; stopped");
-                    Then::Done { written: None }
-                }
-                Ok(Outcome::Cancelled) => {
-                    tracing::info!("cancelled while it was sent; stopped");
-                    Then::Done { written: None }
-                }
-                Ok(Outcome::Reported(status, written)) => {
-                    match status {
-                        Status::Succeeded => this.metrics.notifications_succeeded.inc(),
-                        // A dry run, or stopped by its sender: not a failure.
-                        Status::Validated | Status::Cancelled => {}
-                        _ => this.metrics.notifications_failed.inc(),
-                    }
-                    Then::Done {
-                        written: Some(written),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %Chain(&e),
-                        "processing stopped; the document will be read again and taken up");
-                    Then::Later
-                }
-            };
+            let processed = this.process(doc, n, template).await;
+            let then = this.then_after(processed);
             this.metrics.documents_in_progress.add(-1);
             this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
+    }
+
+    /// What becomes of a document whose processing ended so (logged, and counted when its
+    /// outcome was written).
+    fn then_after(&self, processed: Result<Outcome, store::Error>) -> Then {
+        match processed {
+            Ok(Outcome::ClaimedElsewhere) => {
+                tracing::debug!("changed or claimed by someone else first; reading it again");
+                Then::Lost
+            }
+            Ok(Outcome::LeaseLost) => {
+                tracing::warn!("lost the lease to another worker; stopped");
+                Then::Changed
+            }
+            Ok(Outcome::Interrupted) => {
+                tracing::info!("interrupted; progress saved, lease released");
+                Then::Leave
+            }
+            Ok(Outcome::Released(e)) => {
+                tracing::warn!(error = %Chain(&e),
+                    "Firestore failed mid-send; progress saved and the lease released, to be resumed");
+                Then::Leave
+            }
+            Ok(Outcome::Deleted) => {
+                tracing::info!("the notification was deleted while it was sent; stopped");
+                Then::Done { written: None }
+            }
+            Ok(Outcome::Cancelled) => {
+                tracing::info!("cancelled while it was sent; stopped");
+                Then::Done { written: None }
+            }
+            Ok(Outcome::Reported(status, written)) => {
+                match status {
+                    Status::Succeeded => self.metrics.notifications_succeeded.inc(),
+                    // A dry run, or stopped by its sender: not a failure.
+                    Status::Validated | Status::Cancelled => {}
+                    _ => self.metrics.notifications_failed.inc(),
+                }
+                Then::Done {
+                    written: Some(written),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e),
+                    "processing stopped; the document will be read again and taken up");
+                Then::Later
+            }
+        }
     }
 
     /// After Firestore failed on a document: read it again in a while (by its timer) and offer
@@ -551,23 +558,9 @@ impl Worker {
         let renewal = claim.renew(ledger.clone(), fan_stop.clone());
         let pages = audience::read(self.store.clone(), n.audience.clone());
         let without_tokens = pages.without_tokens.clone();
-        let ctx = Context {
-            sender: &self.sender,
-            store: &self.store,
-            metrics: &self.metrics,
-            concurrency: self.settings.concurrency,
-            retry: RetryPolicy::from_settings(&self.settings),
-            gate: Some(claim.gate()),
-        };
-        let result = if n.options.dry_run {
-            fanout::validate(&ctx, &template, pages, fan_stop)
-                .await
-                .map(Finished::Validated)
-        } else {
-            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop)
-                .await
-                .map(Finished::Sent)
-        };
+        let result = self
+            .send(&claim, &n, &template, pages, ledger.clone(), fan_stop)
+            .await;
         match renewal.finish().await.lost {
             Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
             Some(Lost::Deleted) => return Ok(Outcome::Deleted),
@@ -678,6 +671,36 @@ fn backoff_after(losses: u32, cap: Duration) -> Duration {
 }
 
 impl Worker {
+    /// Sends `template` to every token of `pages` while `claim`'s gate is open, or, for a dry
+    /// run, validates it on them.
+    async fn send(
+        &self,
+        claim: &Claim,
+        n: &Notification,
+        template: &MessageTemplate,
+        pages: audience::TokenPages,
+        ledger: Arc<Mutex<Ledger>>,
+        fan_stop: CancellationToken,
+    ) -> Result<Finished, Abort> {
+        let ctx = Context {
+            sender: &self.sender,
+            store: &self.store,
+            metrics: &self.metrics,
+            concurrency: self.settings.concurrency,
+            retry: RetryPolicy::from_settings(&self.settings),
+            gate: Some(claim.gate()),
+        };
+        if n.options.dry_run {
+            fanout::validate(&ctx, template, pages, fan_stop)
+                .await
+                .map(Finished::Validated)
+        } else {
+            fanout::fan_out(&ctx, template, pages, ledger, fan_stop)
+                .await
+                .map(Finished::Sent)
+        }
+    }
+
     /// The document was cancelled while it was sent: the fan-out has stopped; write the counts
     /// so far onto it, keeping `cancelled`.
     async fn stopped(
