@@ -342,8 +342,8 @@ impl Claim {
         .await
     }
 
-    /// Writes `report` and lets the lease and progress go, conditioned on our last write;
-    /// the update time it was written at (or, its answer lost, found written at). Rides out a
+    /// Writes `report` and lets the lease and progress go, conditioned on our last write, and
+    /// returns the update time it was written at (or, its answer lost, found written at). Rides out a
     /// Firestore outage for up to a lease length. A document found cancelled meanwhile fails
     /// it with [`Lost::Cancelled`] the first time; after that, the write (of the counts,
     /// keeping `cancelled`) is made on the cancelled version.
