@@ -27,6 +27,7 @@ use crate::errors::Chain;
 use crate::fanout::{ErrorCounts, Ledger, Progress, SendGate, Tally};
 use crate::fcm::ErrorCode;
 use crate::model::{Status, pb};
+use crate::report::{Fields, Report, error_counts_value};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
 /// Fields ffpush adds to a notification document besides FlutterFlow's.
@@ -103,7 +104,7 @@ pub enum Lost {
     #[error("the notification was deleted")]
     Deleted,
     /// Someone set `status: "cancelled"` while it was sent: stop, and write the counts so far
-    /// with [`Claim::report`] (which keeps `cancelled`).
+    /// with [`Claim::complete`] (which keeps `cancelled`).
     #[error("the notification was cancelled")]
     Cancelled,
 }
@@ -341,19 +342,18 @@ impl Claim {
         .await
     }
 
-    /// Writes the outcome (`fields`, removing `remove`), conditioned on our last write. Rides
-    /// out a Firestore outage for up to a lease length. A document found cancelled meanwhile
-    /// fails it with [`Lost::Cancelled`] the first time; after that, the write (of the counts,
+    /// Writes `report` and lets the lease and progress go, conditioned on our last write, and
+    /// returns the update time it was written at (or, its answer lost, found written at). Rides out a
+    /// Firestore outage for up to a lease length. A document found cancelled meanwhile fails
+    /// it with [`Lost::Cancelled`] the first time; after that, the write (of the counts,
     /// keeping `cancelled`) is made on the cancelled version.
-    pub async fn report(
-        &self,
-        fields: HashMap<String, pb::Value>,
-        remove: &[&str],
-    ) -> Result<(), ClaimError> {
+    pub async fn complete(&self, report: Report) -> Result<Timestamp, ClaimError> {
+        let Fields { set, remove } = letting_go(report.into_fields());
         self.with_retry("writing the outcome failed", || {
-            self.lease.write(fields.clone(), remove, None)
+            self.lease.write(set.clone(), &remove, None)
         })
-        .await
+        .await?;
+        Ok(self.version())
     }
 
     async fn with_retry<F, Fut>(&self, what: &str, mut write: F) -> Result<(), ClaimError>
@@ -479,6 +479,29 @@ async fn renew_lease(
     }
 }
 
+/// Writes `outcome` on `doc`, a document this worker never claimed (one failed before any
+/// claim), conditioned on the version `doc` was read at: a document someone changed since is
+/// left alone ([`store::Error::Conflict`]). A dead worker's lease and progress go with it.
+pub async fn complete_unclaimed(
+    store: &Store,
+    doc: &pb::Document,
+    outcome: Fields,
+) -> Result<Timestamp, store::Error> {
+    let read_at = doc
+        .update_time
+        .ok_or(store::Error::Incomplete("update_time"))?;
+    let Fields { set, remove } = letting_go(outcome);
+    store.update_fields(&doc.name, set, &remove, read_at).await
+}
+
+/// `outcome` with the claim's lease and progress removed: a finished document holds neither.
+fn letting_go(mut outcome: Fields) -> Fields {
+    outcome
+        .remove
+        .splice(0..0, [fields::LEASE, fields::PROGRESS]);
+    outcome
+}
+
 /// `projects/p/databases/d/documents/` from a document's full name (empty if it has none).
 fn documents_prefix(name: &str) -> &str {
     const DOCUMENTS: &str = "/documents/";
@@ -532,18 +555,6 @@ fn progress_fields(p: &Progress, prefix: &str) -> HashMap<String, pb::Value> {
         },
     );
     f
-}
-
-/// The `error_counts` map: each of FCM's error codes some token got, with how many did.
-pub(crate) fn error_counts_value(counts: &ErrorCounts) -> pb::Value {
-    pb::Value {
-        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
-            fields: counts
-                .iter()
-                .map(|(code, n)| (code.as_str().to_string(), store::integer(n as i64)))
-                .collect(),
-        })),
-    }
 }
 
 /// An `error_counts` map as [`error_counts_value`] writes it; codes this version does not

@@ -197,9 +197,34 @@ async fn check_firestore(settings: &Settings, checks: &mut Vec<Check>) -> Option
     }
 }
 
+/// A query ffpush makes, as a check names it, what it asks, and how Firestore served it.
+type Served = (&'static str, String, Result<(), store::Error>);
+
 /// Runs each query ffpush makes, limited to a page of one: a missing index fails here, with
 /// Firestore's words for it and its link, instead of on a notification.
 async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Check>) {
+    let mut results = token_queries(store).await;
+    results.extend(sweep_queries(store, settings).await);
+    for (name, query, result) in results {
+        checks.push(match result {
+            Ok(()) => Check::pass(name, format!("served: {query}")),
+            Err(e @ store::Error::MissingIndex { .. }) => Check::fail(
+                name,
+                format!("{query}: {e}"),
+                "run `firebase deploy --only firestore:indexes` from the ffpush repository (firebase.json names migrations/firestore.indexes.json), or open the link above",
+            ),
+            Err(e) => Check::fail(
+                name,
+                format!("{query}: {e}"),
+                "retry; check the Firestore check above",
+            ),
+        });
+    }
+}
+
+/// The queries of the fcm_tokens collection group: a broadcast's, a batch's, and the
+/// dead-token lookup.
+async fn token_queries(store: &Store) -> Vec<Served> {
     let tokens = |device_type: Option<&str>, slice: bool| TokenQuery {
         device_type: device_type.map(str::to_string),
         user_id_start: slice.then(|| "Ib".to_string()),
@@ -208,7 +233,7 @@ async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Chec
         ..Default::default()
     };
     let users = store.users_collection();
-    let mut results = vec![
+    vec![
         (
             "index: broadcast",
             "fcm_tokens collection group in name order (target_audience All)".to_string(),
@@ -238,7 +263,11 @@ async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Chec
             "fcm_tokens collection group where fcm_token == … (removing dead tokens)".to_string(),
             store.token_docs_with("ffpush-doctor-probe").await.map(drop),
         ),
-    ];
+    ]
+}
+
+/// The sweep's queries of both notification collections: by status, and by scheduled time.
+async fn sweep_queries(store: &Store, settings: &Settings) -> Vec<Served> {
     let collections = [&settings.collection, &settings.user_collection];
     let mut status = Ok(());
     let mut due = Ok(());
@@ -258,31 +287,18 @@ async fn check_indexes(store: &Store, settings: &Settings, checks: &mut Vec<Chec
         }
     }
     let names = format!("{} and {}", collections[0], collections[1]);
-    results.push((
-        "index: sweep (status)",
-        format!("{names} where status in [started]"),
-        status,
-    ));
-    results.push((
-        "index: sweep (scheduled_time)",
-        format!("{names} where scheduled_time in a range"),
-        due,
-    ));
-    for (name, query, result) in results {
-        checks.push(match result {
-            Ok(()) => Check::pass(name, format!("served: {query}")),
-            Err(e @ store::Error::MissingIndex { .. }) => Check::fail(
-                name,
-                format!("{query}: {e}"),
-                "run `firebase deploy --only firestore:indexes` from the ffpush repository (firebase.json names migrations/firestore.indexes.json), or open the link above",
-            ),
-            Err(e) => Check::fail(
-                name,
-                format!("{query}: {e}"),
-                "retry; check the Firestore check above",
-            ),
-        });
-    }
+    vec![
+        (
+            "index: sweep (status)",
+            format!("{names} where status in [started]"),
+            status,
+        ),
+        (
+            "index: sweep (scheduled_time)",
+            format!("{names} where scheduled_time in a range"),
+            due,
+        ),
+    ]
 }
 
 /// A `validate_only` send: proves the credentials may send, without delivering anything.
@@ -308,28 +324,53 @@ async fn check_send_permission(sender: &Sender) -> Check {
     }
 }
 
+/// The checks of one user (`--user`): the user document, its tokens, and what FCM says of them.
 async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: &mut Vec<Check>) {
+    let Some(name) = user_name(store, user, checks) else {
+        return;
+    };
+    if !check_user_document(store, &name, checks).await {
+        return;
+    }
+    check_subcollection_name(store, &name, checks).await;
+    let Some(tokens) = check_device_tokens(store, &name, checks).await else {
+        return;
+    };
+    check_shared_tokens(store, &name, &tokens, checks).await;
+    if let Some(sender) = sender {
+        check_tokens_valid(sender, &tokens, checks).await;
+    }
+}
+
+/// The user document's path from `--user` (a path, or a uid in the users collection).
+fn user_name(store: &Store, user: &str, checks: &mut Vec<Check>) -> Option<String> {
     let users = store.users_collection();
     let path = if user.contains('/') {
         user.to_string()
     } else {
         format!("{users}/{user}")
     };
-    let name = match user_doc_path(&path) {
-        Ok(name) => name,
+    match user_doc_path(&path) {
+        Ok(name) => Some(name),
         Err(e) => {
             checks.push(Check::fail(
                 "user",
                 e.0,
                 format!("pass --user {users}/UID, or the user's UID alone"),
             ));
-            return;
+            None
         }
-    };
-    let doc = match store.get(&name).await {
+    }
+}
+
+/// Whether the user document `name` exists, and holds no `tokens` array of an older app.
+/// `false`: Firestore failed, nothing more can be checked.
+async fn check_user_document(store: &Store, name: &str, checks: &mut Vec<Check>) -> bool {
+    let users = store.users_collection();
+    let doc = match store.get(name).await {
         Ok(Some(doc)) => {
             checks.push(Check::pass("user document", format!("{name} exists")));
-            Some(doc)
+            doc
         }
         Ok(None) => {
             checks.push(Check::fail(
@@ -337,7 +378,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
                 format!("{name} does not exist"),
                 format!("check the uid (Firebase console → Authentication), that the app creates the user document on sign-up, and that the project's users collection is `{users}` (FFPUSH_USERS_COLLECTION)"),
             ));
-            None
+            return true;
         }
         Err(e) => {
             checks.push(Check::fail(
@@ -345,12 +386,11 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
                 Chain(&e).to_string(),
                 "retry; check Firestore",
             ));
-            return;
+            return false;
         }
     };
-    if let Some(doc) = &doc
-        && let Some(pb::value::ValueType::ArrayValue(a)) =
-            doc.fields.get("tokens").and_then(|v| v.value_type.as_ref())
+    if let Some(pb::value::ValueType::ArrayValue(a)) =
+        doc.fields.get("tokens").and_then(|v| v.value_type.as_ref())
     {
         checks.push(Check::fail(
             "tokens array field",
@@ -358,13 +398,22 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
             "run `ffpush migrate --only 001_tokens_array_to_fcm_tokens` to copy them into fcm_tokens",
         ));
     }
-    let query = |collection: &str| TokenQuery {
-        user: Some(name.clone()),
+    true
+}
+
+/// A page of the user's token documents in `collection` (`fcm_tokens`, or a misspelling).
+fn user_tokens(name: &str, collection: &str) -> TokenQuery {
+    TokenQuery {
+        user: Some(name.to_string()),
         page_size: 1000,
         collection: collection.to_string(),
         ..Default::default()
-    };
-    match store.token_page(&query("fcm_token"), None).await {
+    }
+}
+
+/// Tokens saved under `fcm_token` (singular), where nothing reads them.
+async fn check_subcollection_name(store: &Store, name: &str, checks: &mut Vec<Check>) {
+    match store.token_page(&user_tokens(name, "fcm_token"), None).await {
         Ok(misnamed) if !misnamed.is_empty() => checks.push(Check::fail(
             "subcollection name",
             format!("{name} has {} document(s) in `fcm_token` (singular)", misnamed.len()),
@@ -372,7 +421,18 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
         )),
         _ => {}
     }
-    let tokens = match store.token_page(&query("fcm_tokens"), None).await {
+}
+
+/// The user's device tokens (those not empty); `None` when Firestore failed.
+async fn check_device_tokens(
+    store: &Store,
+    name: &str,
+    checks: &mut Vec<Check>,
+) -> Option<Vec<String>> {
+    let tokens = match store
+        .token_page(&user_tokens(name, "fcm_tokens"), None)
+        .await
+    {
         Ok(tokens) => tokens,
         Err(e) => {
             checks.push(Check::fail(
@@ -380,13 +440,14 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
                 Chain(&e).to_string(),
                 "retry; check Firestore",
             ));
-            return;
+            return None;
         }
     };
     let empty = tokens.iter().filter(|t| t.token.trim().is_empty()).count();
-    let real: Vec<_> = tokens
-        .iter()
+    let real: Vec<String> = tokens
+        .into_iter()
         .filter(|t| !t.token.trim().is_empty())
+        .map(|t| t.token)
         .collect();
     if real.is_empty() {
         checks.push(Check::fail(
@@ -407,9 +468,19 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
             "delete them; they come from a failed token registration in the app",
         ));
     }
+    Some(real)
+}
+
+/// Tokens of the user's that other users' documents hold too (a device shared by users).
+async fn check_shared_tokens(
+    store: &Store,
+    name: &str,
+    tokens: &[String],
+    checks: &mut Vec<Check>,
+) {
     let mut shared = Vec::new();
-    for t in &real {
-        if let Ok(holders) = store.token_docs_with(&t.token).await {
+    for token in tokens {
+        if let Ok(holders) = store.token_docs_with(token).await {
             let others: Vec<String> = holders
                 .iter()
                 .map(|h| store.relative(h).to_string())
@@ -418,7 +489,7 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
             if !others.is_empty() {
                 shared.push(format!(
                     "{} also under {}",
-                    redact(&t.token),
+                    redact(token),
                     others.join(", ")
                 ));
             }
@@ -431,25 +502,27 @@ async fn check_user(store: &Store, sender: Option<&Sender>, user: &str, checks: 
             "a device signed in as several users keeps old tokens: remove the token on sign-out, or run `ffpush migrate --only 002_remove_duplicate_tokens --allow-destructive`",
         ));
     }
-    if let Some(sender) = sender {
-        let mut dead = Vec::new();
-        for t in &real {
-            let message = serde_json::json!({"token": t.token, "notification": {"title": "ffpush doctor", "body": "dry run"}});
-            if let Ok(Outcome::Dead | Outcome::InvalidToken) = sender.dry_run(message).await {
-                dead.push(redact(&t.token));
-            }
+}
+
+/// A `validate_only` send to each token: those FCM calls dead or invalid.
+async fn check_tokens_valid(sender: &Sender, tokens: &[String], checks: &mut Vec<Check>) {
+    let mut dead = Vec::new();
+    for token in tokens {
+        let message = serde_json::json!({"token": token, "notification": {"title": "ffpush doctor", "body": "dry run"}});
+        if let Ok(Outcome::Dead | Outcome::InvalidToken) = sender.dry_run(message).await {
+            dead.push(redact(token));
         }
-        if dead.is_empty() && !real.is_empty() {
-            checks.push(Check::pass(
-                "tokens valid",
-                "FCM accepts every token (validate_only)",
-            ));
-        } else if !dead.is_empty() {
-            checks.push(Check::fail(
-                "tokens valid",
-                format!("FCM says these are dead: {}", dead.join(", ")),
-                "they will be removed on the next send; the user must open the app again to register a new token",
-            ));
-        }
+    }
+    if dead.is_empty() && !tokens.is_empty() {
+        checks.push(Check::pass(
+            "tokens valid",
+            "FCM accepts every token (validate_only)",
+        ));
+    } else if !dead.is_empty() {
+        checks.push(Check::fail(
+            "tokens valid",
+            format!("FCM says these are dead: {}", dead.join(", ")),
+            "they will be removed on the next send; the user must open the app again to register a new token",
+        ));
     }
 }

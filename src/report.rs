@@ -4,6 +4,7 @@
 //! as succeeded and phrasing each problem as something a person can act on.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use chrono::Utc;
 
@@ -14,119 +15,232 @@ use crate::audience;
 /// --retention`). Set by [`crate::store::Store`] on every write that sets `completed_at`, so
 /// both a report and a failure of a document never claimed carry it.
 pub(crate) const EXPIRES_AT: &str = "ffpush_expires_at";
-use crate::claim::fields;
-use crate::fanout::{Abort, Tally, Validated};
-use crate::model::{Audience, Notification, Status, pb};
+use crate::fanout::{Abort, ErrorCounts, Tally, Validated};
+use crate::model::{Audience, Notification, Slice, Status, pb};
 use crate::store;
 
 /// The outcome fields written back.
 pub struct Report {
     status: Status,
-    error: Option<String>,
-    warning: Option<String>,
+    error: Option<Failure>,
+    /// Said beside a success (or a dry run), in this order.
+    warnings: Vec<Problem>,
     tally: Tally,
     without: audience::UsersWithoutTokens,
 }
 
+/// Why a notification failed; phrased only when written.
+enum Failure {
+    /// No token to send to.
+    NoTokens(NoTokens),
+    /// Sent to `sent` of `tokens`, with these problems.
+    Partial {
+        sent: u64,
+        tokens: u64,
+        problems: Vec<Problem>,
+    },
+    /// A dry run: FCM refused every token the message was tried on, by code.
+    NotValidated(ErrorCounts),
+    /// Stopped by an error (its chain of causes, as phrased).
+    Aborted(String),
+}
+
+/// What a notification that found no token was addressed to.
+enum NoTokens {
+    /// Users, none of whom has a token; `listed` names them (console documents only).
+    Users { count: usize, listed: Vec<String> },
+    /// A topic or condition: always one request, so never without one.
+    Request,
+    /// A broadcast, or a batch of one, to `device_type` (none: everyone).
+    Broadcast {
+        device_type: Option<String>,
+        slice: Option<Slice>,
+    },
+}
+
+/// Some tokens' (or users') trouble, counted; phrased only when written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Problem {
+    /// Dead tokens, removed: routine, said only beside a failure.
+    Dead(u64),
+    SenderIdMismatch(u64),
+    ThirdPartyAuth(u64),
+    Undelivered(u64),
+    TimedOut(u64),
+    /// Dead tokens kept for want of an index: the operator's to fix, said whatever the status.
+    DeadKept(u64),
+    /// Users without a device token: said beside a success.
+    WithoutTokens(u64),
+}
+
+impl Problem {
+    /// The tokens' problems in `t`, in the order they are said (those that are counted).
+    fn of(t: &Tally) -> Vec<Problem> {
+        [
+            Problem::Dead(t.dead),
+            Problem::SenderIdMismatch(t.sender_id_mismatch),
+            Problem::ThirdPartyAuth(t.third_party_auth),
+            Problem::Undelivered(t.undelivered),
+            Problem::TimedOut(t.timed_out),
+        ]
+        .into_iter()
+        .filter(|p| p.count() > 0)
+        .collect()
+    }
+
+    fn count(&self) -> u64 {
+        match *self {
+            Problem::Dead(n)
+            | Problem::SenderIdMismatch(n)
+            | Problem::ThirdPartyAuth(n)
+            | Problem::Undelivered(n)
+            | Problem::TimedOut(n)
+            | Problem::DeadKept(n)
+            | Problem::WithoutTokens(n) => n,
+        }
+    }
+
+    /// Routine: not a warning beside a success.
+    fn is_routine(&self) -> bool {
+        matches!(self, Problem::Dead(_))
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Dead(n) => write!(f, "{n} dead (removed)"),
+            Problem::SenderIdMismatch(n) => {
+                write!(f, "{n} from another Firebase project (SENDER_ID_MISMATCH)")
+            }
+            Problem::ThirdPartyAuth(n) => write!(
+                f,
+                "{n} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)"
+            ),
+            Problem::Undelivered(n) => write!(
+                f,
+                "{n} undelivered: FCM stayed unavailable through every retry"
+            ),
+            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
+            Problem::TimedOut(n) => write!(
+                f,
+                "{n} timed out; they may have been delivered (FCM did not answer, through every retry)"
+            ),
+            Problem::DeadKept(n) => write!(
+                f,
+                "{n} dead token(s) kept: finding their documents needs a Firestore index that is missing (`ffpush doctor` gives the link that creates it)"
+            ),
+            Problem::WithoutTokens(n) => write!(f, "{n} user(s) have no device token"),
+        }
+    }
+}
+
+/// `problems` as one text, `; ` between them.
+fn joined(problems: &[Problem]) -> String {
+    let texts: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    texts.join("; ")
+}
+
+impl NoTokens {
+    fn of(audience: &Audience, without: &audience::UsersWithoutTokens) -> NoTokens {
+        match audience {
+            Audience::Users(ids) => NoTokens::Users {
+                count: ids.len(),
+                listed: without.listed.clone(),
+            },
+            Audience::Topic(_) | Audience::Condition(_) => NoTokens::Request,
+            Audience::Broadcast { device_type, slice } => NoTokens::Broadcast {
+                device_type: device_type.clone(),
+                slice: *slice,
+            },
+        }
+    }
+}
+
+impl fmt::Display for NoTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoTokens::Users { count, listed } if listed.is_empty() => write!(
+                f,
+                "no device tokens: none of the {count} user(s) has an fcm_tokens document; they must sign in on a device and allow notifications"
+            ),
+            NoTokens::Users { count, listed } => write!(
+                f,
+                "no device tokens: none of the {count} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
+                listed.join(", ")
+            ),
+            NoTokens::Request => f.write_str("no request was made to the topic or condition"),
+            NoTokens::Broadcast { device_type, slice } => {
+                let batch = slice
+                    .map(|s| format!(" in batch {} of {}", s.index, s.count))
+                    .unwrap_or_default();
+                match device_type {
+                    None => write!(
+                        f,
+                        "no device tokens{batch} (target_audience \"All\"): no user has an fcm_tokens document yet"
+                    ),
+                    Some(d) => write!(
+                        f,
+                        "no device tokens match{batch}: target_audience {d:?} reaches only tokens whose device_type is exactly {d:?} (FlutterFlow's values are All, iOS and Android)"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::NoTokens(none) => none.fmt(f),
+            Failure::Partial {
+                sent,
+                tokens,
+                problems,
+            } => write!(f, "sent to {sent} of {tokens} tokens; {}", joined(problems)),
+            Failure::NotValidated(refused) => {
+                let codes: Vec<String> = refused
+                    .iter()
+                    .map(|(code, n)| format!("{n} {code}"))
+                    .collect();
+                write!(
+                    f,
+                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
+                    codes.join(", ")
+                )
+            }
+            Failure::Aborted(error) => f.write_str(error),
+        }
+    }
+}
+
 impl Report {
     pub fn finished(n: &Notification, t: &Tally, without: &audience::UsersWithoutTokens) -> Report {
-        let mut problems = Vec::new();
-        if t.dead > 0 {
-            problems.push(format!("{} dead (removed)", t.dead));
-        }
-        if t.sender_id_mismatch > 0 {
-            problems.push(format!(
-                "{} from another Firebase project (SENDER_ID_MISMATCH)",
-                t.sender_id_mismatch
-            ));
-        }
-        if t.third_party_auth > 0 {
-            problems.push(format!(
-                "{} refused by APNs/web push (THIRD_PARTY_AUTH_ERROR: upload a valid APNs key in Firebase console → Project settings → Cloud Messaging)",
-                t.third_party_auth
-            ));
-        }
-        if t.undelivered > 0 {
-            problems.push(format!(
-                "{} undelivered: FCM stayed unavailable through every retry",
-                t.undelivered
-            ));
-        }
-        if t.timed_out > 0 {
-            // Unlike an error answer, no answer says nothing of whether FCM delivered it.
-            problems.push(format!(
-                "{} timed out; they may have been delivered (FCM did not answer, through every retry)",
-                t.timed_out
-            ));
-        }
+        let mut problems = Problem::of(t);
         // Not a delivery problem, but the operator's to fix: said whatever the status.
-        let kept = (t.dead_kept > 0).then(|| {
-            format!(
-                "{} dead token(s) kept: finding their documents needs a Firestore index that is missing (`ffpush doctor` gives the link that creates it)",
-                t.dead_kept
-            )
-        });
-        let (status, error, warning) = if t.tokens == 0 {
-            let error = match &n.audience {
-                Audience::Users(ids) if without.listed.is_empty() => format!(
-                    "no device tokens: none of the {} user(s) has an fcm_tokens document; they must sign in on a device and allow notifications",
-                    ids.len()
-                ),
-                Audience::Users(ids) => format!(
-                    "no device tokens: none of the {} user(s) has an fcm_tokens document ({}); they must sign in on a device and allow notifications",
-                    ids.len(),
-                    without.listed.join(", ")
-                ),
-                // A topic or condition is always one request: never without one.
-                Audience::Topic(_) | Audience::Condition(_) => {
-                    "no request was made to the topic or condition".to_string()
-                }
-                Audience::Broadcast { device_type, slice } => {
-                    let batch = slice
-                        .map(|s| format!(" in batch {} of {}", s.index, s.count))
-                        .unwrap_or_default();
-                    match device_type {
-                        None => format!(
-                            "no device tokens{batch} (target_audience \"All\"): no user has an fcm_tokens document yet"
-                        ),
-                        Some(d) => format!(
-                            "no device tokens match{batch}: target_audience {d:?} reaches only tokens whose device_type is exactly {d:?} (FlutterFlow's values are All, iOS and Android)"
-                        ),
-                    }
-                }
-            };
-            (Status::Failed, Some(error), None)
+        let kept = (t.dead_kept > 0).then_some(Problem::DeadKept(t.dead_kept));
+        let (status, error, warnings) = if t.tokens == 0 {
+            let none = NoTokens::of(&n.audience, without);
+            (Status::Failed, Some(Failure::NoTokens(none)), Vec::new())
         } else if t.sent == 0 || t.undelivered > 0 || t.timed_out > 0 {
             problems.extend(kept);
-            (
-                Status::Failed,
-                Some(format!(
-                    "sent to {} of {} tokens; {}",
-                    t.sent,
-                    t.tokens,
-                    problems.join("; ")
-                )),
-                None,
-            )
+            let partial = Failure::Partial {
+                sent: t.sent,
+                tokens: t.tokens,
+                problems,
+            };
+            (Status::Failed, Some(partial), Vec::new())
         } else {
-            let mut warnings: Vec<String> = problems
-                .into_iter()
-                .filter(|p| !p.contains("dead"))
-                .collect();
-            if without.count > 0 {
-                warnings.push(format!("{} user(s) have no device token", without.count));
-            }
+            let mut warnings: Vec<Problem> =
+                problems.into_iter().filter(|p| !p.is_routine()).collect();
+            warnings.extend(without_tokens(without));
             warnings.extend(kept);
-            (
-                Status::Succeeded,
-                None,
-                (!warnings.is_empty()).then(|| warnings.join("; ")),
-            )
+            (Status::Succeeded, None, warnings)
         };
         Report {
             status,
             error,
-            warning,
+            warnings,
             tally: *t,
             without: without.clone(),
         }
@@ -148,28 +262,16 @@ impl Report {
             errors: v.refused,
             ..Default::default()
         };
-        if !v.accepted {
-            let codes: Vec<String> = v
-                .refused
-                .iter()
-                .map(|(code, n)| format!("{n} {code}"))
-                .collect();
-            return Report {
-                status: Status::Failed,
-                error: Some(format!(
-                    "dry run: the message could not be validated: FCM refused every token it was tried on ({}); see error_counts",
-                    codes.join(", ")
-                )),
-                warning: None,
-                tally,
-                without: without.clone(),
-            };
-        }
+        let (status, error, warnings) = if v.accepted {
+            (Status::Validated, None, without_tokens(without).collect())
+        } else {
+            let error = Failure::NotValidated(v.refused);
+            (Status::Failed, Some(error), Vec::new())
+        };
         Report {
-            status: Status::Validated,
-            error: None,
-            warning: (without.count > 0)
-                .then(|| format!("{} user(s) have no device token", without.count)),
+            status,
+            error,
+            warnings,
             tally,
             without: without.clone(),
         }
@@ -180,7 +282,7 @@ impl Report {
         Report {
             status: Status::Cancelled,
             error: None,
-            warning: None,
+            warnings: Vec::new(),
             tally: *t,
             without: Default::default(),
         }
@@ -189,70 +291,112 @@ impl Report {
     pub fn aborted(e: &Abort, t: &Tally) -> Report {
         Report {
             status: Status::Failed,
-            error: Some(crate::errors::Chain(e).to_string()),
-            warning: None,
+            error: Some(Failure::Aborted(crate::errors::Chain(e).to_string())),
+            warnings: Vec::new(),
             tally: *t,
             without: Default::default(),
         }
     }
 
-    pub fn into_fields(self) -> (Status, HashMap<String, pb::Value>, Vec<&'static str>) {
+    /// What [`Report::into_fields`] writes as `status`.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// The fields this outcome writes: FlutterFlow's and ffpush's, those without a value
+    /// removed.
+    pub fn into_fields(self) -> Fields {
         let t = self.tally;
-        let mut f = HashMap::new();
-        let mut remove = vec![fields::LEASE, fields::PROGRESS];
-        f.insert("status".to_string(), store::string(self.status.as_str()));
-        f.insert("num_sent".to_string(), store::integer(t.sent as i64));
-        f.insert("num_tokens".to_string(), store::integer(t.tokens as i64));
         // A dry run sends nothing, and fails nothing.
         let failed = if self.status == Status::Validated {
             0
         } else {
             t.failed()
         };
-        f.insert("num_failed".to_string(), store::integer(failed as i64));
-        f.insert(
-            "num_tokens_removed".to_string(),
-            store::integer(t.removed as i64),
-        );
-        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
-        match self.error {
-            Some(e) => {
-                f.insert("error".to_string(), store::string(&e));
-            }
-            None => remove.push("error"),
-        }
-        match self.warning {
-            Some(w) => {
-                f.insert("warning".to_string(), store::string(&w));
-            }
-            None => remove.push("warning"),
-        }
-        if !t.errors.is_empty() {
-            f.insert(
-                "error_counts".to_string(),
-                crate::claim::error_counts_value(&t.errors),
+        let mut f = Fields::outcome(self.status)
+            .count("num_sent", t.sent)
+            .count("num_tokens", t.tokens)
+            .count("num_failed", failed)
+            .count("num_tokens_removed", t.removed)
+            .text("error", self.error.map(|e| e.to_string()).as_deref())
+            .text(
+                "warning",
+                (!self.warnings.is_empty())
+                    .then(|| joined(&self.warnings))
+                    .as_deref(),
             );
+        if !t.errors.is_empty() {
+            f = f.value("error_counts", error_counts_value(&t.errors));
         }
         if self.without.count > 0 {
-            f.insert(
-                "num_users_without_tokens".to_string(),
-                store::integer(self.without.count as i64),
-            );
+            f = f.count("num_users_without_tokens", self.without.count);
         }
         // Empty for app documents: their senders get the count, never whose devices are missing.
         if !self.without.listed.is_empty() {
-            f.insert(
-                "users_without_tokens".to_string(),
-                store::array(
-                    self.without
-                        .listed
-                        .iter()
-                        .map(|u| store::string(u))
-                        .collect(),
-                ),
-            );
+            let listed = self.without.listed.iter().map(|u| store::string(u));
+            f = f.value("users_without_tokens", store::array(listed.collect()));
         }
-        (self.status, f, remove)
+        f
+    }
+}
+
+/// The fields of a write that finishes a document, and those it removes: built here for a
+/// report and for the failure of a document never claimed alike, and written by
+/// [`crate::claim::Claim::complete`] or [`crate::claim::complete_unclaimed`].
+#[derive(Debug)]
+pub struct Fields {
+    pub set: HashMap<String, pb::Value>,
+    pub remove: Vec<&'static str>,
+}
+
+impl Fields {
+    /// `status` and `completed_at` (the claim's own fields go when [`crate::claim`] writes it).
+    pub fn outcome(status: Status) -> Fields {
+        let mut set = HashMap::new();
+        set.insert("status".to_string(), store::string(status.as_str()));
+        set.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        Fields {
+            set,
+            remove: Vec::new(),
+        }
+    }
+
+    /// `key` set to the count `n`.
+    pub fn count(self, key: &str, n: u64) -> Fields {
+        self.value(key, store::integer(n as i64))
+    }
+
+    /// `key` set to `text`, or removed when there is none (so no earlier write's stays).
+    pub fn text(mut self, key: &'static str, text: Option<&str>) -> Fields {
+        match text {
+            Some(text) => return self.value(key, store::string(text)),
+            None => self.remove.push(key),
+        }
+        self
+    }
+
+    fn value(mut self, key: &str, value: pb::Value) -> Fields {
+        self.set.insert(key.to_string(), value);
+        self
+    }
+}
+
+/// The warning for users without a device token, if any.
+fn without_tokens(without: &audience::UsersWithoutTokens) -> impl Iterator<Item = Problem> {
+    (without.count > 0)
+        .then_some(Problem::WithoutTokens(without.count))
+        .into_iter()
+}
+
+/// The `error_counts` map: each of FCM's error codes some token got, with how many did.
+pub(crate) fn error_counts_value(counts: &ErrorCounts) -> pb::Value {
+    pb::Value {
+        value_type: Some(pb::value::ValueType::MapValue(pb::MapValue {
+            fields: counts
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), store::integer(n as i64)))
+                .collect(),
+        })),
     }
 }
 
@@ -280,8 +424,11 @@ mod tests {
             count: without,
             listed: (0..without).map(|i| format!("users/x{i}")).collect(),
         };
-        let (status, fields, _) = Report::finished(&n, &t, &w).into_fields();
-        (status, fields)
+        written(Report::finished(&n, &t, &w))
+    }
+
+    fn written(report: Report) -> (Status, HashMap<String, pb::Value>) {
+        (report.status().clone(), report.into_fields().set)
     }
 
     fn text(f: &HashMap<String, pb::Value>, k: &str) -> String {
@@ -318,7 +465,7 @@ mod tests {
             count: 2,
             listed: Vec::new(),
         };
-        let (status, f, _) = Report::finished(&n, &Tally::default(), &w).into_fields();
+        let (status, f) = written(Report::finished(&n, &Tally::default(), &w));
         assert_eq!(status, Status::Failed);
         assert_eq!(
             text(&f, "error"),
@@ -395,7 +542,7 @@ mod tests {
                 device_type: device_type.map(String::from),
                 slice: Some(crate::model::Slice { index: 2, count: 5 }),
             });
-            let (status, f, _) = Report::finished(&n, &Tally::default(), &none).into_fields();
+            let (status, f) = written(Report::finished(&n, &Tally::default(), &none));
             assert_eq!(status, Status::Failed);
             text(&f, "error")
         };
@@ -416,8 +563,7 @@ mod tests {
                 "The query requires a COLLECTION_GROUP_ASC index for collection fcm_tokens and field device_type. You can create it here: {link}"
             )),
         );
-        let (status, f, _) =
-            Report::aborted(&Abort::Store(missing), &Tally::default()).into_fields();
+        let (status, f) = written(Report::aborted(&Abort::Store(missing), &Tally::default()));
         assert_eq!(status, Status::Failed);
         let error = text(&f, "error");
         assert!(

@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 
 use crate::admit::{Admission, Admitted, Slot};
 use crate::audience;
-use crate::claim::{Claim, ClaimError, LeaseTerms, Lost, fields};
+use crate::claim::{self, Claim, ClaimError, LeaseTerms, Lost, fields};
 use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
@@ -23,7 +23,7 @@ use crate::language::{LanguageReader, Messages};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
 use crate::model::{Notification, Source, Status, pb};
-use crate::report::Report;
+use crate::report::{Fields, Report};
 use crate::schedule::{Timers, Wait};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
 
@@ -86,13 +86,61 @@ pub struct Worker {
     pub stop: CancellationToken,
 }
 
-/// What a document offered here calls for, by what it holds.
+/// What a document offered here calls for, by what it holds and the time: see [`decide`].
+#[derive(Debug)]
 enum Decision {
-    /// Nothing now: finished, waiting for its time or another worker's lease, not ours.
-    Nothing,
+    /// Claim and send it now (boxed: a message with its options is far larger than the rest).
+    Send(Box<(Notification, Messages)>),
+    /// Nothing before `at`: look again then (its `scheduled_time`, or when another worker's
+    /// lease runs out).
+    At(DateTime<Utc>, Wait),
+    /// Nothing to do, because…
+    Skip(Skip),
+    /// Fail it without sending, because…
+    Fail(Refusal),
+}
+
+/// Why a document offered here is left alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Skip {
+    /// Its status says it is done (succeeded, failed, cancelled, validated or foreign).
+    Finished,
+    /// Due beyond `FFPUSH_SCHEDULE_WINDOW`: nothing is kept for it; the sweep offers it again
+    /// as it enters the window.
+    BeyondWindow,
+}
+
+/// Why a document is failed without being sent.
+#[derive(Debug)]
+enum Refusal {
+    /// It breaks the document contract or a limit (the reason, phrased).
+    Invalid(String),
+    /// Due at `due` (or written then) and not sent within `limit` (`FFPUSH_MAX_LATENESS`).
+    Expired {
+        due: Option<DateTime<Utc>>,
+        limit: Duration,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Invalid(reason) => f.write_str(reason),
+            Refusal::Expired { due, limit } => write!(
+                f,
+                "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
+                due.map(|d| d.to_rfc3339()).unwrap_or_default(),
+                limit.as_secs()
+            ),
+        }
+    }
+}
+
+/// What is started for a document taken up here.
+enum Task {
     /// Fail it without sending, for this reason.
     Fail(String),
-    /// Claim and send it (boxed: a message with its options is far larger than the others).
+    /// Claim and send it.
     Send(Box<(Notification, Messages)>),
 }
 
@@ -218,10 +266,9 @@ impl Worker {
         if self.admission.is_queued(relative) {
             return;
         }
-        let decision = self.decide(&doc, true);
-        if matches!(decision, Decision::Nothing) {
+        let Some(task) = self.take_up(&doc, true) else {
             return;
-        }
+        };
         // Deciding only saves work: admission is what decides, in one step, so of two offers
         // racing here one goes on (and a document beyond the limit waits its turn).
         let relative = relative.to_string();
@@ -229,7 +276,7 @@ impl Worker {
             .admission
             .admit(&doc.name, &relative, doc.update_time, due_of(&doc))
         {
-            Admitted::Now(slot) => self.start(doc, slot, decision),
+            Admitted::Now(slot) => self.start(doc, slot, task),
             Admitted::Later => {}
         }
     }
@@ -240,95 +287,61 @@ impl Worker {
         if Status::of(&doc).is_finished() {
             self.forget(&doc.name);
         }
-        match self.decide(&doc, false) {
-            Decision::Nothing => {
+        match self.take_up(&doc, false) {
+            None => {
                 let due = slot.due();
                 if slot.leave(doc.update_time) {
                     let relative = self.store.relative(&doc.name);
                     self.admission.requeue(&doc.name, relative, due);
                 }
             }
-            decision => self.start(doc, slot, decision),
+            Some(task) => self.start(doc, slot, task),
         }
     }
 
-    /// What `doc` calls for, setting its timer if it must wait. `first`: the document is
-    /// offered (not read again from its slot), which counts a found-expired one.
-    fn decide(&self, doc: &pb::Document, first: bool) -> Decision {
-        let status = Status::of(doc);
-        if status.is_finished() || self.stop.is_cancelled() {
-            return Decision::Nothing;
+    /// What `doc` calls for now, by [`decide`], with its timer set or dropped to match:
+    /// `None` when nothing is to start now. `first`: the document is offered (not read again
+    /// from its slot), which counts a found-expired one.
+    fn take_up(&self, doc: &pb::Document, first: bool) -> Option<Task> {
+        if self.stop.is_cancelled() {
+            return None;
         }
-        let Some(source) = self.source_of(&doc.name) else {
-            return Decision::Nothing;
-        };
-        let now = Utc::now();
-        if status == Status::Started
-            && let Some(until) = store::timestamp_field(doc, fields::LEASE)
-            && until > now
-        {
-            // Someone holds it. Look again when the lease runs out.
-            self.timers.set(
-                &doc.name,
-                until + chrono::Duration::milliseconds(200),
-                Wait::Lease,
-            );
-            return Decision::Nothing;
-        }
-        // App documents: the size first, before anything is parsed; then the recipients.
-        let parsed = limits::check_document(source, &self.settings, &doc.fields)
-            .and_then(|()| Notification::parse(source, &doc.fields))
-            .and_then(|n| limits::check_audience(source, &self.settings, &n).map(|()| n))
-            .and_then(|n| Messages::new(&n).map(|t| (n, t)));
-        let (n, template) = match parsed {
-            Ok(parsed) => parsed,
-            Err(invalid) => {
-                self.forget_timer(&doc.name);
-                return Decision::Fail(invalid.0);
+        let source = self.source_of(&doc.name)?;
+        let name = &doc.name;
+        match decide(doc, source, &self.settings, Utc::now()) {
+            Decision::Skip(Skip::Finished) => None,
+            Decision::Skip(Skip::BeyondWindow) => {
+                self.forget_timer(name);
+                None
             }
-        };
-        if let Some(at) = n.scheduled_time
-            && at > now
-        {
-            if at > self.window_end(now) {
-                // Nothing is kept for it: the sweep offers it again as it enters the window.
-                self.forget_timer(&doc.name);
-                return Decision::Nothing;
+            Decision::At(at, wait) => {
+                self.timers.set(name, at, wait);
+                if wait == Wait::Schedule {
+                    self.metrics
+                        .documents_scheduled
+                        .set(self.timers.scheduled() as u64);
+                }
+                None
             }
-            self.timers.set(&doc.name, at, Wait::Schedule);
-            self.metrics
-                .documents_scheduled
-                .set(self.timers.scheduled() as u64);
-            return Decision::Nothing;
-        }
-        self.forget_timer(&doc.name);
-        let due = n
-            .scheduled_time
-            .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
-        let late = due.map(|d| now - d).unwrap_or_default();
-        let limit =
-            chrono::Duration::from_std(self.settings.max_lateness).unwrap_or(chrono::Duration::MAX);
-        // Whatever its status (absent, "" or a "started" that no live lease holds): an old
-        // document is never sent late. One that waited in the queue past the limit too.
-        if late > limit {
-            if first {
-                self.metrics.notifications_expired.inc();
+            Decision::Fail(refusal) => {
+                self.forget_timer(name);
+                if first && matches!(refusal, Refusal::Expired { .. }) {
+                    self.metrics.notifications_expired.inc();
+                }
+                Some(Task::Fail(refusal.to_string()))
             }
-            return Decision::Fail(format!(
-                "expired: due {} but not sent within FFPUSH_MAX_LATENESS ({}s); create a new notification to send it now",
-                due.map(|d| d.to_rfc3339()).unwrap_or_default(),
-                self.settings.max_lateness.as_secs()
-            ));
+            Decision::Send(send) => {
+                self.forget_timer(name);
+                Some(Task::Send(send))
+            }
         }
-        Decision::Send(Box::new((n, template)))
     }
 
-    /// Starts what `decision` says for `doc` in its slot.
-    fn start(self: &Arc<Self>, doc: pb::Document, slot: Slot, decision: Decision) {
-        let (n, template) = match decision {
-            Decision::Nothing => return,
-            Decision::Fail(reason) => return self.spawn_failure(doc, slot, reason),
-            Decision::Send(send) => *send,
+    /// Starts `task` for `doc` in its slot.
+    fn start(self: &Arc<Self>, doc: pb::Document, slot: Slot, task: Task) {
+        let (n, template) = match task {
+            Task::Fail(reason) => return self.spawn_failure(doc, slot, reason),
+            Task::Send(send) => *send,
         };
         // Counted when it starts, and only when first taken up: a started one is a resumed
         // send. A document offered again within the minute is not counted twice.
@@ -342,53 +355,60 @@ impl Worker {
         let this = self.clone();
         let span = self.span(&doc.name);
         let task = async move {
-            let then = match this.process(doc, n, template).await {
-                Ok(Outcome::ClaimedElsewhere) => {
-                    tracing::debug!("changed or claimed by someone else first; reading it again");
-                    Then::Lost
-                }
-                Ok(Outcome::LeaseLost) => {
-                    tracing::warn!("lost the lease to another worker; stopped");
-                    Then::Changed
-                }
-                Ok(Outcome::Interrupted) => {
-                    tracing::info!("interrupted; progress saved, lease released");
-                    Then::Leave
-                }
-                Ok(Outcome::Released(e)) => {
-                    tracing::warn!(error = %Chain(&e),
-                        "Firestore failed mid-send; progress saved and the lease released, to be resumed");
-                    Then::Leave
-                }
-                Ok(Outcome::Deleted) => {
-                    tracing::info!("the notification was deleted while it was sent; stopped");
-                    Then::Done { written: None }
-                }
-                Ok(Outcome::Cancelled) => {
-                    tracing::info!("cancelled while it was sent; stopped");
-                    Then::Done { written: None }
-                }
-                Ok(Outcome::Reported(status, written)) => {
-                    match status {
-                        Status::Succeeded => this.metrics.notifications_succeeded.inc(),
-                        // A dry run, or stopped by its sender: not a failure.
-                        Status::Validated | Status::Cancelled => {}
-                        _ => this.metrics.notifications_failed.inc(),
-                    }
-                    Then::Done {
-                        written: Some(written),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %Chain(&e),
-                        "processing stopped; the document will be read again and taken up");
-                    Then::Later
-                }
-            };
+            let processed = this.process(doc, n, template).await;
+            let then = this.then_after(processed);
             this.metrics.documents_in_progress.add(-1);
             this.finish(slot, then);
         };
         self.tasks.spawn(task.instrument(span));
+    }
+
+    /// What becomes of a document whose processing ended so (logged, and counted when its
+    /// outcome was written).
+    fn then_after(&self, processed: Result<Outcome, store::Error>) -> Then {
+        match processed {
+            Ok(Outcome::ClaimedElsewhere) => {
+                tracing::debug!("changed or claimed by someone else first; reading it again");
+                Then::Lost
+            }
+            Ok(Outcome::LeaseLost) => {
+                tracing::warn!("lost the lease to another worker; stopped");
+                Then::Changed
+            }
+            Ok(Outcome::Interrupted) => {
+                tracing::info!("interrupted; progress saved, lease released");
+                Then::Leave
+            }
+            Ok(Outcome::Released(e)) => {
+                tracing::warn!(error = %Chain(&e),
+                    "Firestore failed mid-send; progress saved and the lease released, to be resumed");
+                Then::Leave
+            }
+            Ok(Outcome::Deleted) => {
+                tracing::info!("the notification was deleted while it was sent; stopped");
+                Then::Done { written: None }
+            }
+            Ok(Outcome::Cancelled) => {
+                tracing::info!("cancelled while it was sent; stopped");
+                Then::Done { written: None }
+            }
+            Ok(Outcome::Reported(status, written)) => {
+                match status {
+                    Status::Succeeded => self.metrics.notifications_succeeded.inc(),
+                    // A dry run, or stopped by its sender: not a failure.
+                    Status::Validated | Status::Cancelled => {}
+                    _ => self.metrics.notifications_failed.inc(),
+                }
+                Then::Done {
+                    written: Some(written),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e),
+                    "processing stopped; the document will be read again and taken up");
+                Then::Later
+            }
+        }
     }
 
     /// After Firestore failed on a document: read it again in a while (by its timer) and offer
@@ -451,18 +471,10 @@ impl Worker {
         self.contested.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
-    fn window_end(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        chrono::Duration::from_std(self.settings.schedule_window)
-            .ok()
-            .and_then(|window| now.checked_add_signed(window))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC)
-    }
-
     /// The `scheduled_time` range a sweep at `now` queries for documents entering the window:
     /// those that came within it since about the previous sweep (two intervals deep).
     pub fn entering_window(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-        let until = self.window_end(now);
+        let until = window_end(&self.settings, now);
         let depth = chrono::Duration::from_std(self.settings.sweep_interval * 2)
             .unwrap_or(chrono::Duration::MAX);
         (
@@ -503,22 +515,11 @@ impl Worker {
     /// Marks a document we never claimed as failed, unless someone changed it meanwhile. A
     /// dead worker's lease and progress go; what it had sent stays counted.
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
-        let mut f = HashMap::new();
-        f.insert("status".to_string(), store::string(Status::Failed.as_str()));
-        f.insert("error".to_string(), store::string(reason));
-        f.insert("completed_at".to_string(), store::timestamp(Utc::now()));
-        let sent = crate::claim::sent_before(doc);
-        f.insert("num_sent".to_string(), store::integer(sent as i64));
-        let remove = [fields::LEASE, fields::PROGRESS];
+        let failure = Fields::outcome(Status::Failed)
+            .text("error", Some(reason))
+            .count("num_sent", claim::sent_before(doc));
         // Conditioned on the version read: a document someone changed since is not failed.
-        let written = match doc.update_time {
-            Some(read_at) => {
-                self.store
-                    .update_fields(&doc.name, f, &remove, read_at)
-                    .await
-            }
-            None => Err(store::Error::Incomplete("update_time")),
-        };
+        let written = claim::complete_unclaimed(&self.store, doc, failure).await;
         match written {
             Ok(written) => {
                 self.metrics.notifications_failed.inc();
@@ -556,40 +557,16 @@ impl Worker {
         let ledger = Arc::new(Mutex::new(Ledger::resume(&claim.resume)));
         let fan_stop = self.stop.child_token();
         let renewal = claim.renew(ledger.clone(), fan_stop.clone());
-        // Users' languages are read only for a notification with translations.
-        let languages = template.is_localized().then(|| {
-            LanguageReader::new(
-                self.store.clone(),
-                self.settings.language_field.clone(),
-                self.metrics.clone(),
-            )
-        });
-        // A dry run reads the languages of the few tokens it tries only.
-        let (languages, dry_run_languages) = if n.options.dry_run {
-            (None, languages)
-        } else {
-            (languages, None)
-        };
+        // A dry run reads the languages of the few tokens it tries only (in `send`).
+        let languages = (!n.options.dry_run)
+            .then(|| self.language_reader(&template))
+            .flatten();
         let pages =
             audience::read_with_languages(self.store.clone(), n.audience.clone(), languages);
         let without_tokens = pages.without_tokens.clone();
-        let ctx = Context {
-            sender: &self.sender,
-            store: &self.store,
-            metrics: &self.metrics,
-            concurrency: self.settings.concurrency,
-            retry: RetryPolicy::from_settings(&self.settings),
-            gate: Some(claim.gate()),
-        };
-        let result = if n.options.dry_run {
-            fanout::validate(&ctx, &template, pages, dry_run_languages.as_ref(), fan_stop)
-                .await
-                .map(Finished::Validated)
-        } else {
-            fanout::fan_out(&ctx, &template, pages, ledger.clone(), fan_stop)
-                .await
-                .map(Finished::Sent)
-        };
+        let result = self
+            .send(&claim, &n, &template, pages, ledger.clone(), fan_stop)
+            .await;
         match renewal.finish().await.lost {
             Some(Lost::TakenOver) => return Ok(Outcome::LeaseLost),
             Some(Lost::Deleted) => return Ok(Outcome::Deleted),
@@ -615,17 +592,71 @@ impl Worker {
             }
             Err(e) => Report::aborted(&e, &done.tally),
         };
-        let (status, f, remove) = report.into_fields();
-        if let Err(lost_or_failed) = claim.report(f, &remove).await {
-            if let ClaimError::Lost(Lost::Cancelled) = lost_or_failed {
-                return self.stopped(&claim, &ledger).await;
-            }
-            return settled(Err(lost_or_failed), Outcome::Interrupted);
-        }
-        let written = claim.version();
+        let status = report.status().clone();
+        let written = match claim.complete(report).await {
+            Ok(written) => written,
+            Err(ClaimError::Lost(Lost::Cancelled)) => return self.stopped(&claim, &ledger).await,
+            Err(lost_or_failed) => return settled(Err(lost_or_failed), Outcome::Interrupted),
+        };
         tracing::info!(status = %status, sent = done.tally.sent, tokens = done.tally.tokens, "notification finished");
         Ok(Outcome::Reported(status, written))
     }
+}
+
+/// What `doc`, a document of `source`, calls for at `now`: a decision from the document and
+/// the clock alone. A document that another worker's live lease holds waits for it to run
+/// out; one that breaks the contract or a limit fails; one due later waits for its time (or,
+/// due beyond the window, for the sweep); one due too long ago fails, whatever its status
+/// (absent, "" or a "started" that no live lease holds): an old document is never sent late.
+fn decide(doc: &pb::Document, source: Source, settings: &Settings, now: DateTime<Utc>) -> Decision {
+    let status = Status::of(doc);
+    if status.is_finished() {
+        return Decision::Skip(Skip::Finished);
+    }
+    if status == Status::Started
+        && let Some(until) = store::timestamp_field(doc, fields::LEASE)
+        && until > now
+    {
+        return Decision::At(until + chrono::Duration::milliseconds(200), Wait::Lease);
+    }
+    // App documents: the size first, before anything is parsed; then the recipients.
+    let parsed = limits::check_document(source, settings, &doc.fields)
+        .and_then(|()| Notification::parse(source, &doc.fields))
+        .and_then(|n| limits::check_audience(source, settings, &n).map(|()| n))
+        .and_then(|n| Messages::new(&n).map(|t| (n, t)));
+    let (n, template) = match parsed {
+        Ok(parsed) => parsed,
+        Err(invalid) => return Decision::Fail(Refusal::Invalid(invalid.0)),
+    };
+    if let Some(at) = n.scheduled_time
+        && at > now
+    {
+        if at > window_end(settings, now) {
+            return Decision::Skip(Skip::BeyondWindow);
+        }
+        return Decision::At(at, Wait::Schedule);
+    }
+    let due = n
+        .scheduled_time
+        .or_else(|| doc.create_time.as_ref().and_then(store::from_timestamp));
+    let late = due.map(|d| now - d).unwrap_or_default();
+    let limit = chrono::Duration::from_std(settings.max_lateness).unwrap_or(chrono::Duration::MAX);
+    // One that waited in the queue past the limit too.
+    if late > limit {
+        return Decision::Fail(Refusal::Expired {
+            due,
+            limit: settings.max_lateness,
+        });
+    }
+    Decision::Send(Box::new((n, template)))
+}
+
+/// Documents due after this hold no timer (`FFPUSH_SCHEDULE_WINDOW`).
+fn window_end(settings: &Settings, now: DateTime<Utc>) -> DateTime<Utc> {
+    chrono::Duration::from_std(settings.schedule_window)
+        .ok()
+        .and_then(|window| now.checked_add_signed(window))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// When `doc` was due: its `scheduled_time`, else when it was written (its place in the queue).
@@ -646,6 +677,49 @@ fn backoff_after(losses: u32, cap: Duration) -> Duration {
 }
 
 impl Worker {
+    /// Sends `template` to every token of `pages` while `claim`'s gate is open, or, for a dry
+    /// run, validates it on them.
+    async fn send(
+        &self,
+        claim: &Claim,
+        n: &Notification,
+        template: &Messages,
+        pages: audience::TokenPages,
+        ledger: Arc<Mutex<Ledger>>,
+        fan_stop: CancellationToken,
+    ) -> Result<Finished, Abort> {
+        let ctx = Context {
+            sender: &self.sender,
+            store: &self.store,
+            metrics: &self.metrics,
+            concurrency: self.settings.concurrency,
+            retry: RetryPolicy::from_settings(&self.settings),
+            gate: Some(claim.gate()),
+        };
+        if n.options.dry_run {
+            let languages = self.language_reader(template);
+            fanout::validate(&ctx, template, pages, languages.as_ref(), fan_stop)
+                .await
+                .map(Finished::Validated)
+        } else {
+            fanout::fan_out(&ctx, template, pages, ledger, fan_stop)
+                .await
+                .map(Finished::Sent)
+        }
+    }
+
+    /// The reader of the recipients' language fields, for a notification with translations
+    /// only (one without them reads no user document).
+    fn language_reader(&self, template: &Messages) -> Option<LanguageReader> {
+        template.is_localized().then(|| {
+            LanguageReader::new(
+                self.store.clone(),
+                self.settings.language_field.clone(),
+                self.metrics.clone(),
+            )
+        })
+    }
+
     /// The document was cancelled while it was sent: the fan-out has stopped; write the counts
     /// so far onto it, keeping `cancelled`.
     async fn stopped(
@@ -654,14 +728,13 @@ impl Worker {
         ledger: &Mutex<Ledger>,
     ) -> Result<Outcome, store::Error> {
         let done = ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-        let (_, f, remove) = Report::cancelled(&done.tally).into_fields();
         tracing::info!(
             sent = done.tally.sent,
             tokens = done.tally.tokens,
             "cancelled while it was sent; stopped"
         );
-        match claim.report(f, &remove).await {
-            Ok(()) => Ok(Outcome::Reported(Status::Cancelled, claim.version())),
+        match claim.complete(Report::cancelled(&done.tally)).await {
+            Ok(written) => Ok(Outcome::Reported(Status::Cancelled, written)),
             Err(e) => settled(Err(e), Outcome::Cancelled),
         }
     }
@@ -687,6 +760,131 @@ fn id_of(relative: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SettingsArgs;
+
+    fn settings() -> Settings {
+        Settings::from_args(&SettingsArgs {
+            project: Some("demo-project".into()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A console document written at `written`, with `extra` fields.
+    fn document(written: DateTime<Utc>, extra: &[(&str, pb::Value)]) -> pb::Document {
+        let mut fields: HashMap<String, pb::Value> = [
+            ("notification_title", store::string("t")),
+            ("notification_text", store::string("b")),
+            ("user_refs", store::string("users/a")),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        fields.retain(|_, v| v.value_type.is_some());
+        pb::Document {
+            name: "projects/p/databases/(default)/documents/ff_push_notifications/n".into(),
+            fields,
+            create_time: Some(store::to_timestamp(written)),
+            update_time: Some(store::to_timestamp(written)),
+        }
+    }
+
+    fn decided(doc: &pb::Document, now: DateTime<Utc>) -> Decision {
+        decide(doc, Source::Console, &settings(), now)
+    }
+
+    #[test]
+    fn a_fresh_document_is_sent_and_a_finished_one_skipped() {
+        let now = Utc::now();
+        let doc = document(now, &[]);
+        assert!(matches!(decided(&doc, now), Decision::Send(_)));
+        for status in ["succeeded", "failed", "cancelled", "validated", "sent"] {
+            let doc = document(now, &[("status", store::string(status))]);
+            assert!(
+                matches!(decided(&doc, now), Decision::Skip(Skip::Finished)),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_live_lease_is_waited_for_and_a_dead_ones_document_taken_over() {
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(30);
+        let held = |until: DateTime<Utc>| {
+            document(
+                now,
+                &[
+                    ("status", store::string("started")),
+                    (fields::LEASE, store::timestamp(until)),
+                ],
+            )
+        };
+        match decided(&held(until), now) {
+            Decision::At(at, Wait::Lease) => {
+                assert_eq!(at, until + chrono::Duration::milliseconds(200))
+            }
+            other => panic!("{other:?}"),
+        }
+        let expired = held(now - chrono::Duration::seconds(1));
+        assert!(matches!(decided(&expired, now), Decision::Send(_)));
+    }
+
+    #[test]
+    fn a_scheduled_document_waits_for_its_time_within_the_window_only() {
+        let now = Utc::now();
+        let settings = settings();
+        let soon = now + chrono::Duration::seconds(10);
+        let doc = document(now, &[("scheduled_time", store::timestamp(soon))]);
+        match decided(&doc, now) {
+            Decision::At(at, Wait::Schedule) => assert_eq!(at, soon),
+            other => panic!("{other:?}"),
+        }
+        let beyond = window_end(&settings, now) + chrono::Duration::seconds(1);
+        let doc = document(now, &[("scheduled_time", store::timestamp(beyond))]);
+        assert!(matches!(
+            decided(&doc, now),
+            Decision::Skip(Skip::BeyondWindow)
+        ));
+        // Its time come, it is sent.
+        assert!(matches!(decided(&doc, beyond), Decision::Send(_)));
+    }
+
+    #[test]
+    fn a_document_due_too_long_ago_fails_as_expired_whatever_its_status() {
+        let now = Utc::now();
+        let limit = settings().max_lateness;
+        let written =
+            now - chrono::Duration::from_std(limit).unwrap() - chrono::Duration::seconds(1);
+        for status in ["", "started"] {
+            let doc = document(written, &[("status", store::string(status))]);
+            match decided(&doc, now) {
+                Decision::Fail(refusal @ Refusal::Expired { .. }) => {
+                    let text = refusal.to_string();
+                    assert!(
+                        text.starts_with(&format!("expired: due {}", written.to_rfc3339()))
+                            && text
+                                .contains(&format!("FFPUSH_MAX_LATENESS ({}s)", limit.as_secs())),
+                        "{text}"
+                    );
+                }
+                other => panic!("{status:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_document_breaking_the_contract_fails_with_the_reason() {
+        let now = Utc::now();
+        let doc = document(now, &[("user_refs", pb::Value::default())]);
+        match decided(&doc, now) {
+            Decision::Fail(Refusal::Invalid(reason)) => {
+                assert!(reason.starts_with("no recipients"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_document_that_keeps_losing_its_claim_is_read_again_ever_more_slowly() {
