@@ -26,16 +26,10 @@ use tracing::Instrument as _;
 use crate::errors::Chain;
 use crate::fanout::{ErrorCounts, Ledger, Progress, SendGate, Tally};
 use crate::fcm::ErrorCode;
+use crate::fields;
 use crate::model::{Status, pb};
 use crate::report::{Fields, Report, error_counts_value};
 use crate::store::{self, Store, prost_types_timestamp::Timestamp};
-
-/// Fields ffpush adds to a notification document besides FlutterFlow's.
-pub(crate) mod fields {
-    pub const WORKER: &str = "ffpush_worker";
-    pub const LEASE: &str = "ffpush_lease_expires_at";
-    pub const PROGRESS: &str = "ffpush_progress";
-}
 
 /// How far another worker's clock may run ahead of ours: sending stops at least this long
 /// before the lease we wrote runs out (at most a quarter of the lease).
@@ -265,11 +259,11 @@ impl Claim {
         };
         let mut f = HashMap::new();
         f.insert(
-            "status".to_string(),
+            fields::STATUS.to_string(),
             store::string(Status::Started.as_str()),
         );
-        if store::timestamp_field(doc, "started_at").is_none() {
-            f.insert("started_at".to_string(), store::timestamp(Utc::now()));
+        if store::timestamp_field(doc, fields::STARTED_AT).is_none() {
+            f.insert(fields::STARTED_AT.to_string(), store::timestamp(Utc::now()));
         }
         f.insert(fields::WORKER.to_string(), store::string(worker_id));
         let taken = Instant::now();
@@ -546,7 +540,10 @@ fn progress_fields(p: &Progress, prefix: &str) -> HashMap<String, pb::Value> {
     ] {
         m.insert(k.to_string(), store::integer(v as i64));
     }
-    m.insert("error_counts".to_string(), error_counts_value(&t.errors));
+    m.insert(
+        fields::ERROR_COUNTS.to_string(),
+        error_counts_value(&t.errors),
+    );
     let mut f = HashMap::new();
     f.insert(
         fields::PROGRESS.to_string(),
@@ -623,7 +620,7 @@ fn read_progress(doc: &pb::Document) -> Progress {
             timed_out: n("timed_out"),
             errors: wrapper
                 .fields
-                .get("error_counts")
+                .get(fields::ERROR_COUNTS)
                 .map(read_error_counts)
                 .unwrap_or_default(),
         }

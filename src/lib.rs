@@ -28,6 +28,8 @@
 //!   documents per minute; checked before anything is read.
 //! - `errors`: how an error and its causes are shown (docs/contract.md, "Errors": what each
 //!   leads to).
+//! - [`fields`]: the names of the fields ffpush writes onto a notification document (and
+//!   reads back), spelled once.
 //! - [`model`]: FlutterFlow's documents as validated types (`Notification`, `Audience`,
 //!   `Status`, batch slices).
 //! - [`store`]: every Firestore read and write (preconditions, field masks, token pages).
@@ -57,6 +59,7 @@ pub mod doctor;
 pub(crate) mod errors;
 pub mod fanout;
 pub mod fcm;
+pub mod fields;
 pub mod instances;
 pub(crate) mod intake;
 pub mod language;

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use firestore::gcloud_sdk::google::firestore::v1::{Document, Value, value};
 
+use crate::fields;
+
 pub use firestore::gcloud_sdk::google::firestore::v1 as pb;
 
 /// Which collection a document came from; decides whether a broadcast is allowed.
@@ -42,7 +44,7 @@ impl Status {
     pub fn of(doc: &Document) -> Status {
         Status::parse(
             doc.fields
-                .get("status")
+                .get(fields::STATUS)
                 .and_then(string_value)
                 .unwrap_or(""),
         )

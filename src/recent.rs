@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::claim::fields;
+use crate::fields;
 use crate::model::{Status, pb, string_value};
 use crate::store::{self, Recent, Store};
 
@@ -119,9 +119,9 @@ impl Entry {
         let time = |name: &str| store::timestamp_field(doc, name);
         let created = doc.create_time.as_ref().and_then(store::from_timestamp);
         let scheduled_time = time("scheduled_time");
-        let started_at = time("started_at");
-        let completed_at = time("completed_at");
-        let status = match text("status") {
+        let started_at = time(fields::STARTED_AT);
+        let completed_at = time(fields::COMPLETED_AT);
+        let status = match text(fields::STATUS) {
             Some(status) => status,
             None if scheduled_time.is_some_and(|t| t > now) => "scheduled".to_string(),
             None => "new".to_string(),
@@ -154,10 +154,10 @@ impl Entry {
                 .to_string(),
             collection: collection.to_string(),
             created,
-            sent: number("num_sent", "sent"),
-            tokens: number("num_tokens", "tokens"),
-            removed: number("num_tokens_removed", "removed"),
-            failed: store::integer_field(doc, "num_failed"),
+            sent: number(fields::NUM_SENT, "sent"),
+            tokens: number(fields::NUM_TOKENS, "tokens"),
+            removed: number(fields::NUM_TOKENS_REMOVED, "removed"),
+            failed: store::integer_field(doc, fields::NUM_FAILED),
             worker: (Status::parse(&status) == Status::Started)
                 .then(|| text(fields::WORKER))
                 .flatten(),
@@ -166,12 +166,16 @@ impl Entry {
             started_at,
             completed_at,
             took_seconds,
-            error: text("error"),
-            warning: text("warning"),
+            error: text(fields::ERROR),
+            warning: text(fields::WARNING),
             errors: doc
                 .fields
-                .get("error_counts")
-                .or_else(|| progress.as_ref().and_then(|p| p.fields.get("error_counts")))
+                .get(fields::ERROR_COUNTS)
+                .or_else(|| {
+                    progress
+                        .as_ref()
+                        .and_then(|p| p.fields.get(fields::ERROR_COUNTS))
+                })
                 .map(crate::claim::read_error_counts)
                 .unwrap_or_default()
                 .iter()

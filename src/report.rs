@@ -10,12 +10,8 @@ use chrono::Utc;
 
 use crate::audience;
 
-/// With `FFPUSH_RETENTION`, the time at which a finished document may be deleted:
-/// `completed_at` + the retention, for a Firestore TTL policy on this field (`deploy.sh
-/// --retention`). Set by [`crate::store::Store`] on every write that sets `completed_at`, so
-/// both a report and a failure of a document never claimed carry it.
-pub(crate) const EXPIRES_AT: &str = "ffpush_expires_at";
 use crate::fanout::{Abort, ErrorCounts, Tally, Validated};
+use crate::fields;
 use crate::model::{Audience, Notification, Slice, Status, pb};
 use crate::store;
 
@@ -314,27 +310,27 @@ impl Report {
             t.failed()
         };
         let mut f = Fields::outcome(self.status)
-            .count("num_sent", t.sent)
-            .count("num_tokens", t.tokens)
-            .count("num_failed", failed)
-            .count("num_tokens_removed", t.removed)
-            .text("error", self.error.map(|e| e.to_string()).as_deref())
+            .count(fields::NUM_SENT, t.sent)
+            .count(fields::NUM_TOKENS, t.tokens)
+            .count(fields::NUM_FAILED, failed)
+            .count(fields::NUM_TOKENS_REMOVED, t.removed)
+            .text(fields::ERROR, self.error.map(|e| e.to_string()).as_deref())
             .text(
-                "warning",
+                fields::WARNING,
                 (!self.warnings.is_empty())
                     .then(|| joined(&self.warnings))
                     .as_deref(),
             );
         if !t.errors.is_empty() {
-            f = f.value("error_counts", error_counts_value(&t.errors));
+            f = f.value(fields::ERROR_COUNTS, error_counts_value(&t.errors));
         }
         if self.without.count > 0 {
-            f = f.count("num_users_without_tokens", self.without.count);
+            f = f.count(fields::NUM_USERS_WITHOUT_TOKENS, self.without.count);
         }
         // Empty for app documents: their senders get the count, never whose devices are missing.
         if !self.without.listed.is_empty() {
             let listed = self.without.listed.iter().map(|u| store::string(u));
-            f = f.value("users_without_tokens", store::array(listed.collect()));
+            f = f.value(fields::USERS_WITHOUT_TOKENS, store::array(listed.collect()));
         }
         f
     }
@@ -353,8 +349,11 @@ impl Fields {
     /// `status` and `completed_at` (the claim's own fields go when [`crate::claim`] writes it).
     pub fn outcome(status: Status) -> Fields {
         let mut set = HashMap::new();
-        set.insert("status".to_string(), store::string(status.as_str()));
-        set.insert("completed_at".to_string(), store::timestamp(Utc::now()));
+        set.insert(fields::STATUS.to_string(), store::string(status.as_str()));
+        set.insert(
+            fields::COMPLETED_AT.to_string(),
+            store::timestamp(Utc::now()),
+        );
         Fields {
             set,
             remove: Vec::new(),

@@ -14,11 +14,12 @@ use tracing::Instrument as _;
 
 use crate::admit::{Admission, Admitted, Slot};
 use crate::audience;
-use crate::claim::{self, Claim, ClaimError, LeaseTerms, Lost, fields};
+use crate::claim::{self, Claim, ClaimError, LeaseTerms, Lost};
 use crate::config::Settings;
 use crate::errors::Chain;
 use crate::fanout::{self, Abort, Context, Finished, Ledger, RetryPolicy};
 use crate::fcm::Sender;
+use crate::fields;
 use crate::language::{LanguageReader, Messages};
 use crate::limits::{self, SenderRate};
 use crate::metrics::Metrics;
@@ -516,8 +517,8 @@ impl Worker {
     /// dead worker's lease and progress go; what it had sent stays counted.
     async fn fail_unclaimed(&self, doc: &pb::Document, reason: &str) -> Then {
         let failure = Fields::outcome(Status::Failed)
-            .text("error", Some(reason))
-            .count("num_sent", claim::sent_before(doc));
+            .text(fields::ERROR, Some(reason))
+            .count(fields::NUM_SENT, claim::sent_before(doc));
         // Conditioned on the version read: a document someone changed since is not failed.
         let written = claim::complete_unclaimed(&self.store, doc, failure).await;
         match written {

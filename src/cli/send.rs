@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::Usage;
 use crate::config::{Settings, SettingsArgs, parse_duration};
+use crate::fields;
 use crate::model::pb::value::ValueType;
 use crate::model::user_doc_path;
 use crate::store::{self, Store};
@@ -148,32 +149,32 @@ pub(super) async fn send(settings: Settings, args: SendArgs) -> anyhow::Result<(
 
 fn outcome_json(doc: &crate::model::pb::Document, status: &str) -> String {
     let mut out = serde_json::Map::new();
-    out.insert("status".into(), status.into());
+    out.insert(fields::STATUS.into(), status.into());
     for field in [
-        "num_sent",
-        "num_tokens",
-        "num_failed",
-        "num_tokens_removed",
-        "num_users_without_tokens",
+        fields::NUM_SENT,
+        fields::NUM_TOKENS,
+        fields::NUM_FAILED,
+        fields::NUM_TOKENS_REMOVED,
+        fields::NUM_USERS_WITHOUT_TOKENS,
     ] {
         if let Some(n) = store::integer_field(doc, field) {
             out.insert(field.into(), n.into());
         }
     }
-    for field in ["error", "warning"] {
+    for field in [fields::ERROR, fields::WARNING] {
         if let Some(s) = doc.fields.get(field).and_then(crate::model::string_value) {
             out.insert(field.into(), s.into());
         }
     }
-    if let Some(counts) = doc.fields.get("error_counts") {
+    if let Some(counts) = doc.fields.get(fields::ERROR_COUNTS) {
         let counts: serde_json::Map<String, serde_json::Value> =
             crate::claim::read_error_counts(counts)
                 .iter()
                 .map(|(code, n)| (code.as_str().to_string(), n.into()))
                 .collect();
-        out.insert("error_counts".into(), counts.into());
+        out.insert(fields::ERROR_COUNTS.into(), counts.into());
     }
-    for field in ["started_at", "completed_at"] {
+    for field in [fields::STARTED_AT, fields::COMPLETED_AT] {
         if let Some(t) = store::timestamp_field(doc, field) {
             out.insert(field.into(), t.to_rfc3339().into());
         }

@@ -9,6 +9,7 @@ use firestore::gcloud_sdk::google::firestore::v1::{
 use futures::StreamExt;
 
 use super::{Error, Store, reference, string, timestamp};
+use crate::fields;
 use crate::model::Status;
 
 /// One device token document.
@@ -209,7 +210,7 @@ impl Store {
                 all_descendants: false,
             }],
             r#where: and(vec![field_filter(
-                "status",
+                fields::STATUS,
                 sq::field_filter::Operator::In,
                 Value {
                     value_type: Some(value::ValueType::ArrayValue(pb::ArrayValue {
@@ -310,20 +311,20 @@ pub enum Recent {
 
 /// The fields `ffpush status` shows; nothing else (titles, recipients) is read.
 const RECENT_FIELDS: [&str; 14] = [
-    "status",
-    "num_sent",
-    "num_tokens",
-    "num_failed",
-    "num_tokens_removed",
-    "error",
-    "warning",
-    "error_counts",
-    "started_at",
-    "completed_at",
+    fields::STATUS,
+    fields::NUM_SENT,
+    fields::NUM_TOKENS,
+    fields::NUM_FAILED,
+    fields::NUM_TOKENS_REMOVED,
+    fields::ERROR,
+    fields::WARNING,
+    fields::ERROR_COUNTS,
+    fields::STARTED_AT,
+    fields::COMPLETED_AT,
     "scheduled_time",
     "timestamp",
-    "ffpush_progress",
-    "ffpush_worker",
+    fields::PROGRESS,
+    fields::WORKER,
 ];
 
 impl Store {
@@ -343,17 +344,25 @@ impl Store {
             Recent::Finished { failed_only } => (
                 vec![
                     failed_only.then(|| {
-                        field_filter("status", Operator::Equal, string(Status::Failed.as_str()))
+                        field_filter(
+                            fields::STATUS,
+                            Operator::Equal,
+                            string(Status::Failed.as_str()),
+                        )
                     }),
                     since.map(|t| {
-                        field_filter("completed_at", Operator::GreaterThanOrEqual, timestamp(t))
+                        field_filter(
+                            fields::COMPLETED_AT,
+                            Operator::GreaterThanOrEqual,
+                            timestamp(t),
+                        )
                     }),
                 ],
-                Some(("completed_at", sq::Direction::Descending)),
+                Some((fields::COMPLETED_AT, sq::Direction::Descending)),
             ),
             Recent::Started => (
                 vec![Some(field_filter(
-                    "status",
+                    fields::STATUS,
                     Operator::Equal,
                     string(Status::Started.as_str()),
                 ))],

@@ -60,7 +60,7 @@ impl Store {
     ) -> Result<prost_types_timestamp::Timestamp, Error> {
         let mut fields = fields;
         if let Some(expires_at) = self.expiry(&fields) {
-            fields.insert(crate::report::EXPIRES_AT.to_string(), expires_at);
+            fields.insert(crate::fields::EXPIRES_AT.to_string(), expires_at);
         }
         let mut mask: Vec<String> = fields.keys().cloned().collect();
         mask.extend(remove.iter().map(|f| f.to_string()));
@@ -72,7 +72,7 @@ impl Store {
             }),
             update_mask: Some(DocumentMask { field_paths: mask }),
             mask: Some(DocumentMask {
-                field_paths: vec!["status".into()],
+                field_paths: vec![crate::fields::STATUS.into()],
             }),
             current_document: Some(Precondition {
                 condition_type: Some(condition),
@@ -87,14 +87,15 @@ impl Store {
     /// set: when the document expires, `completed_at` + the retention.
     fn expiry(&self, fields: &HashMap<String, Value>) -> Option<Value> {
         let retention = chrono::Duration::from_std(self.retention?).ok()?;
-        let completed_at = fields
-            .get("completed_at")
-            .and_then(|v| match &v.value_type {
-                Some(pb::value::ValueType::TimestampValue(t)) => {
-                    DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)
-                }
-                _ => None,
-            })?;
+        let completed_at =
+            fields
+                .get(crate::fields::COMPLETED_AT)
+                .and_then(|v| match &v.value_type {
+                    Some(pb::value::ValueType::TimestampValue(t)) => {
+                        DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                    }
+                    _ => None,
+                })?;
         Some(timestamp(completed_at + retention))
     }
 
@@ -113,7 +114,7 @@ impl Store {
                 ..Default::default()
             }),
             mask: Some(DocumentMask {
-                field_paths: vec!["status".into()],
+                field_paths: vec![crate::fields::STATUS.into()],
             }),
             ..Default::default()
         };
