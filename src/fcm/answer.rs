@@ -330,63 +330,29 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
     if status == 200 {
         return Ok(Outcome::Sent);
     }
-    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let error = &parsed["error"];
-    let message = error["message"].as_str().unwrap_or("").to_string();
-    let status_name = error["status"].as_str().unwrap_or("");
-    let details = error["details"].as_array().cloned().unwrap_or_default();
-    let fcm_code = details
-        .iter()
-        .find(|d| d["@type"].as_str().is_some_and(|t| t.ends_with("FcmError")))
-        .and_then(|d| d["errorCode"].as_str())
-        .unwrap_or("")
-        .to_string();
-    let violations: Vec<(String, String)> = details
-        .iter()
-        .filter(|d| {
-            d["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("BadRequest"))
-        })
-        .flat_map(|d| d["fieldViolations"].as_array().cloned().unwrap_or_default())
-        .map(|v| {
-            (
-                v["field"].as_str().unwrap_or("").to_string(),
-                v["description"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let body = ErrorBody::parse(body);
     let answer = || Answer {
         http: status,
-        status: status_name.to_string(),
-        message: message.clone(),
+        status: body.status.clone(),
+        message: body.message.clone(),
     };
     match status {
-        400 => {
-            let token_violation = violations.iter().any(|(f, _)| f == "message.token");
-            let payload_violation = violations.iter().find(|(f, _)| f != "message.token");
-            if let Some((field, description)) = payload_violation {
-                Err(Error::Payload(Rejection::Field {
-                    field: field.clone(),
-                    description: description.clone(),
-                }))
-            // FCM says "not a valid FCM registration token" with no field violation: its
-            // message is the only sign that the token, not the payload, is at fault.
-            } else if token_violation || message.to_ascii_lowercase().contains("registration token")
-            {
-                Ok(Outcome::InvalidToken)
-            } else {
-                Err(Error::Payload(Rejection::Answer(answer())))
-            }
-        }
-        404 if fcm_code == "UNREGISTERED" => Ok(Outcome::Dead),
-        403 if fcm_code == "SENDER_ID_MISMATCH" => Ok(Outcome::SenderIdMismatch),
-        401 if fcm_code == "THIRD_PARTY_AUTH_ERROR" => Ok(Outcome::ThirdPartyAuth),
+        400 => match body.payload_violation() {
+            Some((field, description)) => Err(Error::Payload(Rejection::Field {
+                field: field.clone(),
+                description: description.clone(),
+            })),
+            None if body.token_at_fault() => Ok(Outcome::InvalidToken),
+            None => Err(Error::Payload(Rejection::Answer(answer()))),
+        },
+        404 if body.fcm_code == "UNREGISTERED" => Ok(Outcome::Dead),
+        403 if body.fcm_code == "SENDER_ID_MISMATCH" => Ok(Outcome::SenderIdMismatch),
+        401 if body.fcm_code == "THIRD_PARTY_AUTH_ERROR" => Ok(Outcome::ThirdPartyAuth),
         401 => Err(Error::Unauthenticated(answer())),
         429 => Err(Error::Retryable {
             answer: answer(),
             retry_after,
-            quota: project_quota(&details),
+            quota: project_quota(&body.details),
         }),
         500 | 502 | 503 | 504 => Err(Error::Retryable {
             answer: answer(),
@@ -412,14 +378,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Resu
 /// or one topic's ("Device message rate exceeded", "Topic message rate exceeded"). Without
 /// the detail, the project's quota is assumed: pausing is the safe side.
 fn project_quota(details: &[Value]) -> bool {
-    let violations: Vec<String> = details
-        .iter()
-        .filter(|d| {
-            d["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("QuotaFailure"))
-        })
-        .flat_map(|d| d["violations"].as_array().cloned().unwrap_or_default())
+    let violations: Vec<String> = detail_entries(details, "QuotaFailure", "violations")
         .map(|v| {
             format!(
                 "{} {}",
@@ -433,6 +392,72 @@ fn project_quota(details: &[Value]) -> bool {
         || violations
             .iter()
             .any(|v| !(v.contains("device") || v.contains("topic")))
+}
+
+/// What classifying reads of FCM's error body (`{"error": {…}}`, a google.rpc status with
+/// FCM's details); empty where the body lacks it (or is no JSON: a proxy's HTML page).
+struct ErrorBody {
+    message: String,
+    /// The google.rpc status name.
+    status: String,
+    /// The `FcmError` detail's `errorCode`.
+    fcm_code: String,
+    details: Vec<Value>,
+    /// The `BadRequest` details' field violations: the field's path and FCM's description.
+    violations: Vec<(String, String)>,
+}
+
+impl ErrorBody {
+    fn parse(body: &[u8]) -> ErrorBody {
+        let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let error = &parsed["error"];
+        let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+        let details = error["details"].as_array().cloned().unwrap_or_default();
+        let fcm_code = details
+            .iter()
+            .find(|d| d["@type"].as_str().is_some_and(|t| t.ends_with("FcmError")))
+            .map(|d| text(&d["errorCode"]))
+            .unwrap_or_default();
+        let violations = detail_entries(&details, "BadRequest", "fieldViolations")
+            .map(|v| (text(&v["field"]), text(&v["description"])))
+            .collect();
+        ErrorBody {
+            message: text(&error["message"]),
+            status: text(&error["status"]),
+            fcm_code,
+            details,
+            violations,
+        }
+    }
+
+    /// A 400's first field violation not about the token: the message is at fault.
+    fn payload_violation(&self) -> Option<&(String, String)> {
+        self.violations.iter().find(|(f, _)| f != "message.token")
+    }
+
+    /// Whether a 400 without a payload violation is about the token. FCM says "not a valid
+    /// FCM registration token" with no field violation: its message is the only sign that
+    /// the token, not the payload, is at fault.
+    fn token_at_fault(&self) -> bool {
+        self.violations.iter().any(|(f, _)| f == "message.token")
+            || self
+                .message
+                .to_ascii_lowercase()
+                .contains("registration token")
+    }
+}
+
+/// The entries of the `list` of every detail whose `@type` ends in `kind`
+/// (`BadRequest`'s `fieldViolations`, `QuotaFailure`'s `violations`).
+fn detail_entries<'a>(
+    details: &'a [Value],
+    kind: &'a str,
+    list: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    details
+        .iter()
+        .filter(move |d| d["@type"].as_str().is_some_and(|t| t.ends_with(kind)))
+        .flat_map(move |d| d[list].as_array().into_iter().flatten())
 }
 
 #[cfg(test)]

@@ -39,36 +39,10 @@ impl MessageTemplate {
     ) -> Result<MessageTemplate, Invalid> {
         let o = &n.options;
         let mut message = Map::new();
-        let mut data = Map::new();
-        // FlutterFlow's function always sends both keys, "" when unset; app code reads them.
-        data.insert(
-            "initialPageName".into(),
-            json!(n.initial_page.as_deref().unwrap_or_default()),
-        );
-        data.insert(
-            "parameterData".into(),
-            json!(n.parameter_data.as_deref().unwrap_or_default()),
-        );
-        for (key, value) in &o.data {
-            data.insert(key.clone(), json!(value));
-        }
-        if o.silent {
-            // No notification block: the app gets the text as data, and shows what it likes.
-            for (key, text) in [("title", title), ("body", body)] {
-                if !text.is_empty() {
-                    data.insert(key.into(), json!(text));
-                }
-            }
-        } else {
-            let mut notification = Map::new();
-            notification.insert("title".into(), json!(title));
-            notification.insert("body".into(), json!(body));
-            if let Some(image) = &n.image {
-                notification.insert("image".into(), json!(image));
-            }
+        if let Some(notification) = notification_config(n, title, body) {
             message.insert("notification".into(), Value::Object(notification));
         }
-        message.insert("data".into(), Value::Object(data));
+        message.insert("data".into(), Value::Object(data_config(n, title, body)));
         let android = android_config(n);
         if !android.is_empty() {
             message.insert("android".into(), Value::Object(android));
@@ -85,18 +59,9 @@ impl MessageTemplate {
             message.insert("fcm_options".into(), json!({"analytics_label": label}));
         }
         let mut rest = Value::Object(message).to_string();
-        let mut size = rest.len();
-        let mut expiration = None;
-        if let Some(ttl) = expires {
-            let quoted = format!("\"{placeholder}\"");
-            let at = rest.find(&quoted).ok_or_else(|| {
-                Invalid("internal error: the apns-expiration placeholder was not serialized".into())
-            })?;
-            rest.replace_range(at..at + quoted.len(), "");
-            // What the send will carry: the quoted Unix time, today 10 digits.
-            size = rest.len() + expiration_value(u64::from(ttl)).len();
-            expiration = Some((at, u64::from(ttl)));
-        }
+        let expiration = cut_expiration(&mut rest, &placeholder, expires)?;
+        // What the send will carry: with the quoted Unix time, today 10 digits.
+        let size = rest.len() + expiration.map_or(0, |(_, ttl)| expiration_value(ttl).len());
         if size > MAX_PAYLOAD {
             return Err(Invalid(format!(
                 "the message is {size} bytes, over FCM's {MAX_PAYLOAD}-byte limit: shorten parameter_data, data, the text or the image URL"
@@ -141,6 +106,65 @@ impl MessageTemplate {
     pub fn message_for(&self, token: &str) -> Value {
         serde_json::from_slice(&self.body_for(token)).unwrap_or(Value::Null)
     }
+}
+
+/// `message.notification`, or `None` for a silent message: the app then gets the text as data,
+/// and shows what it likes.
+fn notification_config(n: &Notification, title: &str, body: &str) -> Option<Map<String, Value>> {
+    if n.options.silent {
+        return None;
+    }
+    let mut notification = Map::new();
+    notification.insert("title".into(), json!(title));
+    notification.insert("body".into(), json!(body));
+    if let Some(image) = &n.image {
+        notification.insert("image".into(), json!(image));
+    }
+    Some(notification)
+}
+
+/// `message.data`: FlutterFlow's two keys, the document's `data`, and a silent message's text.
+fn data_config(n: &Notification, title: &str, body: &str) -> Map<String, Value> {
+    let mut data = Map::new();
+    // FlutterFlow's function always sends both keys, "" when unset; app code reads them.
+    data.insert(
+        "initialPageName".into(),
+        json!(n.initial_page.as_deref().unwrap_or_default()),
+    );
+    data.insert(
+        "parameterData".into(),
+        json!(n.parameter_data.as_deref().unwrap_or_default()),
+    );
+    for (key, value) in &n.options.data {
+        data.insert(key.clone(), json!(value));
+    }
+    if n.options.silent {
+        // No notification block: the app gets the text as data, and shows what it likes.
+        for (key, text) in [("title", title), ("body", body)] {
+            if !text.is_empty() {
+                data.insert(key.into(), json!(text));
+            }
+        }
+    }
+    data
+}
+
+/// Cuts the quoted `placeholder` of `apns-expiration` out of the serialized message `rest`:
+/// where the send time goes, and the seconds to add to it (`ttl`); `None` without a `ttl`.
+fn cut_expiration(
+    rest: &mut String,
+    placeholder: &str,
+    ttl: Option<u32>,
+) -> Result<Option<(usize, u64)>, Invalid> {
+    let Some(ttl) = ttl else {
+        return Ok(None);
+    };
+    let quoted = format!("\"{placeholder}\"");
+    let at = rest.find(&quoted).ok_or_else(|| {
+        Invalid("internal error: the apns-expiration placeholder was not serialized".into())
+    })?;
+    rest.replace_range(at..at + quoted.len(), "");
+    Ok(Some((at, u64::from(ttl))))
 }
 
 /// `apns-expiration` for a message sent now that lives `ttl` seconds: the Unix time it
