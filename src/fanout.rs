@@ -8,16 +8,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::audience::TokenPages;
+use crate::audience::{Page, TokenPages};
 use crate::errors::Chain;
 use crate::fcm::{self, Action, ErrorCode, Outcome, Sender, redact};
-use crate::language::{Language, LanguageReader, Messages};
+use crate::language::{Language, LanguageReader, Messages, Picker};
 use crate::metrics::Metrics;
 use crate::store::{DeviceToken, Store};
 
@@ -421,6 +422,31 @@ struct TokenResult {
     dead_kept: bool,
 }
 
+impl TokenResult {
+    /// FCM's final answer about the token. `removed`: a dead token's documents deleted, `None`
+    /// when they could not be looked up (it is kept); `Some(0)` for a live token.
+    fn answered(seq: u64, outcome: Outcome, removed: Option<u64>) -> TokenResult {
+        TokenResult {
+            seq,
+            outcome: Some(outcome),
+            error: ErrorCode::of_outcome(outcome),
+            removed: removed.unwrap_or(0),
+            dead_kept: removed.is_none(),
+        }
+    }
+
+    /// No final answer after every attempt; `error`: the last attempt's code.
+    fn undelivered(seq: u64, error: ErrorCode) -> TokenResult {
+        TokenResult {
+            seq,
+            outcome: None,
+            error: Some(error),
+            removed: 0,
+            dead_kept: false,
+        }
+    }
+}
+
 /// Sends the message to every unique token of `pages`, each in its user's language. Tokens the `ledger` says an earlier
 /// run finished are only remembered (for de-duplication), not sent. The ledger is kept current
 /// for whoever persists it. However it ends, it returns only when no send is in flight: a send
@@ -432,25 +458,13 @@ pub async fn fan_out(
     ledger: Arc<Mutex<Ledger>>,
     stop: CancellationToken,
 ) -> Result<Tally, Abort> {
-    let hasher = RandomState::new();
-    // Keys are already keyed hashes: the set stores them as they are.
-    let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
-    let mut buffer: VecDeque<(DeviceToken, Language)> = VecDeque::new();
-    // One template per language variant, built as users of that language come.
-    let mut picker = messages.picker();
+    let mut queue = Queue::new(messages);
     // Set at the first missing-index answer to a dead-token lookup: later dead tokens are
     // kept without asking again, and sending goes on.
     let no_index = AtomicBool::new(false);
     let mut in_flight = FuturesUnordered::new();
     let removed_before = lock(&ledger).tally.removed;
-    let mut next_seq = 0u64;
-    let mut reading = true;
-    let mut stopping = false;
-    // Why the fan-out stops early; it returns once the sends in flight have finished.
-    let mut failure: Option<Abort> = None;
-    // Cancelled on stop or failure: a token waiting to be retried is left for a resumed run,
-    // while requests already on the wire finish.
-    let drain = stop.child_token();
+    let mut ending = Ending::new(&stop);
     // Since when send slots are free but no token is at hand: the wait on Firestore reads.
     let mut starved_since: Option<std::time::Instant> = None;
     // A send that finished in the last round, recorded together with the next starts so the
@@ -463,24 +477,18 @@ pub async fn fan_out(
             if let Some(result) = finished.take() {
                 ledger.finish(&result);
             }
-            while !stopping && in_flight.len() < ctx.concurrency {
-                let Some((DeviceToken { doc_name, token }, language)) = buffer.pop_front() else {
+            while !ending.stopping && in_flight.len() < ctx.concurrency {
+                let Some((seq, body, token)) = queue.next_send(&mut ledger) else {
                     break;
                 };
-                // Asked of every token document, in order, before anything is skipped.
-                let done = ledger.done_before(&doc_name);
-                if token.is_empty() || !seen.insert(hasher.hash_one(&token)) || done {
-                    continue;
-                }
-                let seq = next_seq;
-                next_seq += 1;
-                ledger.start(seq, doc_name);
-                let body = picker.body_for(&language, &token);
-                in_flight.push(send_one(ctx, body, token, seq, &no_index, drain.clone()));
+                let drain = ending.drain.clone();
+                in_flight.push(send_one(ctx, body, token, seq, &no_index, drain));
             }
         }
-        let want_page =
-            reading && !stopping && buffer.is_empty() && in_flight.len() < ctx.concurrency;
+        let want_page = queue.reading
+            && !ending.stopping
+            && queue.buffer.is_empty()
+            && in_flight.len() < ctx.concurrency;
         if !want_page && in_flight.is_empty() {
             break;
         }
@@ -489,44 +497,38 @@ pub async fn fan_out(
         }
         tokio::select! {
             biased;
-            _ = stop.cancelled(), if !stopping => {
-                stopping = true;
+            _ = stop.cancelled(), if !ending.stopping => {
+                ending.stopping = true;
             }
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(done) = done else { continue };
-                match done {
-                    Ok(result) => finished = Some(result),
-                    // Its seq stays unfinished, so it will be sent by whoever resumes.
-                    Err(Abort::Interrupted) => stopping = true,
-                    Err(e) => {
-                        failure.get_or_insert(e);
-                        stopping = true;
-                        drain.cancel();
-                    }
-                }
+                finished = ending.answered(done);
             }
             page = pages.pages.recv(), if want_page => {
                 if let Some(since) = starved_since.take() {
                     ctx.metrics.token_wait_micros.inc_by(since.elapsed().as_micros() as u64);
                 }
-                match page {
-                    Some(Ok(page)) => {
-                        tracing::debug!(tokens = page.tokens.len(), "token page read");
-                        buffer.extend(page.into_entries());
-                    }
-                    Some(Err(e)) => {
-                        failure.get_or_insert(Abort::Store(e));
-                        stopping = true;
-                        drain.cancel();
-                    }
-                    None => reading = false,
+                if let Err(e) = queue.take(page) {
+                    ending.fail(e);
                 }
             }
         }
     }
+    let tally = settle(ctx, &ledger, finished, removed_before);
+    ending.verdict(tally)
+}
+
+/// The counts once no send is in flight, the last answer (`finished`) recorded; the dead
+/// tokens' documents this run removed counted in `ffpush_tokens_removed_total`.
+fn settle(
+    ctx: &Context<'_>,
+    ledger: &Mutex<Ledger>,
+    finished: Option<TokenResult>,
+    removed_before: u64,
+) -> Tally {
     let tally = {
-        let mut ledger = lock(&ledger);
-        if let Some(result) = finished.take() {
+        let mut ledger = lock(ledger);
+        if let Some(result) = finished {
             ledger.finish(&result);
         }
         ledger.tally
@@ -534,13 +536,127 @@ pub async fn fan_out(
     ctx.metrics
         .tokens_removed
         .inc_by(tally.removed.saturating_sub(removed_before));
-    if let Some(failure) = failure {
-        return Err(failure);
+    tally
+}
+
+/// The tokens read and not started yet, and which of them are sent: each unique token once,
+/// in its user's language, unless an earlier run finished it.
+struct Queue<'m> {
+    unique: Unique,
+    buffer: VecDeque<(DeviceToken, Language)>,
+    /// One template per language variant, built as users of that language come.
+    picker: Picker<'m>,
+    next_seq: u64,
+    /// Pages are still coming.
+    reading: bool,
+}
+
+impl<'m> Queue<'m> {
+    fn new(messages: &'m Messages) -> Queue<'m> {
+        Queue {
+            unique: Unique::default(),
+            buffer: VecDeque::new(),
+            picker: messages.picker(),
+            next_seq: 0,
+            reading: true,
+        }
     }
-    if stopping {
-        return Err(Abort::Interrupted);
+
+    /// Takes in a page read (`None`: the audience is read to its end).
+    fn take(&mut self, page: Option<Result<Page, crate::store::Error>>) -> Result<(), Abort> {
+        match page {
+            Some(Ok(page)) => {
+                tracing::debug!(tokens = page.tokens.len(), "token page read");
+                self.buffer.extend(page.into_entries());
+            }
+            Some(Err(e)) => return Err(Abort::Store(e)),
+            None => self.reading = false,
+        }
+        Ok(())
     }
-    Ok(tally)
+
+    /// The next token to send, started in `ledger`, with its sequence number and body; `None`
+    /// when no token read is left to send.
+    fn next_send(&mut self, ledger: &mut Ledger) -> Option<(u64, Bytes, String)> {
+        loop {
+            let (DeviceToken { doc_name, token }, language) = self.buffer.pop_front()?;
+            // Asked of every token document, in order, before anything is skipped.
+            let done = ledger.done_before(&doc_name);
+            if !self.unique.first(&token) || done {
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            ledger.start(seq, doc_name);
+            let body = self.picker.body_for(&language, &token);
+            return Some((seq, body, token));
+        }
+    }
+}
+
+/// Whether the fan-out is winding down, and why. It returns once the sends in flight have
+/// finished.
+struct Ending {
+    /// No more sends start: stopped, interrupted or failed.
+    stopping: bool,
+    /// Why the fan-out stops early, when it failed.
+    failure: Option<Abort>,
+    /// Cancelled on stop or failure: a token waiting to be retried is left for a resumed run,
+    /// while requests already on the wire finish.
+    drain: CancellationToken,
+}
+
+impl Ending {
+    fn new(stop: &CancellationToken) -> Ending {
+        Ending {
+            stopping: false,
+            failure: None,
+            drain: stop.child_token(),
+        }
+    }
+
+    /// A send's end: its result when it has one. A send interrupted leaves its token
+    /// unfinished, for whoever resumes; a send that failed fails the fan-out.
+    fn answered(&mut self, done: Result<TokenResult, Abort>) -> Option<TokenResult> {
+        match done {
+            Ok(result) => return Some(result),
+            Err(Abort::Interrupted) => self.stopping = true,
+            Err(e) => self.fail(e),
+        }
+        None
+    }
+
+    /// The first failure is the fan-out's; sends waiting for a retry are dropped.
+    fn fail(&mut self, e: Abort) {
+        self.failure.get_or_insert(e);
+        self.stopping = true;
+        self.drain.cancel();
+    }
+
+    fn verdict(self, tally: Tally) -> Result<Tally, Abort> {
+        if let Some(failure) = self.failure {
+            return Err(failure);
+        }
+        if self.stopping {
+            return Err(Abort::Interrupted);
+        }
+        Ok(tally)
+    }
+}
+
+/// Unique non-empty tokens: each is remembered by a keyed hash, not by its text.
+#[derive(Default)]
+struct Unique {
+    hasher: RandomState,
+    // Keys are already keyed hashes: the set stores them as they are.
+    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+}
+
+impl Unique {
+    /// Whether `token` is not empty and not seen before.
+    fn first(&mut self, token: &str) -> bool {
+        !token.is_empty() && self.seen.insert(self.hasher.hash_one(token))
+    }
 }
 
 /// How a notification's run ended when it was not stopped.
@@ -580,8 +696,7 @@ pub async fn validate(
     languages: Option<&LanguageReader>,
     stop: CancellationToken,
 ) -> Result<Validated, Abort> {
-    let hasher = RandomState::new();
-    let mut seen: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
+    let mut unique = Unique::default();
     let mut candidates: Vec<DeviceToken> = Vec::new();
     let mut found = Validated::default();
     loop {
@@ -593,7 +708,7 @@ pub async fn validate(
         match page {
             Some(Ok(page)) => {
                 for token in page.tokens {
-                    if token.token.is_empty() || !seen.insert(hasher.hash_one(&token.token)) {
+                    if !unique.first(&token.token) {
                         continue;
                     }
                     found.tokens += 1;
@@ -638,23 +753,19 @@ async fn validate_once(
 ) -> Result<Outcome, Abort> {
     let mut attempt = 1;
     loop {
-        let error = match ctx.sender.dry_run(message.clone()).await {
+        let retry = match ctx.sender.dry_run(message.clone()).await {
             Ok(outcome) => return Ok(outcome),
-            Err(e) => e,
-        };
-        let (retry_after, quota) = match error.action() {
-            Action::FailNotification => return Err(Abort::Payload(error)),
-            Action::Fatal => return Err(Abort::Fatal(error)),
-            Action::Retry {
-                retry_after, quota, ..
-            } => (retry_after, quota),
+            Err(e) => Transient::of(e)?,
         };
         if attempt >= ctx.retry.max_attempts {
-            return Err(Abort::Fatal(error));
+            return Err(Abort::Fatal(retry.error));
         }
-        let wait = ctx
-            .retry
-            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        let wait = ctx.retry.backoff(
+            attempt,
+            retry.retry_after,
+            retry.quota,
+            rand::random::<f64>(),
+        );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return Err(Abort::Interrupted),
@@ -715,7 +826,7 @@ async fn cleared_to_send(ctx: &Context<'_>, stop: &CancellationToken) -> Result<
 /// Sends `body`, the message for `token`, until FCM gives a final answer about it.
 async fn send_one(
     ctx: &Context<'_>,
-    body: bytes::Bytes,
+    body: Bytes,
     token: String,
     seq: u64,
     no_index: &AtomicBool,
@@ -725,82 +836,48 @@ async fn send_one(
     let mut attempt = 1;
     loop {
         cleared_to_send(ctx, &stop).await?;
-        let started = std::time::Instant::now();
-        let answer = ctx.sender.send_now(body.clone()).await;
-        let class = match &answer {
-            Ok(outcome) => outcome.class(),
-            Err(e) => e.class(),
-        };
-        ctx.metrics.observe_fcm(class, started.elapsed());
-        let (retry_after, quota, fatal_when_exhausted, error) = match answer {
+        let retry = match send_counted(ctx, body.clone()).await {
             Ok(outcome @ (Outcome::Dead | Outcome::InvalidToken)) => {
                 let removed = remove_dead(ctx.store, &token, no_index).await;
-                return Ok(TokenResult {
-                    seq,
-                    outcome: Some(outcome),
-                    error: ErrorCode::of_outcome(outcome),
-                    removed: removed.unwrap_or(0),
-                    dead_kept: removed.is_none(),
-                });
+                return Ok(TokenResult::answered(seq, outcome, removed));
             }
-            Ok(outcome) => {
-                return Ok(TokenResult {
-                    seq,
-                    outcome: Some(outcome),
-                    error: ErrorCode::of_outcome(outcome),
-                    removed: 0,
-                    dead_kept: false,
-                });
-            }
-            Err(e) => match e.action() {
-                Action::FailNotification => return Err(Abort::Payload(e)),
-                Action::Fatal => return Err(Abort::Fatal(e)),
-                Action::Retry {
-                    retry_after,
-                    quota,
-                    fatal_when_exhausted,
-                } => (retry_after, quota, fatal_when_exhausted, e),
-            },
+            Ok(outcome) => return Ok(TokenResult::answered(seq, outcome, Some(0))),
+            Err(e) => Transient::of(e)?,
         };
-        if quota {
+        let error = &retry.error;
+        if retry.quota {
             // The project's quota, not this token: the sender paused every send of the
             // instance (Retry-After, at least FFPUSH_QUOTA_BACKOFF) and paces the return. The
             // token waits for that in `pace`, and the refusal spends none of its attempts;
             // the retry budget still bounds how long it keeps trying.
-            let pause = retry_after.unwrap_or_default().max(ctx.retry.quota_floor);
+            let pause = retry
+                .retry_after
+                .unwrap_or_default()
+                .max(ctx.retry.quota_floor);
             if first_try.elapsed().saturating_add(pause) > ctx.retry.budget {
-                tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token: the project's FCM quota stayed exhausted for the whole retry budget");
-                return Ok(TokenResult {
-                    seq,
-                    outcome: None,
-                    error: Some(error.code()),
-                    removed: 0,
-                    dead_kept: false,
-                });
+                tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(error), "giving up on token: the project's FCM quota stayed exhausted for the whole retry budget");
+                return Ok(TokenResult::undelivered(seq, error.code()));
             }
-            tracing::debug!(token = %redact(&token), error = %Chain(&error), "quota exceeded; waiting for the instance's pause");
+            tracing::debug!(token = %redact(&token), error = %Chain(error), "quota exceeded; waiting for the instance's pause");
             ctx.metrics.retries.inc();
             continue;
         }
-        let wait = ctx
-            .retry
-            .backoff(attempt, retry_after, quota, rand::random::<f64>());
+        let wait = ctx.retry.backoff(
+            attempt,
+            retry.retry_after,
+            retry.quota,
+            rand::random::<f64>(),
+        );
         if attempt >= ctx.retry.max_attempts
             || first_try.elapsed().saturating_add(wait) > ctx.retry.budget
         {
-            tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(&error), "giving up on token");
-            if fatal_when_exhausted {
-                return Err(Abort::Fatal(error));
+            tracing::warn!(token = %redact(&token), attempts = attempt, error = %Chain(error), "giving up on token");
+            if retry.fatal_when_exhausted {
+                return Err(Abort::Fatal(retry.error));
             }
-            return Ok(TokenResult {
-                seq,
-                outcome: None,
-                error: Some(error.code()),
-                removed: 0,
-                dead_kept: false,
-            });
+            return Ok(TokenResult::undelivered(seq, error.code()));
         }
-        tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, error = %Chain(&error), "retrying");
+        tracing::debug!(token = %redact(&token), attempt, wait_ms = wait.as_millis() as u64, error = %Chain(error), "retrying");
         ctx.metrics.retries.inc();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -809,6 +886,49 @@ async fn send_one(
             _ = stop.cancelled() => return Err(Abort::Interrupted),
         }
         attempt += 1;
+    }
+}
+
+/// One request, at once: its answer counted under its `outcome` in
+/// `ffpush_fcm_messages_total`, with its latency.
+async fn send_counted(ctx: &Context<'_>, body: Bytes) -> Result<Outcome, fcm::Error> {
+    let started = std::time::Instant::now();
+    let answer = ctx.sender.send_now(body).await;
+    let class = match &answer {
+        Ok(outcome) => outcome.class(),
+        Err(e) => e.class(),
+    };
+    ctx.metrics.observe_fcm(class, started.elapsed());
+    answer
+}
+
+/// An error a send may be tried again after ([`Action::Retry`]), with what the retry must
+/// respect.
+struct Transient {
+    error: fcm::Error,
+    retry_after: Option<Duration>,
+    quota: bool,
+    fatal_when_exhausted: bool,
+}
+
+impl Transient {
+    /// The retry `error` calls for, or how it stops the fan-out: the message at fault, or no
+    /// token can be sent.
+    fn of(error: fcm::Error) -> Result<Transient, Abort> {
+        match error.action() {
+            Action::FailNotification => Err(Abort::Payload(error)),
+            Action::Fatal => Err(Abort::Fatal(error)),
+            Action::Retry {
+                retry_after,
+                quota,
+                fatal_when_exhausted,
+            } => Ok(Transient {
+                error,
+                retry_after,
+                quota,
+                fatal_when_exhausted,
+            }),
+        }
     }
 }
 
@@ -885,23 +1005,11 @@ mod tests {
     }
 
     fn sent(seq: u64) -> TokenResult {
-        TokenResult {
-            seq,
-            outcome: Some(Outcome::Sent),
-            error: None,
-            removed: 0,
-            dead_kept: false,
-        }
+        TokenResult::answered(seq, Outcome::Sent, Some(0))
     }
 
     fn unfinished(seq: u64) -> TokenResult {
-        TokenResult {
-            seq,
-            outcome: None,
-            error: Some(ErrorCode::Unavailable),
-            removed: 0,
-            dead_kept: false,
-        }
+        TokenResult::undelivered(seq, ErrorCode::Unavailable)
     }
 
     /// Which of `names` (all the token documents, in path order) a run resuming from `p`
