@@ -4,6 +4,7 @@
 //! `http1`) are `pool`'s; the pace of sends (`FFPUSH_FCM_RATE`, quota pauses) is `pace`'s.
 
 mod answer;
+mod exchange;
 mod http1;
 mod message;
 mod pace;

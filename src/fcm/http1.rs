@@ -18,7 +18,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::pool::{Answer, Failure, retry_after};
+use super::exchange::{Answer, Failure, retry_after};
 
 /// A request body sent in one piece.
 pub(super) struct Payload(Option<Bytes>);

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, Request, header};
+use axum::http::Request;
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,6 +48,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
+use super::exchange::{Answer, Failure, retry_after};
 use super::http1;
 use crate::metrics::FcmMetrics;
 
@@ -107,14 +108,6 @@ pub struct PoolConfig {
     pub timeout: Duration,
     /// TCP, TLS, HTTP/2 handshake and the first `PING` (or the HTTP/1.1 probe).
     pub connect_timeout: Duration,
-}
-
-/// An answer, whatever its status.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub retry_after: Option<Duration>,
-    pub body: Bytes,
 }
 
 /// Why a request got no answer.
@@ -267,15 +260,6 @@ impl Drop for Waiting<'_> {
         let mut state = self.0.lock();
         state.waiting = state.waiting.saturating_sub(1);
     }
-}
-
-/// What went wrong on one exchange.
-pub(super) struct Failure {
-    pub(super) reason: String,
-    /// FCM never processed the request: it may be sent again.
-    pub(super) unprocessed: bool,
-    /// The connection takes no more requests.
-    pub(super) connection_gone: bool,
 }
 
 impl Pool {
@@ -821,28 +805,6 @@ async fn exchange(
     })
 }
 
-/// `Retry-After`, if the answer has one: delay-seconds, or an HTTP-date read as the time from
-/// now until then (zero if it has passed). Both forms are HTTP's
-/// (<https://www.rfc-editor.org/rfc/rfc9110#field.retry-after>); anything else is ignored.
-pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    retry_after_at(value, chrono::Utc::now())
-}
-
-fn retry_after_at(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    // An HTTP-date's preferred form (IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT") is an RFC
-    // 2822 date.
-    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    Some(
-        (at.with_timezone(&chrono::Utc) - now)
-            .to_std()
-            .unwrap_or_default(),
-    )
-}
-
 /// A failed TLS handshake. A server that answers a TLS hello with something that is not TLS
 /// (plain HTTP, most often) is a protocol problem; anything else (certificates, resets) is
 /// reported as a connection failure.
@@ -890,24 +852,5 @@ mod tests {
         assert_eq!(pool_size(256, 100), 3);
         assert_eq!(pool_size(10_000, 1), MAX_CONNECTIONS);
         assert_eq!(pool_size(10, 0), 10, "a zero limit counts as one");
-    }
-
-    #[test]
-    fn retry_after_is_read_in_seconds_or_as_an_http_date() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-12-05T12:00:00Z")
-            .unwrap()
-            .with_timezone(&chrono::Utc);
-        assert_eq!(retry_after_at("30", now), Some(Duration::from_secs(30)));
-        assert_eq!(
-            retry_after_at("Sat, 05 Dec 2026 12:01:30 GMT", now),
-            Some(Duration::from_secs(90))
-        );
-        assert_eq!(
-            retry_after_at("Sat, 05 Dec 2026 11:00:00 GMT", now),
-            Some(Duration::ZERO),
-            "a date already passed: retry now"
-        );
-        assert_eq!(retry_after_at("soon", now), None);
-        assert_eq!(retry_after_at("-5", now), None);
     }
 }
