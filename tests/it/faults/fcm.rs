@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ffpush::dev::fcm_emulator::{EmulatorOptions, FcmEmulator, Script};
-use ffpush::model::pb;
 use futures::StreamExt;
 
 use crate::{TestApp, assert_succeeded, num, text};
@@ -66,40 +65,12 @@ fn deliveries(emulator: &FcmEmulator, project: &str) -> HashMap<String, usize> {
     counts
 }
 
-/// Waits (up to `limit`) for the document's `status` to become final.
-async fn finished_within(app: &TestApp, relative: &str, limit: Duration) -> pb::Document {
-    let deadline = Instant::now() + limit;
-    loop {
-        let doc = app
-            .store
-            .get(relative)
-            .await
-            .expect("reading the notification");
-        if let Some(doc) = doc
-            && ffpush::model::Status::of(&doc).is_finished()
-        {
-            return doc;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{relative} did not finish within {limit:?}: {:?}",
-            app.store
-                .get(relative)
-                .await
-                .ok()
-                .flatten()
-                .map(|d| d.fields)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The worker still takes notifications: a new one to `user` is sent.
 async fn still_sending(app: &TestApp, user: &str) {
     let doc = app
         .notify("after the fault", &format!("users/{user}"))
         .await;
-    let done = finished_within(app, &doc, Duration::from_secs(60)).await;
+    let done = app.finished_within(&doc, Duration::from_secs(60)).await;
     assert_succeeded(&done);
     assert_eq!(num(&done, "num_sent"), Some(1));
 }
@@ -129,7 +100,7 @@ async fn an_fcm_outage_mid_broadcast_delays_but_neither_loses_nor_repeats() {
     let outage_began = Instant::now();
     let delivered_before = emulator.messages(&p).len();
 
-    let done = finished_within(&app, &doc, Duration::from_secs(120)).await;
+    let done = app.finished_within(&doc, Duration::from_secs(120)).await;
     let outage_to_done = outage_began.elapsed();
     assert_succeeded(&done);
     assert_eq!(num(&done, "num_sent"), Some(USERS as i64));
@@ -184,7 +155,7 @@ async fn a_hung_token_among_many_is_counted_and_holds_up_nothing_else() {
     let (worker, _) = app.start_worker().await;
     let started = Instant::now();
     let doc = app.notify("one token hangs", &refs).await;
-    let done = finished_within(&app, &doc, Duration::from_secs(120)).await;
+    let done = app.finished_within(&doc, Duration::from_secs(120)).await;
     let took = started.elapsed();
     fcm.clear_script(hung);
     let timeouts = worker.worker.metrics.fcm_outcome("retryable");
@@ -255,7 +226,7 @@ async fn a_connection_gone_silent_is_dropped_at_the_first_timeout() {
     let (worker, _) = app.start_worker().await;
     let started = Instant::now();
     let doc = app.notify("a connection dies", &refs).await;
-    let done = finished_within(&app, &doc, Duration::from_secs(120)).await;
+    let done = app.finished_within(&doc, Duration::from_secs(120)).await;
     let took = started.elapsed();
     emulator.clear_script(hung);
     let timeouts = worker.worker.metrics.fcm_outcome("retryable");
@@ -332,7 +303,7 @@ async fn a_retry_after_beyond_the_retry_budget_is_read_as_the_budget() {
     let (worker, _) = app.start_worker().await;
     let started = Instant::now();
     let doc = app.notify("hostile Retry-After", &refs).await;
-    let done = finished_within(&app, &doc, Duration::from_secs(60)).await;
+    let done = app.finished_within(&doc, Duration::from_secs(60)).await;
     eprintln!(
         "Retry-After of u64::MAX s (quota) and a year (503), budget {BUDGET:?}: finished in \
          {:.1} s, {:?} sent, {:?}",

@@ -151,21 +151,29 @@ impl TestApp {
 
     /// Waits for `status` to become final and returns the document.
     pub async fn finished(&self, relative: &str) -> pb::Document {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        self.finished_within(relative, Duration::from_secs(90))
+            .await
+    }
+
+    /// Waits (up to `limit`) for the document's `status` to become final; past it, fails
+    /// showing the fields the document holds.
+    pub async fn finished_within(&self, relative: &str, limit: Duration) -> pb::Document {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let doc = self
                 .store
                 .get(relative)
                 .await
                 .expect("reading the notification");
-            if let Some(doc) = doc
-                && ffpush::model::Status::of(&doc).is_finished()
+            if let Some(doc) = &doc
+                && ffpush::model::Status::of(doc).is_finished()
             {
-                return doc;
+                return doc.clone();
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{relative} did not finish in time"
+                "{relative} did not finish within {limit:?}: {:?}",
+                doc.map(|d| d.fields)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
