@@ -1,26 +1,11 @@
 //! The `ffpush` binary as an operator runs it.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{TestApp, shared, wait_until};
-
-fn ffpush() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ffpush"));
-    // The child must not pick up settings from the machine running the tests.
-    for var in [
-        "GOOGLE_CLOUD_PROJECT",
-        "FIRESTORE_EMULATOR_HOST",
-        "GOOGLE_APPLICATION_CREDENTIALS",
-        "FCM_ENDPOINT",
-        "PORT",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
+use crate::{TestApp, ffpush, shared, wait_until};
 
 #[test]
 fn invalid_settings_exit_64_with_one_line_naming_the_setting() {

@@ -12,7 +12,7 @@ use ffpush::model::pb;
 use ffpush::model::pb::value::ValueType;
 use ffpush::store;
 
-use crate::{TestApp, assert_succeeded, num, s, text};
+use crate::{TestApp, assert_succeeded, ffpush_send, num, s, text};
 
 const CONSOLE: &str = "ff_push_notifications";
 const APP: &str = "ff_user_push_notifications";
@@ -429,18 +429,6 @@ async fn a_send_resumed_after_a_takeover_picks_the_same_languages() {
     let mut rest = expected(&app, "Resumed");
     rest.remove(&token(&app, "ana", 1));
     assert_eq!(shown(&app, 0, false), rest);
-}
-
-fn ffpush_send(app: &TestApp, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ffpush"))
-        .arg("send")
-        .args(args)
-        .env("GOOGLE_CLOUD_PROJECT", &app.project)
-        .env("FIRESTORE_EMULATOR_HOST", &crate::shared().firestore_host)
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .env_remove("FCM_ENDPOINT")
-        .output()
-        .expect("running ffpush send")
 }
 
 #[tokio::test]

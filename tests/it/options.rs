@@ -4,14 +4,13 @@
 //! the document with one line naming the field, and nothing is sent.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use chrono::Utc;
 use ffpush::model::pb;
 use ffpush::model::pb::value::ValueType;
 use serde_json::{Value, json};
 
-use crate::{TestApp, assert_succeeded, int, num, s, shared, text};
+use crate::{TestApp, assert_succeeded, ffpush_send, int, num, s, text};
 
 const CONSOLE: &str = "ff_push_notifications";
 const APP: &str = "ff_user_push_notifications";
@@ -550,18 +549,6 @@ async fn the_payload_check_counts_every_option_sent() {
     );
     assert!(app.fcm().attempts(&app.project).is_empty());
     worker.stop().await;
-}
-
-fn ffpush_send(app: &TestApp, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ffpush"))
-        .arg("send")
-        .args(args)
-        .env("GOOGLE_CLOUD_PROJECT", &app.project)
-        .env("FIRESTORE_EMULATOR_HOST", &shared().firestore_host)
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .env_remove("FCM_ENDPOINT")
-        .output()
-        .expect("running ffpush send")
 }
 
 #[tokio::test]

@@ -2,12 +2,14 @@
 //! `crate::s`, `crate::proxy::Proxy`, …).
 
 mod app;
+mod cli;
 mod document;
 mod emulators;
 pub mod proxy;
 mod wait;
 
 pub use app::TestApp;
+pub use cli::{ffpush, ffpush_send};
 pub use document::{assert_succeeded, int, num, s, text};
 pub use emulators::{Shared, shared};
 pub use wait::wait_until;
