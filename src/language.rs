@@ -3,7 +3,7 @@
 //! language field (`FFPUSH_LANGUAGE_FIELD`) that pick one per token. A notification without
 //! those maps has one message and costs no read here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,8 +181,9 @@ impl LanguageReader {
         let mut wanted: Vec<String> = Vec::new();
         {
             let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = HashSet::new();
             for parent in &parents {
-                if known.contains_key(*parent) || wanted.iter().any(|w| w == parent) {
+                if !seen.insert(*parent) {
                     continue;
                 }
                 match last.get(*parent) {
